@@ -1,0 +1,1 @@
+"""Thin absl entry points; all logic lives in the stnjax library."""

@@ -1,0 +1,1 @@
+"""Python config files: each defines get_config()."""

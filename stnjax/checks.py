@@ -1,0 +1,66 @@
+"""Argument checks for the public API boundary.
+
+Shape, rank and dtype checks are static, so they work the same on NumPy
+arrays, concrete JAX arrays and tracers inside `jit`. Value checks (NaN or
+infinite entries) need concrete values: they run on NumPy and concrete JAX
+arrays and are skipped for tracers, which keeps jitted code free of host
+round trips. Callers that want the value check on device data call the
+public (non-jitted) wrapper, which checks before it enters `jit`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+
+class InputError(ValueError):
+    """Bad input at the API boundary: names the argument and what is wrong."""
+
+
+def is_concrete(x: Any) -> bool:
+    """True when `x` holds values we can read on the host (not a tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_array(
+    x: Any,
+    name: str,
+    *,
+    rank: int | Sequence[int] | None = None,
+    channels: int | None = None,
+    dtype_kind: str | None = None,
+    finite: bool = False,
+) -> None:
+    """Checks one array argument and raises `InputError` naming it.
+
+    Args:
+      x: the array (NumPy, JAX or a tracer).
+      name: the argument name used in the message, e.g. "image".
+      rank: the allowed number of dimensions (one int or several).
+      channels: the required size of the last axis.
+      dtype_kind: allowed NumPy dtype kinds, e.g. "f" (floating), "fb"
+        (floating or bool), "iu" (integers).
+      finite: also reject NaN and infinite values (concrete arrays only).
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise InputError(f"{name}: expected an array, got {type(x).__name__}")
+    if rank is not None:
+        ranks = (rank,) if isinstance(rank, int) else tuple(rank)
+        if x.ndim not in ranks:
+            want = " or ".join(str(r) for r in ranks)
+            raise InputError(
+                f"{name}: expected rank {want}, got shape {tuple(x.shape)}")
+    if channels is not None and (x.ndim == 0 or x.shape[-1] != channels):
+        raise InputError(
+            f"{name}: expected {channels} channels on the last axis, "
+            f"got shape {tuple(x.shape)}")
+    if dtype_kind is not None and np.dtype(x.dtype).kind not in dtype_kind:
+        raise InputError(
+            f"{name}: expected dtype of kind {dtype_kind!r}, got {x.dtype}")
+    if finite and is_concrete(x) and np.dtype(x.dtype).kind == "f":
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x))))
+        if bad:
+            raise InputError(f"{name}: {bad} NaN or infinite values")

@@ -1,0 +1,1 @@
+"""Network definitions as Flax Linen modules and pure forward functions."""
