@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -23,6 +24,13 @@ class InputError(ValueError):
 def is_concrete(x: Any) -> bool:
     """True when `x` holds values we can read on the host (not a tracer)."""
     return not isinstance(x, jax.core.Tracer)
+
+
+def dtype_kind_of(dtype: Any) -> str:
+    """NumPy's dtype kind letter, with bfloat16 (NumPy kind "V") as "f"."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return "f"
+    return np.dtype(dtype).kind
 
 
 def check_array(
@@ -57,10 +65,12 @@ def check_array(
         raise InputError(
             f"{name}: expected {channels} channels on the last axis, "
             f"got shape {tuple(x.shape)}")
-    if dtype_kind is not None and np.dtype(x.dtype).kind not in dtype_kind:
+    kind = dtype_kind_of(x.dtype)
+    if dtype_kind is not None and kind not in dtype_kind:
         raise InputError(
             f"{name}: expected dtype of kind {dtype_kind!r}, got {x.dtype}")
-    if finite and is_concrete(x) and np.dtype(x.dtype).kind == "f":
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x))))
+    if finite and is_concrete(x) and kind == "f":
+        values = np.asarray(x, np.float32) if x.dtype == jnp.bfloat16 else np.asarray(x)
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(values)))
         if bad:
             raise InputError(f"{name}: {bad} NaN or infinite values")

@@ -1,0 +1,48 @@
+"""Writes the built-in synthetic CT dataset and prints its summary.
+
+  python -m launch.make_phantoms --out=/tmp/phantoms --num_cases=8 --seed=0
+
+The folder holds images/ and labels/ (NIfTI), dataset.json (organ_id 7) and
+folds.json; see stnjax.phantom. Re-running with the same flags keeps the
+existing folder; different flags need --overwrite.
+"""
+
+from absl import app, flags
+
+from stnjax import phantom
+
+OUT = flags.DEFINE_string("out", None, "Dataset folder to write.", required=True)
+NUM_CASES = flags.DEFINE_integer("num_cases", 8, "Number of cases.")
+SEED = flags.DEFINE_integer("seed", 0, "Dataset seed (case i uses phantom.case_seed(seed, i)).")
+SHAPE = flags.DEFINE_list("shape", ["128", "128", "64"], "Voxels per canonical axis (P, L, S).")
+SPACING = flags.DEFINE_list("spacing", [], "mm per voxel written to file; empty = "
+                            "the reference field of view (320 x 320 x 256 mm) / shape.")
+NOISE = flags.DEFINE_float("noise_hu", 12.0, "Noise std in HU.")
+N_FOLDS = flags.DEFINE_integer("n_folds", 4, "Folds in folds.json.")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a different existing dataset.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        config = phantom.PhantomConfig(
+            shape=tuple(int(s) for s in SHAPE.value),
+            spacing=tuple(float(s) for s in SPACING.value) if SPACING.value else None,
+            noise_hu=NOISE.value)
+    except ValueError as e:
+        raise app.UsageError(str(e))
+    try:
+        out = phantom.write_phantom_dataset(
+            OUT.value, num_cases=NUM_CASES.value, seed=SEED.value, config=config,
+            n_folds=N_FOLDS.value, overwrite=OVERWRITE.value)
+    except (FileExistsError, ValueError) as e:  # InputError is a ValueError
+        raise app.UsageError(str(e))
+    rows = phantom.summarize_dataset(out)
+    print(f"dataset {out}: {len(rows)} cases, shape {config.shape}, "
+          f"spacing {tuple(round(float(s), 3) for s in config.voxel_spacing)} mm")
+    print(phantom.format_summary(rows))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,480 @@
+"""CT volume I/O: NIfTI files and DICOM series in, NIfTI predictions out.
+
+Every array that leaves this module is in the canonical orientation **PLS**
+(see DESIGN.md): axis 0 anterior -> posterior, axis 1 right -> left, axis 2
+inferior -> superior. Reorientation permutes and flips axes only (never
+resamples), and the affine is kept exactly, so an oblique scan stays
+oblique. `Geometry` remembers the file's own voxel order and affine, so
+that a prediction is written back in the source layout and overlays the
+input in 3D Slicer or ITK-SNAP.
+
+Image and label are matched in world coordinates: the label is reoriented
+to canonical on its own and its affine is compared with the image's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt_lib
+
+from stnjax.checks import InputError
+
+CANONICAL_AXCODES = ("P", "L", "S")
+_CANONICAL_ORNT = ornt_lib.axcodes2ornt(CANONICAL_AXCODES)
+# Default world-space tolerance for image/label grids, in mm: the largest
+# distance allowed between the same grid corner under the two affines.
+DEFAULT_TOLERANCE_MM = 0.1
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class VolumeError(InputError):
+    """An unreadable or invalid image / label file; names the file."""
+
+
+class GeometryError(VolumeError):
+    """Image and label grids disagree in world space; names both files."""
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, dtype=np.float64)
+    a.setflags(write=False)
+    return a
+
+
+def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
+    """The orientation transform that undoes `ornt` (apply_orientation's)."""
+    inv = np.zeros_like(ornt)
+    for src_axis, (dst_axis, flip) in enumerate(ornt):
+        inv[int(dst_axis)] = (src_axis, flip)
+    return inv
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Geometry:
+    """Where a canonical voxel grid lies in the world, and its source layout.
+
+    Attributes:
+      affine: (4, 4) float64, canonical voxel index -> RAS mm.
+      shape: the canonical grid shape (3 ints).
+      source_affine: (4, 4) float64 affine of the file's own voxel order.
+      source_shape: the grid shape in the file's own voxel order.
+      source_ornt: (3, 2) nibabel orientation transform, source axes ->
+        canonical axes (for `apply_orientation`).
+      source: the file or DICOM folder this grid came from.
+    """
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    source_affine: np.ndarray
+    source_shape: tuple[int, int, int]
+    source_ornt: np.ndarray
+    source: str
+
+    @classmethod
+    def from_affine(cls, source_affine: np.ndarray, source_shape, source: str
+                    ) -> "Geometry":
+        """Builds the geometry of a file whose voxel grid has this affine."""
+        source_affine = np.asarray(source_affine, np.float64)
+        source_shape = tuple(int(n) for n in source_shape)
+        if (source_affine.shape != (4, 4)
+                or not np.all(np.isfinite(source_affine))
+                or abs(np.linalg.det(source_affine[:3, :3])) < 1e-12):
+            raise VolumeError(f"{source}: invalid (singular or non-finite) "
+                              f"affine:\n{source_affine}")
+        ornt = ornt_lib.ornt_transform(ornt_lib.io_orientation(source_affine),
+                                       _CANONICAL_ORNT)
+        affine = source_affine @ ornt_lib.inv_ornt_aff(ornt, source_shape)
+        shape = tuple(int(source_shape[int(a)]) for a in
+                      _inverse_ornt(ornt)[:, 0])
+        return cls(_readonly(affine), shape, _readonly(source_affine),
+                   source_shape, _readonly(ornt), str(source))
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """(3,) float64 voxel size in mm along each canonical axis."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    def from_source(self, array: Any) -> np.ndarray:
+        """Source voxel order -> canonical (first 3 axes; any dtype)."""
+        array = np.asarray(array)
+        if tuple(array.shape[:3]) != self.source_shape:
+            raise InputError(f"array: expected source shape {self.source_shape}"
+                             f" of {self.source}, got {tuple(array.shape)}")
+        return np.ascontiguousarray(
+            ornt_lib.apply_orientation(array, self.source_ornt))
+
+    def to_source(self, array: Any) -> np.ndarray:
+        """Canonical -> the source file's voxel order (first 3 axes)."""
+        array = np.asarray(array)
+        if tuple(array.shape[:3]) != self.shape:
+            raise InputError(f"array: expected canonical shape {self.shape} "
+                             f"of {self.source}, got {tuple(array.shape)}")
+        return np.ascontiguousarray(ornt_lib.apply_orientation(
+            array, _inverse_ornt(self.source_ornt)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Volume:
+    """An image in the canonical orientation.
+
+    Attributes:
+      data: float32 (X, Y, Z) Hounsfield units, canonical PLS axes.
+      geometry: its Geometry (data.shape == geometry.shape).
+    """
+    data: np.ndarray
+    geometry: Geometry
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Case:
+    """One CT exam with an optional binary organ mask, canonical axes.
+
+    Attributes:
+      case_id: a name for the case (defaults to the image file stem).
+      image: float32 (X, Y, Z) HU.
+      label: bool (X, Y, Z) organ mask, or None when no label was given.
+      geometry: the image's Geometry.
+      image_path, label_path: where they came from (label_path may be None).
+    """
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    geometry: Geometry
+    image_path: str
+    label_path: str | None
+
+
+# ----------------------------------------------------------------- reading
+
+def _is_nifti_name(path: Path) -> bool:
+    return path.name.lower().endswith(_NIFTI_SUFFIXES)
+
+
+def _open_nifti(path: Path, what: str) -> nib.Nifti1Image:
+    """Opens a NIfTI file (header only; data stays on disk)."""
+    if not path.exists():
+        raise VolumeError(f"{what} {path}: no such file or folder")
+    if path.is_dir():
+        raise VolumeError(f"{what} {path}: is a folder, expected a NIfTI file")
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many kinds for garbage files
+        hint = ""
+        try:
+            import pydicom
+            pydicom.dcmread(path, stop_before_pixels=True)
+            hint = ("; it is a single DICOM file: pass the folder of the "
+                    "series instead")
+        except Exception:
+            pass
+        raise VolumeError(f"{what} {path}: not a readable NIfTI file "
+                          f"({type(e).__name__}: {e}){hint}") from e
+    if not isinstance(img, nib.nifti1.Nifti1Pair):
+        raise VolumeError(f"{what} {path}: {type(img).__name__} files are not "
+                          "supported; expected NIfTI (.nii / .nii.gz)")
+    if img.header["sform_code"] == 0 and img.header["qform_code"] == 0:
+        warnings.warn(f"{what} {path}: sform_code and qform_code are both 0, "
+                      "so its position and orientation in the world are "
+                      "unknown; using nibabel's fallback affine", stacklevel=3)
+    return img
+
+
+def _shape3(img, path: Path, what: str) -> tuple[int, int, int]:
+    """The 3D shape of a NIfTI image; trailing singleton axes are dropped."""
+    shape = tuple(int(n) for n in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        kind = ("2D" if len(shape) < 3 else
+                f"{len(shape)}D (e.g. a time series or multi-channel image)")
+        raise VolumeError(f"{what} {path}: expected a 3D volume, got a {kind} "
+                          f"array of shape {tuple(img.shape)}")
+    return shape
+
+
+def _read_array(img, path: Path, what: str) -> tuple[np.ndarray, Geometry]:
+    """The voxel array (file order, scaling applied) and its Geometry."""
+    shape = _shape3(img, path, what)
+    try:
+        data = np.asanyarray(img.dataobj).reshape(shape)
+    except Exception as e:
+        raise VolumeError(f"{what} {path}: cannot read voxel data "
+                          f"({type(e).__name__}: {e})") from e
+    return data, Geometry.from_affine(img.affine, shape, str(path))
+
+
+def _load_nifti(path: Path) -> Volume:
+    data, geom = _read_array(_open_nifti(path, "image"), path, "image")
+    data = data.astype(np.float32, copy=False)
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise VolumeError(f"image {path}: {bad} NaN or infinite voxels")
+    return Volume(geom.from_source(data), geom)
+
+
+def load_image(path: str | os.PathLike, *, series_uid: str | None = None
+               ) -> Volume:
+    """Loads a CT image in HU, canonical PLS orientation.
+
+    Args:
+      path: a NIfTI file (.nii / .nii.gz; scl_slope/inter applied) or a
+        folder holding one DICOM series (rescale slope/intercept applied,
+        compressed transfer syntaxes decoded).
+      series_uid: for a DICOM folder with several series, the one to load.
+
+    Returns:
+      Volume with float32 (X, Y, Z) HU data and its Geometry.
+
+    Raises:
+      VolumeError naming the file: missing, neither NIfTI nor DICOM, not 3D,
+      NaN / infinite voxels, or an inconsistent DICOM series.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"image {path}: no such file or folder")
+    if path.is_dir():
+        from stnjax import dicom  # lazy: dicom imports this module
+        series = dicom.read_series(path, series_uid=series_uid)
+        geom = Geometry.from_affine(series.affine, series.data.shape, str(path))
+        return Volume(geom.from_source(series.data), geom)
+    if series_uid is not None:
+        raise InputError(f"series_uid: only for DICOM folders, but {path} is "
+                         "a file")
+    return _load_nifti(path)
+
+
+def _integer_labels(data: np.ndarray, path: Path) -> np.ndarray:
+    """Label values as an integer array; integral floats are accepted."""
+    if data.dtype.kind in "iu":
+        return data
+    if data.dtype.kind == "b":
+        return data.astype(np.uint8)
+    if data.dtype.kind != "f":
+        raise VolumeError(f"label {path}: unsupported voxel type {data.dtype}")
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise VolumeError(f"label {path}: {bad} NaN or infinite voxels")
+    frac = np.abs(data - np.round(data))
+    if frac.max(initial=0.0) > 1e-3:
+        odd = np.unique(data[frac > 1e-3])[:5]
+        raise VolumeError(f"label {path}: non-integral label values, e.g. "
+                          f"{odd.tolist()}; a label map holds integer ids")
+    lo, hi = float(data.min(initial=0)), float(data.max(initial=0))
+    for dtype in (np.uint8, np.int16, np.int32, np.int64):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return np.round(data).astype(dtype)
+    raise VolumeError(f"label {path}: label values out of integer range")
+
+
+def _geometry_mismatch(label: Geometry, ref: Geometry,
+                       tolerance_mm: float) -> str | None:
+    """None if the canonical grids agree within tolerance, else a report."""
+    # The 8 corner voxels of the reference grid, placed by both affines.
+    idx = np.meshgrid(*[[0, max(n - 1, 0)] for n in ref.shape], indexing="ij")
+    corners = np.vstack([np.ravel(i) for i in idx] + [np.ones(8)])
+    world_ref = (ref.affine @ corners)[:3]
+    world_lab = (label.affine @ corners)[:3]
+    corner_mm = float(np.linalg.norm(world_ref - world_lab, axis=0).max())
+    if label.shape == ref.shape and corner_mm <= tolerance_mm:
+        return None
+
+    def fmt(v):
+        return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+
+    dirs = [m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0)
+            for m in (ref.affine, label.affine)]
+    cosines = np.clip(np.sum(dirs[0] * dirs[1], axis=0), -1.0, 1.0)
+    angle = float(np.degrees(np.arccos(cosines)).max())
+    origin_mm = float(np.linalg.norm(ref.affine[:3, 3] - label.affine[:3, 3]))
+    return (f"(image vs label) shape {ref.shape} vs {label.shape} "
+            f"(canonical PLS); "
+            f"spacing {fmt(ref.spacing)} vs {fmt(label.spacing)} mm; "
+            f"origin {fmt(ref.affine[:3, 3])} vs {fmt(label.affine[:3, 3])} "
+            f"mm (RAS, {origin_mm:.3g} mm apart); direction differs by up to "
+            f"{angle:.3g} degrees; grid corners up to {corner_mm:.3g} mm apart "
+            f"(tolerance_mm={tolerance_mm})")
+
+
+def load_label_map(path: str | os.PathLike, reference: Geometry, *,
+                   tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> np.ndarray:
+    """Loads an integer label map onto the reference image's canonical grid.
+
+    The label is reoriented to canonical from its own affine (so a label
+    stored in another voxel order, e.g. LAS against a PLS image, comes out
+    aligned) and its grid must then match the reference in world space.
+
+    Args:
+      path: a NIfTI label file (integer ids, or floats with integral values).
+      reference: the image's Geometry.
+      tolerance_mm: the largest allowed distance between the same grid
+        corner under the two affines.
+
+    Returns:
+      An integer array of shape reference.shape (canonical PLS axes).
+
+    Raises:
+      VolumeError for a bad file, GeometryError (naming both files and the
+      difference) when the grids do not match.
+    """
+    path = Path(path)
+    data, geom = _read_array(_open_nifti(path, "label"), path, "label")
+    data = _integer_labels(data, path)
+    problem = _geometry_mismatch(geom, reference, float(tolerance_mm))
+    if problem is not None:
+        raise GeometryError(f"label {path} does not match image "
+                            f"{reference.source} in world space: {problem}")
+    return geom.from_source(data)
+
+
+def select_organ(label_map: np.ndarray, organ_id: int, *, source: str
+                 ) -> np.ndarray:
+    """The bool mask `label_map == organ_id`.
+
+    Args:
+      label_map: integer label array (any shape).
+      organ_id: the organ's label id (e.g. 7 for TotalSegmentator's pancreas,
+        1 for NIH Pancreas-CT).
+      source: the label file, for messages.
+
+    Raises:
+      VolumeError when the label is empty or holds no voxel of organ_id
+      (the message lists the ids present).
+    """
+    label_map = np.asarray(label_map)
+    if label_map.dtype.kind not in "iub":
+        raise InputError(f"label_map: expected integer ids, got {label_map.dtype}"
+                         f" ({source})")
+    if isinstance(organ_id, bool) or not isinstance(organ_id, (int, np.integer)):
+        raise InputError(f"organ_id: expected an int, got {organ_id!r}")
+    mask = label_map == organ_id
+    if mask.any():
+        return mask
+    present = np.unique(label_map)
+    present = present[present != 0]
+    if present.size == 0:
+        raise VolumeError(f"label {source}: empty label map (all voxels 0)")
+    ids = ", ".join(str(int(i)) for i in present[:30])
+    more = f" ... ({present.size} ids)" if present.size > 30 else ""
+    raise VolumeError(f"label {source}: no voxel with organ_id={organ_id}; "
+                      f"ids present: {ids}{more}")
+
+
+def _case_id_from(path: Path) -> str:
+    name = path.name
+    for suffix in _NIFTI_SUFFIXES[::-1]:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_case(image_path: str | os.PathLike,
+              label_path: str | os.PathLike | None = None, *,
+              organ_id: int = 1, case_id: str | None = None,
+              tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Case:
+    """Loads an image and (optionally) its organ mask, aligned in world space.
+
+    Returns:
+      Case with float32 HU image and bool label (None without label_path),
+      both canonical PLS of the same shape.
+    """
+    image_path = Path(image_path)
+    volume = load_image(image_path)
+    label = None
+    if label_path is not None:
+        label_map = load_label_map(label_path, volume.geometry,
+                                   tolerance_mm=tolerance_mm)
+        label = select_organ(label_map, organ_id, source=str(label_path))
+    return Case(case_id=case_id or _case_id_from(image_path),
+                image=volume.data, label=label, geometry=volume.geometry,
+                image_path=str(image_path),
+                label_path=None if label_path is None else str(label_path))
+
+
+# ----------------------------------------------------------------- writing
+
+def _check_out_path(path: Path) -> Path:
+    """Checks the output name and folder before anything is written."""
+    if not _is_nifti_name(path):
+        raise VolumeError(f"output {path}: the name must end in .nii or "
+                          ".nii.gz")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        why = "is not a folder" if folder.exists() else "does not exist"
+        raise VolumeError(f"output {path}: the folder {folder} {why}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise VolumeError(f"output {path}: the folder {folder} is not writable")
+    if path.is_dir():
+        raise VolumeError(f"output {path}: is a folder")
+    return folder
+
+
+def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path,
+                 folder: Path) -> None:
+    """Writes atomically: a temp file in the same folder, then os.replace."""
+    img = nib.Nifti1Image(array, affine)
+    img.set_sform(affine, code=1)   # scanner coordinates, both forms set so
+    img.set_qform(affine, code=1)   # every viewer places it the same way
+    img.header.set_xyzt_units("mm")
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.",
+                                   suffix=suffix)
+    except OSError as e:
+        raise VolumeError(f"output {path}: cannot write in {folder} ({e})") \
+            from e
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise VolumeError(f"output {path}: write failed ({e})") from e
+        raise
+
+
+def save_volume(array: Any, geometry: Geometry, path: str | os.PathLike, *,
+                dtype: Any = np.float32) -> None:
+    """Writes a canonical array as NIfTI in the source voxel order and affine.
+
+    Args:
+      array: (X, Y, Z) array of shape geometry.shape (canonical axes).
+      geometry: the Geometry of the image it belongs to.
+      path: output .nii or .nii.gz; its folder must exist and be writable.
+      dtype: the voxel type on disk.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    if array.shape != geometry.shape:
+        raise InputError(f"array: expected shape {geometry.shape} of "
+                         f"{geometry.source}, got {array.shape}")
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f" and array.dtype.kind == "f":
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise InputError(f"array: {bad} NaN or infinite values")
+    folder = _check_out_path(path)
+    _write_nifti(geometry.to_source(array.astype(dtype, copy=False)),
+                 geometry.source_affine, path, folder)
+
+
+def save_mask(mask: Any, geometry: Geometry, path: str | os.PathLike) -> None:
+    """Writes a bool (or 0/1) canonical mask as a uint8 NIfTI label that
+    overlays the source image (source voxel order and affine)."""
+    mask = np.asarray(mask)
+    if mask.dtype.kind not in "biu":
+        raise InputError(f"mask: expected bool or integer values, got "
+                         f"{mask.dtype}")
+    if mask.dtype.kind != "b" and mask.size and (
+            mask.min() < 0 or mask.max() > 1):
+        raise InputError("mask: expected values 0 and 1")
+    save_volume(mask, geometry, path, dtype=np.uint8)

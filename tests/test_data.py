@@ -1,0 +1,382 @@
+"""Datasets: manifest, fold table, training-slice rule, case store, sampler."""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from stnjax import data, io, phantom, preprocess
+from stnjax.checks import InputError
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SLAB = DATA / "ct_dicom_slab"
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    """8 small phantom cases (48 x 48 x 24), 4 folds of 2."""
+    root = tmp_path_factory.mktemp("phantoms") / "ds"
+    return phantom.write_phantom_dataset(root, num_cases=8, seed=0,
+                                         config=phantom.PhantomConfig(shape=(48, 48, 24)))
+
+
+@pytest.fixture(scope="module")
+def store(phantoms, tmp_path_factory):
+    return data.CaseStore(data.load_manifest(phantoms), tmp_path_factory.mktemp("cache"))
+
+
+def _write_case(folder, cid, shape, organ_slices, rng):
+    """A hand-made NIfTI case (canonical PLS affine) with organ id 1 in the
+    given axial slices (a small box); returns the manifest entry."""
+    hu = rng.integers(-200, 300, shape).astype(np.int16)
+    lab = np.zeros(shape, np.uint8)
+    for z in organ_slices:
+        lab[2:5, 3:7, z] = 1
+    aff = phantom.canonical_affine(shape, (1.0, 1.0, 2.0))
+    nib.save(nib.Nifti1Image(hu, aff), str(folder / f"{cid}.nii.gz"))
+    nib.save(nib.Nifti1Image(lab, aff), str(folder / f"{cid}_seg.nii.gz"))
+    return {"id": cid, "image": f"{cid}.nii.gz", "label": f"{cid}_seg.nii.gz"}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Cases of three sizes: different axial buckets."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    cases = [_write_case(root, "a", (20, 30, 10), range(2, 8), rng),
+             _write_case(root, "b", (20, 30, 10), range(0, 10), rng),
+             _write_case(root, "c", (40, 30, 10), range(3, 6), rng),
+             _write_case(root, "d", (33, 12, 10), range(4, 9), rng)]
+    data.write_manifest(root, name="mixed", organ_id=1, cases=cases)
+    return data.CaseStore(data.load_manifest(root), root / "cache")
+
+
+# ------------------------------------------------------------------ folds
+
+def test_folds_by_position_82_matches_reference():
+    ids = [f"{i:04d}" for i in range(1, 83)]
+    folds = data.folds_by_position(ids[::-1], 4)  # input order does not matter
+    assert [len(folds[f]) for f in range(4)] == [20, 20, 21, 21]
+    # FD0 tests 01-20, FD1 21-40, FD2 41-61, FD3 62-82 (reference 1.4)
+    assert folds[0] == ids[0:20] and folds[1] == ids[20:40]
+    assert folds[2] == ids[40:61] and folds[3] == ids[61:82]
+
+
+@pytest.mark.parametrize("n, sizes", [(8, [2, 2, 2, 2]), (5, [1, 1, 1, 2]), (10, [2, 2, 3, 3]),
+                                      (7, [1, 2, 2, 2])])
+def test_folds_by_position_small(n, sizes):
+    ids = [f"c{i}" for i in range(n)]
+    folds = data.folds_by_position(ids, 4)
+    assert [len(folds[f]) for f in range(4)] == sizes
+    assert sum(folds.values(), []) == sorted(ids)  # contiguous, in order, each once
+
+
+def test_folds_by_position_errors():
+    with pytest.raises(data.DatasetError, match="duplicate"):
+        data.folds_by_position(["a", "a", "b", "c"])
+    with pytest.raises(data.DatasetError, match="cannot fill"):
+        data.folds_by_position(["a", "b", "c"], 4)
+
+
+def test_nih_table_missing_ids_do_not_shift():
+    default = data.nih_pancreas_fold_table()
+    assert [len(default[f]) for f in range(4)] == [20, 19, 21, 20]  # 25 and 70 removed
+    assert "PANCREAS_0025" not in default[1] and "PANCREAS_0070" not in default[3]
+    assert default[0][0] == "PANCREAS_0001" and default[2][-1] == "PANCREAS_0061"
+    present = [f"{i:04d}" for i in range(1, 83) if i not in (3, 25, 41, 70)]
+    table = data.nih_pancreas_fold_table(present)
+    for f, (lo, hi) in enumerate(data.NIH_PANCREAS_FOLD_RANGES):
+        assert table[f] == [f"{i:04d}" for i in range(lo, hi + 1) if i not in (3, 25, 41, 70)]
+    with pytest.raises(data.DatasetError, match="NIH case number"):
+        data.nih_pancreas_fold_table(["PANCREAS_0083"])
+
+
+def test_fold_table_round_trip_and_missing_case(phantoms, tmp_path, caplog):
+    root = tmp_path / "ds"
+    root.mkdir()
+    for p in ("images", "labels"):
+        os.symlink(phantoms / p, root / p)
+    m = data.load_manifest(phantoms)
+    data.write_manifest(root, name="x", organ_id=7, cases=m.cases)
+    table = data.load_or_create_fold_table(root)  # created once
+    assert table == data.folds_by_position(m.case_ids)
+    assert data.read_fold_table(root / data.FOLDS_FILE) == table
+    # a case disappears: the stored table is reused, nothing shifts
+    kept = [c for c in m.cases if c.id != "phantom_002"]
+    data.write_manifest(root, name="x", organ_id=7, cases=kept)
+    with caplog.at_level(logging.WARNING):
+        again = data.load_or_create_fold_table(root)
+    assert again == table and "phantom_002" in caplog.text
+    ids = data.load_manifest(root).case_ids
+    train, test = data.split(again, 1, ids)
+    assert test == ["phantom_003"] and "phantom_002" not in train and len(train) == 6
+    assert data.split(again, 0) == (sorted(sum((table[f] for f in (1, 2, 3)), [])), table[0])
+    with pytest.raises(data.DatasetError, match="fold"):
+        data.split(again, 4)
+    with pytest.raises(data.DatasetError, match="in no fold"):
+        data.split(again, 0, list(ids) + ["new_case"])
+    with pytest.raises(data.DatasetError, match="has 4 folds"):
+        data.load_or_create_fold_table(root, n_folds=5)
+
+
+def test_fold_table_file_errors(tmp_path):
+    bad = tmp_path / "folds.json"
+    bad.write_text(json.dumps({"folds": {"0": ["a", "b"], "1": ["b"]}}))
+    with pytest.raises(data.DatasetError, match="'b' is in folds 0 and 1"):
+        data.read_fold_table(bad)
+    bad.write_text("{not json")
+    with pytest.raises(data.DatasetError, match="not valid JSON"):
+        data.read_fold_table(bad)
+
+
+# ------------------------------------------------------------------ manifest
+
+def test_manifest_errors_name_file_and_case(tmp_path):
+    (tmp_path / "img.nii.gz").write_bytes(b"")
+    good = {"name": "t", "organ_id": 1,
+            "cases": [{"id": "c1", "image": "img.nii.gz", "label": None}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(good))
+    m = data.load_manifest(tmp_path)
+    assert m.case_ids == ("c1",) and m.cases[0].label is None and m.root == tmp_path.resolve()
+    bad_cases = {
+        "does not exist": {"id": "c2", "image": "missing.nii.gz", "label": None},
+        "more than once": {"id": "c1", "image": "img.nii.gz", "label": None},
+        "'image' must be": {"id": "c3", "label": None},
+    }
+    for msg, case in bad_cases.items():
+        bad = {**good, "cases": good["cases"] + [case]}
+        (tmp_path / "dataset.json").write_text(json.dumps(bad))
+        with pytest.raises(data.DatasetError, match=msg) as e:
+            data.load_manifest(tmp_path)
+        assert "dataset.json" in str(e.value)
+    (tmp_path / "dataset.json").write_text(json.dumps({**good, "organ_id": 0}))
+    with pytest.raises(data.DatasetError, match="organ_id"):
+        data.load_manifest(tmp_path)
+    with pytest.raises(data.DatasetError, match="no such file"):
+        data.load_manifest(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------ training slices
+
+COUNTS = {"a": np.array([0, 5, 10, 0]), "b": np.array([1, 2, 3, 0]), "c": np.array([6, 7, 8])}
+
+
+def test_training_slices_hand_computed():
+    # all positive counts: 10 8 7 6 5 3 2 1 -> P = 8
+    # 0.98: floor(7.84) = 7th largest = 2 -> count >= 2, train cases a and b only
+    rows = data.select_training_slices(COUNTS, ["a", "b"], 0.98)
+    np.testing.assert_array_equal(rows, [[0, 1], [0, 2], [1, 1], [1, 2]])
+    # P includes the test case c: 0.5 -> floor(4) = 4th largest = 6 -> only a's 10.
+    # (Counting P over the training cases only would give 5 and keep a's 5.)
+    np.testing.assert_array_equal(data.select_training_slices(COUNTS, ["a", "b"], 0.5), [[0, 2]])
+    # threshold > 1: an absolute pixel count
+    np.testing.assert_array_equal(data.select_training_slices(COUNTS, ["a", "b"], 3),
+                                  [[0, 1], [0, 2], [1, 2]])
+    # threshold 1: every slice with organ pixels; never a background slice
+    np.testing.assert_array_equal(data.select_training_slices(COUNTS, ["b", "c"], 1.0),
+                                  [[1, 0], [1, 1], [1, 2], [2, 0], [2, 1], [2, 2]])
+
+
+def test_training_slices_errors():
+    with pytest.raises(data.DatasetError, match="plane Z, fold 2"):
+        data.select_training_slices(COUNTS, ["b"], 0.5, plane="Z", fold=2)
+    with pytest.raises(data.DatasetError, match="not in counts"):
+        data.select_training_slices(COUNTS, ["zz"])
+    with pytest.raises(data.DatasetError, match="no slice"):
+        data.select_training_slices({"a": np.zeros(3, int)}, ["a"])
+
+
+def test_training_slices_property():
+    rng = np.random.default_rng(1)
+    counts = {f"c{i}": rng.integers(0, 50, 30) * (rng.uniform(size=30) < 0.5) for i in range(6)}
+    rows = data.select_training_slices(counts, list(counts), 0.9)
+    all_pos = np.concatenate([v[v > 0] for v in counts.values()])
+    active = np.array([counts[f"c{i}"][j] for i, j in rows])
+    assert len(active) >= int(0.9 * all_pos.size)
+    assert active.min() > 0 and active.min() >= np.sort(all_pos)[::-1][int(0.9 * all_pos.size) - 1]
+
+
+def test_slice_counts_match_labels(store):
+    cid = store.case_ids[3]
+    case = store.load_case(cid)
+    for plane, axes in (("X", (1, 2)), ("Y", (0, 2)), ("Z", (0, 1))):
+        counts = data.slice_organ_counts(store, None, plane)
+        assert list(counts) == list(store.case_ids)
+        np.testing.assert_array_equal(counts[cid], case.label.sum(axis=axes))
+
+
+# ------------------------------------------------------------------ case store
+
+def test_case_store_values_and_cache_reuse(phantoms, tmp_path):
+    m = data.load_manifest(phantoms)
+    s1 = data.CaseStore(m, tmp_path)
+    cid = m.case_ids[1]
+    case = io.load_case(m.cases[1].image, m.cases[1].label, organ_id=7)
+    ref = preprocess.window_hu(case.image)
+    np.testing.assert_allclose(s1.image(cid), ref, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(s1.label(cid), case.label)
+    np.testing.assert_allclose(s1.spacing(cid), case.geometry.spacing)
+    np.testing.assert_allclose(s1.affine(cid), case.geometry.affine)
+    for plane in "XYZ":
+        np.testing.assert_array_equal(s1.plane(cid, plane, "label"),
+                                      preprocess.plane_view(case.label, plane))
+        view = preprocess.plane_view(ref, plane)
+        img, lab = s1.window(cid, plane, view.shape[0] - 1)  # edge slice replicated
+        np.testing.assert_allclose(img, preprocess.window_at(view, view.shape[0] - 1), atol=1e-5)
+    assert s1.loads == 1
+    s2 = data.CaseStore(m, tmp_path)  # a new process would see the same cache
+    s2.prepare([cid])
+    assert s2.loads == 0 and isinstance(s2.label(cid), np.memmap)
+    s3 = data.CaseStore(m, tmp_path, hu_window=(-200, 300))  # another window: new entry
+    s3.prepare([cid])
+    assert s3.loads == 1
+    st = os.stat(m.cases[1].image)
+    os.utime(m.cases[1].image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # source changed
+    s4 = data.CaseStore(m, tmp_path)
+    s4.prepare([cid])
+    assert s4.loads == 1
+    with pytest.raises(data.DatasetError, match="not in manifest"):
+        s4.image("nope")
+
+
+@pytest.mark.skipif(not SLAB.is_dir(), reason=f"real CT example not found under {DATA}")
+def test_case_store_dicom_folder(tmp_path):
+    cases = [{"id": "slab", "image": str(SLAB / "dicom"),
+              "label": str(SLAB / "labels_multiclass.nii.gz")}]
+    (tmp_path / "ds").mkdir()
+    data.write_manifest(tmp_path / "ds", name="slab", organ_id=7, cases=cases)
+    s = data.CaseStore(data.load_manifest(tmp_path / "ds"), tmp_path / "cache")
+    assert s.shape("slab") == (512, 512, 20)
+    counts = data.slice_organ_counts(s, None, "Z")["slab"]
+    assert np.count_nonzero(counts) == 4 and counts[:4].all()  # pancreas in the 4 lowest slices
+    assert s.label("slab").sum() == 1327
+
+
+# ------------------------------------------------------------------ sampler
+
+def _check_against_reference(store, batch, plane):
+    """Every real slot equals window_at of the plane view, zero-padded."""
+    for b in range(len(batch["weight"])):
+        if batch["weight"][b] == 0:
+            assert not batch["valid"][b].any() and not batch["image"][b].any()
+            continue
+        cid = store.case_ids[batch["case_index"][b]]
+        j = int(batch["slice_index"][b])
+        img = preprocess.window_at(preprocess.plane_view(store.image(cid), plane), j)
+        lab = preprocess.window_at(preprocess.plane_view(store.label(cid), plane), j)
+        h, w, _ = img.shape
+        np.testing.assert_allclose(batch["image"][b, :h, :w], img, atol=1e-6)
+        np.testing.assert_array_equal(batch["label"][b, :h, :w], lab.astype(np.float32))
+        assert batch["valid"][b, :h, :w].all() and batch["valid"][b].sum() == h * w
+        assert not batch["image"][b, h:].any() and not batch["image"][b, :, w:].any()
+        assert not batch["label"][b, h:].any() and not batch["label"][b, :, w:].any()
+
+
+def test_sampler_shapes_padding_and_values(store):
+    counts = data.slice_organ_counts(store, None, "X")
+    slices = data.select_training_slices(counts, store.case_ids[:6], 0.98)
+    s = data.SliceSampler(store, slices, plane="X", batch_size=4, buckets=(64, 32), seed=0)
+    assert s.buckets() == {(64, 32): len(slices)}  # X view: H = 48 -> 64, W = 24 -> 32
+    b = s.batch(3)
+    assert b["image"].shape == b["label"].shape == (4, 64, 32, 3)
+    assert b["valid"].shape == (4, 64, 32)
+    assert b["image"].dtype == b["label"].dtype == b["weight"].dtype == np.float32
+    assert b["case_index"].dtype == b["slice_index"].dtype == np.int32
+    np.testing.assert_array_equal(b["weight"], 1.0)
+    assert set(np.unique(b["label"])) <= {0.0, 1.0}
+    assert b["label"][:, :, :, 1].any(axis=(1, 2)).all()  # centre slices hold organ
+    assert set(b["case_index"]) <= set(range(6))  # training cases only
+    _check_against_reference(store, b, "X")
+    exact = data.SliceSampler(store, slices, plane="X", batch_size=2, buckets=(), seed=0)
+    assert exact.buckets() == {(48, 24): len(slices)}
+    with pytest.raises(data.DatasetError, match="exceeds the largest bucket 32"):
+        data.SliceSampler(store, slices, plane="X", batch_size=2, buckets=(16, 32))
+
+
+def test_sampler_deterministic_and_sharded(store):
+    counts = data.slice_organ_counts(store, None, "Z")
+    slices = data.select_training_slices(counts, store.case_ids, 0.98)
+    a, b, c = (data.SliceSampler(store, slices, plane="Z", batch_size=8, buckets=(64,), seed=seed)
+               for seed in (5, 5, 6))
+    for key, v in a.batch(11).items():
+        np.testing.assert_array_equal(v, b.batch(11)[key])
+    rows = lambda batch: list(zip(batch["case_index"], batch["slice_index"]))  # noqa: E731
+    assert rows(a.batch(11)) != rows(a.batch(12)) and rows(a.batch(11)) != rows(c.batch(11))
+    full = a.batch(7)
+    parts = [a.batch(7, shard=i, num_shards=4) for i in range(4)]
+    for key in full:
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key])
+    with pytest.raises(InputError, match="does not divide"):
+        a.batch(0, num_shards=3)
+    with pytest.raises(InputError, match="shard"):
+        a.batch(0, shard=4, num_shards=4)
+    got = [(step, batch["slice_index"].tolist()) for step, batch in data.prefetch(a, range(3, 6))]
+    assert got == [(st, a.batch(st)["slice_index"].tolist()) for st in range(3, 6)]
+
+
+def test_sampler_bucket_choice_proportional(mixed):
+    counts = data.slice_organ_counts(mixed, None, "Z")
+    slices = data.select_training_slices(counts, mixed.case_ids, 1.0)
+    # Z views: a, b (20 x 30) -> (32, 32); c (40 x 30) -> (64, 32); d (33 x 12) -> (64, 16)
+    s = data.SliceSampler(mixed, slices, plane="Z", batch_size=2, buckets=(16, 32, 64), seed=1)
+    assert s.buckets() == {(32, 32): 16, (64, 16): 5, (64, 32): 3}
+    keys = [s.plan(step)[0] for step in range(3000)]
+    for key, n in s.buckets().items():
+        assert abs(keys.count(key) / 3000 - n / 24) < 0.03
+    for step in (0, 1, 2):  # every slot of a batch comes from its bucket
+        b = s.batch(step)
+        assert b["image"].shape[1:3] == s.plan(step)[0]
+        _check_against_reference(mixed, b, "Z")
+
+
+def test_sampler_epoch_covers_each_slice_once(mixed):
+    counts = data.slice_organ_counts(mixed, None, "Z")
+    slices = data.select_training_slices(counts, mixed.case_ids, 1.0)
+    s = data.SliceSampler(mixed, slices, plane="Z", batch_size=4, buckets=(32, 64), seed=3,
+                          order="epoch")
+    # buckets (32,32): 16 slices -> 4 batches; (64,32): 3 + 5 = 8 -> 2 batches
+    assert s.steps_per_epoch == 6
+    seen, pads, orders = [], 0, []
+    for step in range(12):
+        b = s.batch(step)
+        real = b["weight"] > 0
+        pads += int((~real).sum())
+        if step < 6:
+            seen += list(zip(b["case_index"][real].tolist(), b["slice_index"][real].tolist()))
+        orders.append(list(zip(b["case_index"].tolist(), b["slice_index"].tolist())))
+        _check_against_reference(mixed, b, "Z")
+    assert sorted(seen) == sorted(map(tuple, slices.tolist()))  # each active slice once
+    assert pads == 0  # 16 and 8 fill whole batches
+    assert orders[:6] != orders[6:]  # a new permutation each epoch
+    s5 = data.SliceSampler(mixed, slices, plane="Z", batch_size=5, buckets=(32, 64), seed=3,
+                           order="epoch")
+    # 16 slices -> 4 batches (4 padding slots), 8 -> 2 batches (2 padding slots)
+    b = [s5.batch(i) for i in range(s5.steps_per_epoch)]
+    assert s5.steps_per_epoch == 6 and sum(int((x["weight"] == 0).sum()) for x in b) == 30 - 24
+    assert all((x["case_index"][x["weight"] == 0] == -1).all() for x in b)
+
+
+def test_nih_pancreas_layout(tmp_path, caplog):
+    images, labels = tmp_path / "Pancreas-CT", tmp_path / "TCIA_pancreas_labels-02-05-2017"
+    layout = (("0001", ["s1"]), ("0002", ["s1"]), ("0003", ["s1", "s2"]), ("0004", ["s1"]))
+    for case, series in layout:
+        for ser in series:
+            d = images / f"PANCREAS_{case}" / "study" / ser
+            d.mkdir(parents=True)
+            (d / "1-001.dcm").write_bytes(b"")
+    labels.mkdir()
+    for case in ("0001", "0003", "0004"):
+        (labels / f"label{case}.nii.gz").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        cases = data.nih_pancreas_cases(images, labels)
+    assert [c["id"] for c in cases] == ["PANCREAS_0001", "PANCREAS_0004"]
+    assert cases[0]["image"] == str(images / "PANCREAS_0001" / "study" / "s1")
+    assert "PANCREAS_0002" in caplog.text and "PANCREAS_0003" in caplog.text
+    data.write_manifest(tmp_path, name="nih", organ_id=1, cases=cases)
+    table = data.load_or_create_fold_table(tmp_path, rule="nih_pancreas")
+    assert table == {0: ["PANCREAS_0001", "PANCREAS_0004"], 1: [], 2: [], 3: []}
+    assert json.loads((tmp_path / "folds.json").read_text())["rule"] == "nih_pancreas"
