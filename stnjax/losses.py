@@ -1,0 +1,175 @@
+"""Soft DSC loss, the RSTN joint loss and (sum, count) metrics.
+
+Reference section 3.1: per sample,
+`L(Y, P) = 1 - (2 sum(y p) + eps) / (sum(y) + sum(p) + eps)` with eps = 1e-6
+in numerator and denominator, the sums running over all pixels and all
+(slice) channels of the sample; the joint loss is
+`lam * L(Y, P_coarse) + (1 - lam) * L(Y, P_fine)` with lam = 1/3, where the
+fine probability is the full-size pasted map (0 outside the box).
+
+Batches are padded to fixed shapes (DESIGN.md): `valid (B, H, W)` masks
+padded pixels and `weight (B,)` is 0 on padded batch slots. Metrics are kept
+as (sum, count) pairs so that padded batches and several devices average
+exactly: add sums and counts (e.g. `lax.psum` under pmap), divide once.
+
+Example under pmap (axis name "batch")::
+
+    def step(params, batch):
+        def objective(params):
+            cp, fp = forward(params, batch)
+            return joint_loss(cp, fp, batch["label"], valid=batch["valid"],
+                              weight=batch["weight"], axis_name="batch")
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        grads = jax.lax.psum(grads, "batch")       # gradient of the global mean
+        metrics = psum_metrics(metrics, "batch")   # global sums and counts
+        return grads, mean_metrics(metrics)
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from stnjax.checks import InputError, check_array
+
+Metrics = dict[str, tuple[jax.Array, jax.Array]]
+
+
+def _check_dtype(x, name: str, kinds: str) -> None:
+    """dtype-kind check that also counts bfloat16 as floating ("f"), which
+    NumPy reports as kind "V" (ml_dtypes)."""
+    dt = jnp.dtype(x.dtype)
+    kind = "f" if jnp.issubdtype(dt, jnp.floating) else dt.kind
+    if kind not in kinds:
+        raise InputError(f"{name}: expected dtype of kind {kinds!r}, got {dt}")
+
+
+def soft_dice_loss(
+    prob: jax.Array,
+    label: jax.Array,
+    *,
+    valid: jax.Array | None = None,
+    eps: float = 1e-6,
+) -> jax.Array:
+    """Per-sample soft DSC loss.
+
+    Args:
+      prob: (B, H, W, C) probabilities in [0, 1] (any float dtype).
+      label: (B, H, W, C) binary label (float, int or bool).
+      valid: optional (B, H, W) bool/float; pixels with 0 do not count.
+      eps: added to numerator and denominator (reference: 1e-6).
+
+    Returns:
+      (B,) float32 losses; sums are accumulated in float32 whatever the
+      input dtype (bfloat16 sums of ~1e5 pixels would lose most digits).
+    """
+    check_array(prob, "prob", rank=4)
+    _check_dtype(prob, "prob", "f")
+    check_array(label, "label", rank=4)
+    _check_dtype(label, "label", "fiub")
+    if tuple(label.shape) != tuple(prob.shape):
+        raise InputError(
+            f"label: expected shape {tuple(prob.shape)} to match prob, got {tuple(label.shape)}")
+    p = prob.astype(jnp.float32)
+    y = label.astype(jnp.float32)
+    if valid is not None:
+        check_array(valid, "valid", rank=3)
+        _check_dtype(valid, "valid", "fiub")
+        if tuple(valid.shape) != tuple(prob.shape[:3]):
+            raise InputError(
+                f"valid: expected shape {tuple(prob.shape[:3])}, got {tuple(valid.shape)}")
+        v = valid.astype(jnp.float32)[..., None]
+        p, y = p * v, y * v
+    axes = (1, 2, 3)
+    inter = jnp.sum(y * p, axis=axes)
+    denom = jnp.sum(y, axis=axes) + jnp.sum(p, axis=axes)
+    return 1.0 - (2.0 * inter + eps) / (denom + eps)
+
+
+def joint_loss(
+    coarse_prob: jax.Array,
+    fine_prob: jax.Array,
+    label: jax.Array,
+    *,
+    valid: jax.Array | None = None,
+    weight: jax.Array | None = None,
+    lam: float = 1.0 / 3.0,
+    eps: float = 1e-6,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """The RSTN joint loss `lam * L_coarse + (1 - lam) * L_fine`.
+
+    Args:
+      coarse_prob, fine_prob, label: (B, H, W, C); the fine probability is the
+        full-size pasted map.
+      valid: optional (B, H, W) pixel validity.
+      weight: optional (B,) sample weights, 0 for padded batch slots
+        (default all 1).
+      lam: coarse weight (reference 1/3).
+      axis_name: when the loss runs under pmap/shard_map with this axis, the
+        local weighted sum is divided by the *global* weight sum (psum), so
+        the psum of the per-device gradients is the gradient of the mean over
+        all real samples of all devices.
+
+    Returns:
+      loss: float32 scalar, the weighted mean of the per-sample joint loss
+        (0 when every weight is 0).
+      metrics: {'loss_coarse', 'loss_fine', 'loss'} -> (sum, count) float32
+        scalars over this batch (weighted sums and the weight total).
+    """
+    if not 0.0 <= float(lam) <= 1.0:
+        raise InputError(f"lam: must be in [0, 1], got {lam}")
+    lc = soft_dice_loss(coarse_prob, label, valid=valid, eps=eps)
+    lf = soft_dice_loss(fine_prob, label, valid=valid, eps=eps)
+    b = lc.shape[0]
+    if weight is None:
+        w = jnp.ones((b,), jnp.float32)
+    else:
+        check_array(weight, "weight", rank=1)
+        _check_dtype(weight, "weight", "fiub")
+        if weight.shape[0] != b:
+            raise InputError(f"weight: expected shape ({b},), got {tuple(weight.shape)}")
+        w = weight.astype(jnp.float32)
+    # The weights are data, never a parameter: keep them out of the gradient.
+    w = lax.stop_gradient(w)
+    per = lam * lc + (1.0 - lam) * lf
+    count = jnp.sum(w)
+    total = count if axis_name is None else lax.psum(count, axis_name)
+    loss_sum = jnp.sum(w * per)
+    loss = loss_sum / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+    metrics = {
+        "loss_coarse": (jnp.sum(w * lc), count),
+        "loss_fine": (jnp.sum(w * lf), count),
+        "loss": (loss_sum, count),
+    }
+    return loss, metrics
+
+
+def merge_metrics(a: Mapping, b: Mapping) -> Metrics:
+    """Adds two metric dicts of (sum, count) pairs key by key."""
+    if set(a) != set(b):
+        raise InputError(f"metrics: keys differ: {sorted(a)} vs {sorted(b)}")
+    return {k: (a[k][0] + b[k][0], a[k][1] + b[k][1]) for k in a}
+
+
+def psum_metrics(metrics: Mapping, axis_name: str) -> Metrics:
+    """Sums (sum, count) pairs over a pmap/shard_map axis."""
+    return {k: (lax.psum(s, axis_name), lax.psum(c, axis_name))
+            for k, (s, c) in metrics.items()}
+
+
+def mean_metrics(metrics: Mapping) -> dict[str, jax.Array]:
+    """(sum, count) pairs -> means (NaN where the count is 0).
+
+    Works on JAX or NumPy values; leading axes (e.g. per device, from a pmap
+    that did not psum) are summed first.
+    """
+    out = {}
+    for k, (s, c) in metrics.items():
+        s = jnp.sum(jnp.asarray(s, jnp.float32))
+        c = jnp.sum(jnp.asarray(c, jnp.float32))
+        out[k] = jnp.where(c > 0, s / jnp.where(c > 0, c, 1.0), jnp.nan)
+    return out
