@@ -1,0 +1,302 @@
+"""Human-readable reports of an evaluation: paper-style text and PNG figures.
+
+The numbers come from `stnjax.evaluate` (records, summaries, sweeps); this
+module only lays them out. Text prints DSC in percent with two decimals, as
+the paper and the reference logs do ("DSC 84.50 +- 4.97 % (max 91.02, min
+62.81)"), and mean inter-iteration DSC as a fraction with four decimals.
+
+Figures use Matplotlib's object API with the Agg canvas (no pyplot, no
+global backend switch, no display needed) and are written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from stnjax.evaluate import (
+    MAIN_THRESHOLD, CaseRecord, GroupSummary, Stats, Summary, ThresholdRow,
+    _check_records, atomic_write, check_threshold, compare, method_name,
+    method_order, result_at_threshold, threshold_key)
+
+_STD_NOTE = "(std: population std over cases, as np.std in the PyTorch reference)"
+
+
+# --------------------------------------------------------------------- text
+def _pct(s: Stats) -> str:
+    if s.n == 0:
+        return "n/a"
+    return (f"{100 * s.mean:.2f} +- {100 * s.std:.2f} % "
+            f"(max {100 * s.max:.2f}, min {100 * s.min:.2f})")
+
+
+_METRIC_ORDER = ("dsc", "jaccard", "hd95_mm", "surface_dice")
+_METRIC_NAMES = {"dsc": "DSC", "jaccard": "Jaccard", "hd95_mm": "HD95",
+                 "surface_dice": "surface Dice"}
+
+
+def _stats(r: ThresholdRow) -> Stats:
+    return Stats(r.mean, r.std, r.max, r.min, r.n)
+
+
+def _metric(name: str, s: Stats, n_cases: int) -> str:
+    label = _METRIC_NAMES.get(name, name)
+    if s.n == 0:
+        return f"{label} n/a"
+    if name.endswith("_mm"):
+        text = f"{label} {s.mean:.2f} +- {s.std:.2f} mm"
+    elif name in ("dsc", "jaccard", "surface_dice"):
+        text = f"{label} {100 * s.mean:.2f} +- {100 * s.std:.2f} %"
+    else:
+        text = f"{label} {s.mean:.4g} +- {s.std:.4g}"
+    return text + (f" ({s.n}/{n_cases} finite)" if s.n < n_cases else "")
+
+
+def _folds(folds: Sequence[int]) -> str:
+    return ("fold " if len(folds) == 1 else "folds ") + ", ".join(map(str, folds))
+
+
+def _row_time(r: ThresholdRow) -> str:
+    return f"{r.mean_time_s:9.1f} s" if r.mean_time_s is not None else "        -  "
+
+
+def format_threshold_table(rows: Sequence[ThresholdRow], title: str = "") -> str:
+    """A table of ThresholdRows (one summary group or a sweep)."""
+    lines = [title] if title else []
+    lines.append("  method        t    DSC %    std    min    max  converged  rounds  time/case")
+    for r in rows:
+        star = " *" if r.inexact else ""
+        lines.append(
+            f"  {r.method:<10} {threshold_key(r.t):>5}  {100 * r.mean:6.2f} {100 * r.std:6.2f} "
+            f"{100 * r.min:6.2f} {100 * r.max:6.2f}  {r.converged:4d}/{r.n:<4d}  "
+            f"{r.mean_rounds:6.2f} {_row_time(r)}{star}")
+    if any(r.inexact for r in rows):
+        lines.append("  * some cases stopped early before reaching t: their result is read "
+                     "from rounds filled in, not run (column 'inexact' of the CSV)")
+    return "\n".join(lines)
+
+
+def _format_group(g: GroupSummary, main_t: float) -> list[str]:
+    m = g.main
+    L = [f"== {method_name(g.method)} ({g.method}): {g.n_cases} case{'s' * (g.n_cases != 1)}, "
+         f"{_folds(g.folds)}, "
+         f"R = {g.num_rounds} rounds ==",
+         f"t = {threshold_key(main_t)}: DSC {_pct(_stats(m))}; "
+         f"converged {m.converged}/{m.n}, mean rounds {m.mean_rounds:.2f}",
+         f"Coarse (round 0): DSC {_pct(g.coarse)}"]
+    if g.inter_at:
+        L.append(f"Mean inter-iteration DSC after rounds {', '.join(map(str, g.inter_at))}: "
+                 + ", ".join(f"{v:.4f}" for v in g.inter_at.values()))
+    L.append("Per round:\n  round   DSC %    std    min    max  inter-DSC")
+    for r, s in enumerate(g.per_round):
+        inter = "        -" if r == 0 else f"{g.inter_mean[r]:9.4f}"
+        L.append(f"  {r:5d}  {100 * s.mean:6.2f} {100 * s.std:6.2f} {100 * s.min:6.2f} "
+                 f"{100 * s.max:6.2f}  {inter}")
+    L.append(format_threshold_table(g.thresholds, "Stopping threshold t:"))
+    for key, ms in g.metrics.items():
+        names = sorted(ms, key=lambda k: (_METRIC_ORDER + (k,)).index(k))
+        L.append(f"Full metrics at t = {key}: "
+                 + "; ".join(_metric(k, ms[k], g.n_cases) for k in names))
+    if g.oracle:
+        L.append("Oracles: " + "; ".join(f"{k} {_pct(s)}" for k, s in g.oracle.items()))
+    t = g.time
+    L.append(f"Time per case: coarse {t['coarse_s']:.1f} s, rounds {t['rounds_s']:.1f} s "
+             f"({t['per_round_s']:.2f} s per round, {g.mean_rounds_run:.2f} rounds run), "
+             f"total {t['total_s']:.1f} s")
+    return L
+
+
+def format_summary(summary: Summary) -> str:
+    """The summary as printed text: per method a headline at the main t, the
+    coarse result, inter-DSC after rounds 1/2/3/5/10, a per-round table, a
+    threshold table, full metrics, oracles and times; a per-fold table when
+    several folds are present; and the paired method comparisons."""
+    out: list[str] = []
+    main_t = summary.main_threshold
+    for g in summary.groups:
+        if g.fold is None:
+            out += _format_group(g, main_t) + [""]
+            folds = [f for f in summary.groups if f.method == g.method and f.fold is not None]
+            if folds:
+                out.append(f"Per fold ({method_name(g.method)}, t = {threshold_key(main_t)}):")
+                for f in folds:
+                    out.append(f"  fold {f.fold}: {f.n_cases:3d} cases, DSC {_pct(_stats(f.main))}"
+                               f", coarse {100 * f.coarse.mean:.2f} %, converged "
+                               f"{f.main.converged}/{f.n_cases}, rounds {f.main.mean_rounds:.2f}")
+                out.append("")
+    for c in summary.comparisons:
+        p = f", Wilcoxon p = {c.p_wilcoxon:.3g}" if c.p_wilcoxon is not None else ""
+        out.append(
+            f"{method_name(c.method)} vs {method_name(c.baseline)} at t = {threshold_key(c.t)}: "
+            f"better on {c.n_better}/{c.n_paired} cases (worse {c.n_worse}, tied {c.n_tied}), "
+            f"mean difference {100 * c.mean_diff:+.2f}, largest gain {100 * c.largest_gain:+.2f} "
+            f"(case {c.largest_gain_case[1]}, fold {c.largest_gain_case[0]}), largest loss "
+            f"{100 * c.largest_loss:+.2f} (case {c.largest_loss_case[1]}, fold "
+            f"{c.largest_loss_case[0]}){p}"
+            + (f"; {c.n_unpaired} cases without a partner" if c.n_unpaired else ""))
+    out.append(_STD_NOTE)
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------ figures
+_COLORS = {"rstn": "#1f5fa8", "stagewise": "#c8452f"}
+_CYCLE = ["#2a9d46", "#8e44ad", "#e08e0b", "#555555"]
+
+
+def _color(method: str, methods: Sequence[str]) -> str:
+    if method in _COLORS:
+        return _COLORS[method]
+    others = [m for m in methods if m not in _COLORS]
+    return _CYCLE[others.index(method) % len(_CYCLE)]
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    """Renders with the Agg canvas into memory, then writes atomically."""
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    path = Path(path)
+    atomic_write({path: buf.getvalue()}, f"plot {path.name}")
+    return path
+
+
+def plot_sweep(rows: Sequence[ThresholdRow], path: str | os.PathLike) -> Path:
+    """Two panels against t: mean DSC (%) and mean rounds used (solid), with
+    the share of cases converged (dashed, right axis); one colour per
+    method. Rows with t > 1 (never stop) are drawn as dotted horizontal
+    lines rather than stretching the t axis."""
+    if not rows:
+        raise ValueError("plot_sweep: empty sweep table")
+    methods = method_order(r.method for r in rows)
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_d, ax_r = fig.subplots(1, 2)
+    ax_c = ax_r.twinx()
+    for m in methods:
+        c = _color(m, methods)
+        rs = sorted((r for r in rows if r.method == m and r.t <= 1.0), key=lambda r: r.t)
+        t = [r.t for r in rs]
+        ax_d.plot(t, [100 * r.mean for r in rs], color=c, marker="o", ms=4, label=method_name(m))
+        ax_r.plot(t, [r.mean_rounds for r in rs], color=c, marker="o", ms=4,
+                  label=f"{method_name(m)}: rounds")
+        ax_c.plot(t, [100 * r.converged / r.n for r in rs], color=c, ls="--", lw=1,
+                  label=f"{method_name(m)}: converged")
+        for r in [r for r in rows if r.method == m and r.t > 1.0][:1]:
+            ax_d.axhline(100 * r.mean, color=c, ls=":", lw=1.2,
+                         label=f"{method_name(m)}: all rounds (t > 1)")
+    ax_d.set(xlabel="stopping threshold t", ylabel="mean DSC (%)",
+             title="DSC at the stopping round")
+    ax_r.set(xlabel="stopping threshold t", ylabel="mean rounds used",
+             title="Rounds used and cases converged")
+    ax_r.set_ylim(bottom=0)
+    ax_c.set_ylim(0, 105)
+    ax_c.set_ylabel("cases converged (%)")
+    ax_d.grid(alpha=0.3)
+    ax_r.grid(alpha=0.3)
+    ax_d.legend(loc="best", fontsize=8)
+    h1, l1 = ax_r.get_legend_handles_labels()
+    h2, l2 = ax_c.get_legend_handles_labels()
+    ax_r.legend(h1 + h2, l1 + l2, loc="center left", fontsize=8)
+    return _save(fig, path)
+
+
+def _per_round(records: Sequence[CaseRecord], path, what: str, title: str, ylabel: str,
+               t: float = MAIN_THRESHOLD) -> Path:
+    recs = _check_records(records, f"plot {Path(path).name}")
+    methods = method_order(r.method for r in recs)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    lo = 1.0
+    for m in methods:
+        mine = [r for r in recs if r.method == m]
+        if what == "inter":
+            y = np.array([r.inter_dsc[1:] for r in mine]) * 1.0
+            x = np.arange(1, y.shape[1] + 1)
+        else:
+            y = np.array([r.dsc_rounds for r in mine]) * 100.0
+            x = np.arange(y.shape[1])
+        c = _color(m, methods)
+        for row in y:
+            ax.plot(x, row, color=c, lw=0.6, alpha=0.25)
+        ax.plot(x, y.mean(axis=0), color=c, lw=2.2, marker="o", ms=4,
+                label=f"{method_name(m)} mean (n = {len(mine)})")
+        lo = min(lo, float(np.percentile(y, 5)))
+    if what == "inter":
+        if t <= 1.0:
+            ax.axhline(t, color="k", ls=":", lw=1, label=f"t = {threshold_key(t)}")
+        ax.set_ylim(max(0.0, lo - 0.02), 1.005)
+    ax.set(xlabel="round", ylabel=ylabel, title=title)
+    if x[-1] <= 15:
+        ax.set_xticks(np.arange(0 if what == "dsc" else 1, x[-1] + 1))
+    else:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_inter_dsc(records: Sequence[CaseRecord], path: str | os.PathLike,
+                   t: float = MAIN_THRESHOLD) -> Path:
+    """Inter-iteration DSC against round: thin per-case lines, bold means,
+    a dotted line at t (y axis from the 5th percentile; lower outliers are
+    cut off)."""
+    return _per_round(records, path, "inter", "Inter-iteration DSC per round",
+                      "DSC(mask$_{r-1}$, mask$_r$)", check_threshold(t, "t"))
+
+
+def plot_round_dsc(records: Sequence[CaseRecord], path: str | os.PathLike) -> Path:
+    """DSC (%) against round 0..R: thin per-case lines, bold means."""
+    return _per_round(records, path, "dsc", "DSC per round (round 0 = coarse)", "DSC (%)")
+
+
+def plot_comparison(records: Sequence[CaseRecord], path: str | os.PathLike, method: str,
+                    baseline: str, t: float = MAIN_THRESHOLD) -> Path:
+    """Per-case scatter of DSC at t: baseline on x, method on y, with the
+    diagonal; points above it are cases the method improves."""
+    c = compare(records, method, baseline, t)
+    at = {m: {(r.fold, r.case_id): 100 * result_at_threshold(r, t).dsc
+              for r in records if r.method == m} for m in (method, baseline)}
+    keys = sorted(set(at[method]) & set(at[baseline]))
+    x = np.array([at[baseline][k] for k in keys])
+    y = np.array([at[method][k] for k in keys])
+    fig = Figure(figsize=(5.2, 5.2), layout="constrained")
+    ax = fig.subplots()
+    lo = math.floor(min(x.min(), y.min()) / 5) * 5
+    hi = max(lo + 5, min(100.0, math.ceil(max(x.max(), y.max()) / 5) * 5))
+    ax.plot([lo, hi], [lo, hi], color="k", lw=1, ls="--")
+    better = y > x
+    ax.scatter(x[better], y[better], s=18, color=_COLORS.get(method, _CYCLE[0]),
+               label=f"{method_name(method)} better ({c.n_better})")
+    ax.scatter(x[~better], y[~better], s=18, color=_COLORS.get(baseline, _CYCLE[1]),
+               label=f"not better ({c.n_paired - c.n_better})")
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), aspect="equal",
+           xlabel=f"{method_name(baseline)} DSC (%)", ylabel=f"{method_name(method)} DSC (%)",
+           title=f"Per-case DSC at t = {threshold_key(t)}\nbetter on {c.n_better}/{c.n_paired}, "
+                 f"mean {100 * c.mean_diff:+.2f}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def write_plots(records: Sequence[CaseRecord], rows: Sequence[ThresholdRow],
+                out_dir: str | os.PathLike, t: float = MAIN_THRESHOLD) -> list[Path]:
+    """All figures of a convergence study into out_dir: sweep.png,
+    round_dsc.png, inter_dsc.png, and comparison_<a>_vs_<b>.png for the first
+    method against every other one that shares cases. Returns the paths."""
+    t = check_threshold(t, "t")
+    out = Path(out_dir)
+    paths = [plot_sweep(rows, out / "sweep.png"), plot_round_dsc(records, out / "round_dsc.png"),
+             plot_inter_dsc(records, out / "inter_dsc.png", t)]
+    methods = method_order(r.method for r in records)
+    for b in methods[1:]:
+        ka = {(r.fold, r.case_id) for r in records if r.method == methods[0]}
+        if ka & {(r.fold, r.case_id) for r in records if r.method == b}:
+            paths.append(plot_comparison(records, out / f"comparison_{methods[0]}_vs_{b}.png",
+                                         methods[0], b, t))
+    return paths

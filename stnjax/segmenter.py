@@ -1,0 +1,243 @@
+"""Host-side driver of inference: buckets, compilation, timing, checks.
+
+`Segmenter` wraps the pure functions of `stnjax.infer`: it windows and pads
+a volume to its bucket, compiles each function once per bucket (ahead of
+time, so timings exclude compilation and the number of compilations can be
+reported), runs them, and returns NumPy arrays cropped to the real volume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stnjax import infer
+from stnjax.checks import InputError, check_array
+from stnjax.models.rstn import RSTN
+from stnjax.preprocess import HU_WINDOW, window_hu
+
+
+@dataclasses.dataclass
+class CaseResult:
+    """Inference result of one volume (arrays in its canonical grid).
+
+    mask: (X, Y, Z) bool, the mask at the main threshold t; score: float32
+    fused probability of the last round run; coarse_mask: round 0; rounds:
+    rounds run; inter: (T+1,) inter-iteration DSC (index 0 NaN); dsc: (T+1,)
+    DSC against the label per round (None without label); masks_at: {t_k:
+    mask}, round_at: {t_k: round} for the report thresholds; plane_dsc:
+    {plane: DSC of that plane's coarse mask} (with label); oracles: {name:
+    DSC} (with label and oracles=True); times in seconds (compilation
+    excluded); bucket: the padded shape; overflow: crops cut to the largest
+    canvas (0 by default).
+    """
+    mask: np.ndarray
+    score: np.ndarray
+    coarse_mask: np.ndarray
+    rounds: int
+    inter: np.ndarray
+    dsc: np.ndarray | None
+    masks_at: dict[float, np.ndarray]
+    round_at: dict[float, int]
+    plane_dsc: dict[str, float]
+    oracles: dict[str, float]
+    time_coarse_s: float
+    time_rounds_s: list[float]
+    bucket: tuple[int, int, int]
+    overflow: int
+
+
+def _dsc(a: np.ndarray, b: np.ndarray) -> float:
+    tot = int(a.sum()) + int(b.sum())
+    return 0.0 if tot == 0 else 2.0 * int(np.logical_and(a, b).sum()) / tot
+
+
+class Segmenter:
+    """Coarse-to-fine segmentation of whole volumes with one RSTN per plane.
+
+    Args:
+      rstn: the model structure (shared by the planes).
+      params: {plane: params} for every plane in spec.planes.
+      spec: static inference settings.
+      volume_buckets: allowed padded side lengths (see infer.volume_bucket).
+      hu_window: the HU window of training.
+      per_round_timing: run the rounds from the host, one jitted round at a
+        time, to time each (same arithmetic as the while_loop; a host sync
+        per round).
+    """
+
+    def __init__(self, rstn: RSTN, params: Mapping[str, Any], spec: infer.InferenceSpec,
+                 *, volume_buckets: tuple[int, ...] = (), hu_window=HU_WINDOW,
+                 per_round_timing: bool = False):
+        missing = [p for p in spec.planes if p not in params]
+        if missing:
+            raise InputError(f"params: no parameters for plane(s) {missing}")
+        self.rstn, self.spec = rstn, spec
+        self.params = {p: params[p] for p in spec.planes}
+        self.volume_buckets = tuple(int(b) for b in volume_buckets)
+        self.hu_window = tuple(hu_window)
+        self.per_round_timing = per_round_timing
+        self._compiled: dict[tuple, Callable] = {}
+        r, s = rstn, spec
+        self._fns = {
+            "coarse": lambda p, im, ex: _coarse_with_check(r, p, im, ex, spec=s),
+            "c2f": lambda p, im, ex, pr, t, lab: _fuse_and_loop(r, p, im, ex, pr, t, lab, spec=s),
+            "c2f_nolabel": lambda p, im, ex, pr, t: _fuse_and_loop(r, p, im, ex, pr, t, None,
+                                                                   spec=s),
+            "init": lambda im, ex, pr, lab: _init(im, ex, pr, lab, spec=s),
+            "step": lambda p, im, ex, st, lab: infer.round_step(r, p, im, ex, st, spec=s,
+                                                                 label=lab),
+            "strong": lambda p, im, ex, lab: infer.strong_oracle(r, p, im, ex, lab, spec=s),
+            "weak": lambda p, im, ex, sc, m, lab: infer.coarse_to_fine(
+                r, p, im, ex, sc, m, jnp.float32(2.0), spec=s, label=lab, crop_label=True).mask,
+            "gt_crop": lambda p, im, ex, lab, pr: infer.gt_crop_oracle(r, p, im, ex, lab, pr,
+                                                                       spec=s),
+        }
+
+    # ---------------------------------------------------------------- compile
+    @property
+    def compile_count(self) -> int:
+        """Number of executables compiled so far (one per function and bucket)."""
+        return len(self._compiled)
+
+    def compiled_buckets(self) -> list[tuple]:
+        """(function name, padded shape) of every compilation."""
+        return sorted((k[0], k[1]) for k in self._compiled)
+
+    def _call(self, name: str, bucket: tuple, *args):
+        key = (name, bucket)
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(self._fns[name]).lower(*args).compile()
+        return self._compiled[key](*args)
+
+    # -------------------------------------------------------------- prepare
+    def prepare(self, hu: np.ndarray, label: np.ndarray | None = None):
+        """Windows and pads a HU volume; returns (image, extent, label, bucket)
+        as device arrays (label None if not given)."""
+        check_array(hu, "volume", rank=3, dtype_kind="iuf", finite=True)
+        short = [p for p in self.spec.planes if hu.shape[infer.PLANE_AXIS[p]] < 2]
+        if short:
+            raise InputError(f"volume: shape {tuple(hu.shape)} has a single slice along "
+                             f"plane(s) {short}; 3-slice windows need at least 2")
+        bucket = infer.volume_bucket(hu.shape, self.volume_buckets)
+        pad = [(0, b - n) for b, n in zip(bucket, hu.shape)]
+        image = np.pad(window_hu(np.asarray(hu, np.float32), *self.hu_window), pad)
+        lab = None
+        if label is not None:
+            if tuple(label.shape) != tuple(hu.shape):
+                raise InputError(f"label: shape {tuple(label.shape)} differs from the "
+                                 f"volume's {tuple(hu.shape)}")
+            lab = jnp.asarray(np.pad(np.asarray(label, bool), pad))
+        return jnp.asarray(image), jnp.asarray(np.array(hu.shape, np.int32)), lab, bucket
+
+    # ------------------------------------------------------------------ run
+    def _report_key(self, t: float) -> float:
+        """The report threshold equal to t (its mask is kept by the loop)."""
+        for tk in self.spec.report_thresholds:
+            if abs(tk - float(t)) < 1e-9:
+                return tk
+        raise InputError(f"t: {t} is not among the report thresholds "
+                         f"{self.spec.report_thresholds}; add it to "
+                         "config.infer.report_thresholds")
+
+    def segment(self, hu: np.ndarray, *, label: np.ndarray | None = None,
+                t: float = 0.99, run_all_rounds: bool = True,
+                oracles: bool = False) -> CaseResult:
+        """Segments one volume.
+
+        Args:
+          hu: (X, Y, Z) Hounsfield units in the canonical orientation.
+          label: optional (X, Y, Z) bool organ mask (per-round DSC, oracles).
+          t: the main stopping threshold.
+          run_all_rounds: run all T rounds and read every report threshold
+            exactly (the reference); False stops at t.
+          oracles: also run the strong, weak and ground-truth-crop oracles.
+        """
+        image, extent, lab, bucket = self.prepare(hu, label)
+        ex = tuple(int(v) for v in extent)
+        crop = lambda a: np.asarray(a)[:ex[0], :ex[1], :ex[2]]
+        t_loop = 2.0 if run_all_rounds else float(t)
+        self._report_key(t)  # fail before any work
+
+        t0 = time.perf_counter()
+        probs, finite = self._call("coarse", bucket, self.params, image, extent)
+        finite = bool(finite)
+        time_coarse = time.perf_counter() - t0
+        if not finite:
+            raise InputError("coarse probabilities contain NaN or infinite values: the "
+                             "parameters (checkpoint) are broken")
+        t_arr = jnp.float32(t_loop)
+        if self.per_round_timing:
+            res, times = self._stepwise(bucket, image, extent, probs, t_arr, lab)
+        else:
+            t0 = time.perf_counter()
+            if lab is None:
+                res = self._call("c2f_nolabel", bucket, self.params, image, extent, probs, t_arr)
+            else:
+                res = self._call("c2f", bucket, self.params, image, extent, probs, t_arr, lab)
+            res = jax.block_until_ready(res)
+            total = time.perf_counter() - t0
+            times = [total / max(int(res.rounds), 1)] * int(res.rounds)
+        rounds = int(res.rounds)
+        inter, dsc = np.asarray(res.inter), np.asarray(res.dsc)
+        thresholds = self.spec.report_thresholds
+        masks_at = {tk: crop(res.masks_at[i]) for i, tk in enumerate(thresholds)}
+        round_at = {tk: int(res.round_at[i]) for i, tk in enumerate(thresholds)}
+        main = masks_at[self._report_key(t)]
+        plane_dsc, orc = {}, {}
+        if label is not None:
+            lab_np = np.asarray(label, bool)
+            for i, p in enumerate(self.spec.planes):
+                plane_dsc[p] = _dsc(crop(probs[i]) >= 0.5, lab_np)
+            if oracles:
+                orc = self._oracles(bucket, image, extent, probs, lab, crop, lab_np)
+        coarse_mask = crop(infer.fuse(probs, infer.valid_mask(bucket, extent),
+                                      method=self.spec.fusion)[1])
+        return CaseResult(
+            mask=main, score=crop(res.score), coarse_mask=coarse_mask, rounds=rounds,
+            inter=inter, dsc=None if label is None else dsc, masks_at=masks_at,
+            round_at=round_at, plane_dsc=plane_dsc, oracles=orc,
+            time_coarse_s=time_coarse, time_rounds_s=times, bucket=bucket,
+            overflow=int(res.overflow))
+
+    def _stepwise(self, bucket, image, extent, probs, t, lab):
+        """The loop from the host, one compiled round at a time (timing)."""
+        st = self._call("init", bucket, image, extent, probs, lab)
+        times = []
+        while bool(infer.should_continue(st, t, spec=self.spec)):
+            t0 = time.perf_counter()
+            st = jax.block_until_ready(
+                self._call("step", bucket, self.params, image, extent, st, lab))
+            times.append(time.perf_counter() - t0)
+        return infer.finish(st), times
+
+    def _oracles(self, bucket, image, extent, probs, lab, crop, lab_np) -> dict[str, float]:
+        strong = self._call("strong", bucket, self.params, image, extent, lab)
+        valid = infer.valid_mask(bucket, extent)
+        score0, mask0 = infer.fuse(probs, valid, method=self.spec.fusion)
+        weak = self._call("weak", bucket, self.params, image, extent, score0, mask0, lab)
+        gtc = self._call("gt_crop", bucket, self.params, image, extent, lab, probs)
+        return {name: _dsc(crop(m), lab_np)
+                for name, m in (("strong", strong), ("weak", weak), ("gt_crop", gtc))}
+
+
+def _coarse_with_check(rstn, params, image, extent, *, spec):
+    probs = infer.coarse_probs(rstn, params, image, extent, spec=spec)
+    return probs, jnp.all(jnp.isfinite(probs))
+
+
+def _fuse_and_loop(rstn, params, image, extent, probs, t, label, *, spec):
+    score0, mask0 = infer.fuse(probs, infer.valid_mask(image.shape, extent), method=spec.fusion)
+    return infer.coarse_to_fine(rstn, params, image, extent, score0, mask0, t, spec=spec,
+                                label=label)
+
+
+def _init(image, extent, probs, label, *, spec):
+    score0, mask0 = infer.fuse(probs, infer.valid_mask(image.shape, extent), method=spec.fusion)
+    return infer.init_state(score0, mask0, spec=spec, label=label)
+

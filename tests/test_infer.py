@@ -1,0 +1,237 @@
+"""Coarse-to-fine inference against a plain per-window NumPy driver.
+
+The reference driver below follows reference section 4 literally: one
+window at a time, skip a window whose mask is empty on its three slices,
+accumulate with the fixed /2 or /3 divisor, fuse by the mean, threshold,
+NumPy largest-component filter, inter-iteration DSC, stop at t. It shares
+only the network call (`RSTN.fine_round` / `coarse_prob` on one window) with
+the code under test, so batching, chunking, the slab range, padding, the
+while_loop and the device component filter are all checked independently.
+The FCN's valid_hw masking makes a canvas or a padded bucket equivalent to
+the exact-size input, so the comparison is exact up to float32 rounding.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from launch.configs.common import base_config
+from stnjax import infer, metrics, preprocess
+from stnjax.checks import InputError
+from stnjax.models.rstn import RSTN
+from stnjax.segmenter import Segmenter
+
+SHAPE = (20, 18, 10)
+SPEC = infer.InferenceSpec(batch_size=4, max_rounds=4, quantize_coarse=False,
+                           report_thresholds=(0.5, 0.9, 0.99))
+
+
+def _rstn():
+    cfg = base_config().model
+    cfg.width = 1 / 16
+    cfg.variant = "pad32"
+    cfg.canvases = (8, 12)  # the canvas a batch picks never changes the result
+    cfg.margin = 3
+    return RSTN.from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rstn = _rstn()
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {}
+    init = jax.jit(rstn.init_params, static_argnums=1)
+    logits = jax.jit(rstn.fcn_logits)
+    for p, k in zip("XYZ", keys):
+        pr = init(k, (32, 32))
+        # Give the saliency some weight and the coarse net a bias that puts
+        # a few regions above 0.5, so masks are neither empty nor full.
+        sal = pr["saliency"]["saliency2"]
+        pr["saliency"]["saliency2"] = dict(sal, kernel=0.3 * jax.random.normal(k, sal["kernel"].shape))
+        params[p] = pr
+    rng = np.random.default_rng(0)
+    hu = rng.normal(40, 120, SHAPE).astype(np.float32)
+    hu[6:14, 5:12, 3:8] += 150.0  # a brighter "organ"
+    image = jnp.asarray(preprocess.window_hu(hu))
+    for p in "XYZ":  # centre each untrained net's logits: about 25 % above 0.5
+        for net in ("coarse", "fine"):
+            view = preprocess.slice_windows(preprocess.plane_view(image, p))
+            logit = logits(params[p][net], view)
+            head = params[p][net]["score_pool3"]
+            shift = float(jnp.quantile(logit, 0.75))
+            params[p][net]["score_pool3"] = dict(head, bias=head["bias"] - shift)
+    label = np.zeros(SHAPE, bool)
+    label[7:13, 6:11, 4:7] = True
+    return rstn, params, hu, label
+
+
+def ref_coarse(rstn, params, image, plane):
+    view = np.asarray(preprocess.plane_view(image, plane))
+    out = np.zeros(view.shape + (3,), np.float32)
+    net = jax.jit(rstn.coarse_prob)  # one window at a time, batch 1
+    for j in range(view.shape[0]):
+        win = preprocess.window_at(view, j)[None]
+        out[j] = np.asarray(net(params, jnp.asarray(win)))[0]
+    return np.asarray(preprocess.volume_from_windows(out, plane))
+
+
+_FINE = {}
+
+
+def _jit_fine_round(rstn):
+    if id(rstn) not in _FINE:
+        _FINE[id(rstn)] = jax.jit(rstn.fine_round)
+    return _FINE[id(rstn)]
+
+
+def ref_fine_plane(rstn, params, image, score, mask, plane):
+    iv, sv, mv = (np.asarray(preprocess.plane_view(v, plane)) for v in (image, score, mask))
+    out = np.zeros(iv.shape + (3,), np.float32)
+    net = _jit_fine_round(rstn)
+    for j in range(iv.shape[0]):
+        m = preprocess.window_at(mv, j).astype(np.float32)
+        if not m.any():
+            continue  # skipped window: prediction 0, still in the divisor
+        prob, _ = net(params, jnp.asarray(preprocess.window_at(iv, j)[None]),
+                                  jnp.asarray(preprocess.window_at(sv, j)[None]),
+                                  jnp.asarray(m[None]))
+        out[j] = np.asarray(prob)[0]
+    return np.asarray(preprocess.volume_from_windows(out, plane))
+
+
+def ref_coarse_to_fine(rstn, params, image, score, mask, t, rounds):
+    inter = []
+    for _ in range(rounds):
+        if not mask.any():
+            inter.append(1.0)
+            break
+        fused = np.mean([ref_fine_plane(rstn, params[p], image, score, mask, p)
+                         for p in "XYZ"], axis=0)
+        pred = metrics.largest_components(fused >= 0.5, 0.5)
+        inter.append(metrics.inter_iteration_dsc(mask, pred))
+        score, mask = fused, pred
+        if inter[-1] >= t:
+            break
+    return score, mask, inter
+
+
+def test_coarse_matches_per_window_reference(setup):
+    rstn, params, hu, _ = setup
+    image = preprocess.window_hu(hu)
+    extent = jnp.asarray(SHAPE, jnp.int32)
+    for p in "XYZ":
+        got = infer.coarse_plane_prob(rstn, params[p], jnp.asarray(image), extent, plane=p,
+                                      batch_size=4)
+        np.testing.assert_allclose(np.asarray(got), ref_coarse(rstn, params[p], image, p),
+                                   atol=2e-6)
+
+
+def test_coarse_padding_along_the_slice_axis_is_exact(setup):
+    """Extra padded slices are never used: edge replication and the divisor
+    follow the real slice count."""
+    rstn, params, hu, _ = setup
+    image = preprocess.window_hu(hu)
+    padded = np.pad(image, ((0, 5), (0, 0), (0, 0)))
+    got = infer.coarse_plane_prob(rstn, params["X"], jnp.asarray(padded),
+                                  jnp.asarray(SHAPE, jnp.int32), plane="X", batch_size=3)
+    want = ref_coarse(rstn, params["X"], image, "X")
+    np.testing.assert_allclose(np.asarray(got)[:SHAPE[0]], want, atol=2e-6)
+    assert np.all(np.asarray(got)[SHAPE[0]:] == 0)
+
+
+def test_coarse_to_fine_matches_reference_driver(setup):
+    rstn, params, hu, label = setup
+    image = preprocess.window_hu(hu)
+    extent = jnp.asarray(SHAPE, jnp.int32)
+    # Round 0 as a coarse net would give it: a shifted, enlarged organ and a
+    # graded score (untrained nets average to nearly empty masks).
+    mask0_np = np.zeros(SHAPE, bool)
+    mask0_np[5:14, 7:13, 3:8] = True
+    mask0 = jnp.asarray(mask0_np)
+    score0 = jnp.asarray(np.where(mask0_np, 0.8, 0.1).astype(np.float32))
+    run = jax.jit(lambda t: infer.coarse_to_fine(rstn, params, jnp.asarray(image), extent,
+                                                 score0, mask0, t, spec=SPEC,
+                                                 label=jnp.asarray(label)))
+    res = run(jnp.float32(2.0))  # all rounds
+    score, mask, inter = ref_coarse_to_fine(rstn, params, image, np.asarray(score0),
+                                            mask0_np, 2.0, SPEC.max_rounds)
+    assert int(res.rounds) == len(inter) == SPEC.max_rounds
+    np.testing.assert_allclose(np.asarray(res.inter)[1:], inter, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(res.mask), mask)
+    np.testing.assert_allclose(np.asarray(res.score), score, atol=1e-5)
+    assert np.isnan(np.asarray(res.inter)[0])
+    # Per-round DSC against the label, round 0 included.
+    assert abs(float(res.dsc[0]) - metrics.dsc(mask0_np, label)) < 1e-6
+    assert abs(float(res.dsc[-1]) - metrics.dsc(mask, label)) < 1e-6
+
+    # Early stop at a traced t gives the mask reported for t by the full run.
+    for i, t in enumerate(SPEC.report_thresholds):
+        early = run(jnp.float32(t))
+        np.testing.assert_array_equal(np.asarray(early.mask), np.asarray(res.masks_at[i]))
+        assert int(early.rounds) == int(res.round_at[i])
+        first = [r + 1 for r, v in enumerate(inter) if v >= t]
+        assert int(res.round_at[i]) == (first[0] if first else SPEC.max_rounds)
+    assert run._cache_size() == 1  # one compilation for every t
+
+
+def test_empty_coarse_mask_is_a_documented_result(setup):
+    rstn, params, hu, _ = setup
+    image = jnp.asarray(preprocess.window_hu(hu))
+    extent = jnp.asarray(SHAPE, jnp.int32)
+    empty = jnp.zeros(SHAPE, bool)
+    res = infer.coarse_to_fine(rstn, params, image, extent, jnp.zeros(SHAPE), empty,
+                               jnp.float32(0.99), spec=SPEC)
+    assert int(res.rounds) == 1 and float(res.inter[1]) == 1.0
+    assert not np.asarray(res.mask).any()
+
+
+def test_segmenter_buckets_compiles_and_crops(setup):
+    rstn, params, hu, label = setup
+    seg = Segmenter(rstn, params, SPEC, volume_buckets=(16, 24, 32))
+    res = seg.segment(hu, label=label, t=0.99, oracles=True)
+    assert res.bucket == (24, 24, 16)
+    assert res.mask.shape == SHAPE and res.mask.dtype == bool
+    assert set(res.masks_at) == set(SPEC.report_thresholds)
+    assert len(res.time_rounds_s) == res.rounds
+    assert set(res.plane_dsc) == {"X", "Y", "Z"} and set(res.oracles) == {"strong", "weak", "gt_crop"}
+    n = seg.compile_count
+    # Another volume of the same bucket and another t: no new compilation.
+    seg.segment(hu[:-1, :-1], label=label[:-1, :-1], t=0.9)
+    assert seg.compile_count == n
+    # Host-stepped rounds (per-round timing) give the same answer.
+    step = Segmenter(rstn, params, SPEC, volume_buckets=(16, 24, 32), per_round_timing=True)
+    res2 = step.segment(hu, label=label, t=0.99)
+    np.testing.assert_array_equal(res2.mask, res.mask)
+    np.testing.assert_allclose(res2.dsc, res.dsc)
+
+
+def test_bucket_padding_does_not_change_the_result(setup):
+    """A volume padded into a larger bucket (every axis) gives the same
+    probabilities and masks as the exact-size run (FCN valid_hw masking)."""
+    rstn, params, hu, label = setup
+    exact = Segmenter(rstn, params, SPEC).segment(hu, label=label, t=0.9)
+    padded = Segmenter(rstn, params, SPEC, volume_buckets=(32,)).segment(hu, label=label, t=0.9)
+    assert exact.bucket == SHAPE and padded.bucket == (32, 32, 32)
+    np.testing.assert_allclose(padded.score, exact.score, atol=1e-5)
+    np.testing.assert_array_equal(padded.mask, exact.mask)
+    np.testing.assert_array_equal(padded.coarse_mask, exact.coarse_mask)
+    assert padded.rounds == exact.rounds
+
+
+def test_segmenter_bad_input(setup):
+    rstn, params, hu, _ = setup
+    seg = Segmenter(rstn, params, SPEC)
+    with pytest.raises(InputError, match="single slice"):
+        seg.segment(hu[:, :, :1])
+    bad = hu.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        seg.segment(bad)
+    with pytest.raises(InputError, match="report thresholds"):
+        seg.segment(hu, t=0.97)
+    with pytest.raises(InputError, match="plane"):
+        Segmenter(rstn, {"X": params["X"]}, SPEC)
+    broken = {p: jax.tree_util.tree_map(lambda x: x * jnp.nan, params[p]) for p in "XYZ"}
+    with pytest.raises(InputError, match="NaN"):
+        Segmenter(rstn, broken, SPEC).segment(hu)
