@@ -1,0 +1,168 @@
+"""Benchmark of the joint training step (mode J): ms/step and examples/s.
+
+  python -m bench.train_step --out=bench/train_step.json          # 512 x 512, full width
+  python -m bench.train_step --small --out=/tmp/train_step.json   # tiny, on CPU
+
+Measures the step the training loop runs (`stnjax.train.steps.pmapped_step`,
+pmapped over one device, state donated, Caffe SGD update included) on a
+synthetic batch already on the device, for each compute dtype and batch size:
+compile, `--warmup` steps, then `--steps` timed steps closed by
+`block_until_ready`. Batch sizes that run out of memory are reported and
+skipped.
+
+The fine crop: an untrained coarse net's >= 0.5 map covers most of the slice,
+so J would crop the whole slice. Training in J crops around the pancreas, so
+the coarse score bias is set to -20 here: its map is empty and J falls back to
+the label box (reference 2.4), a 100 x 80 organ box plus the random margins
+(0..40 per side), which lands in the 192 or 256 canvas as a real J step does.
+`--crop=full` instead makes every box the whole slice (the worst case).
+
+Anchor (issue 4): on one H100 the official PyTorch RSTN takes 32.1 ms/step in
+float32 (TF32 convolutions) and 27.2 ms/step with bfloat16 autocast, batch 1,
+512 x 512; the target is at least twice its examples/s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+_SMALL = flags.DEFINE_bool("small", False, "Tiny sizes for a CPU run.")
+_OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
+_BATCHES = flags.DEFINE_list("batches", [], "Batch sizes (default 1,4,8; --small: 1,2).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Timed steps (default 20; --small: 3).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
+_SIZE = flags.DEFINE_integer("size", 0, "Slice side (default 512; --small: 64).")
+_CROP = flags.DEFINE_enum("crop", "label", ["label", "full"], "Fine crop (see above).")
+_VARIANT = flags.DEFINE_string("variant", "reference", "FCN-8s variant: reference or pad32.")
+
+PYTORCH_MS = {"float32": 32.1, "bfloat16": 27.2}  # official RSTN, H100, batch 1
+
+
+def _batch(b: int, size: int, crop: str, small: bool):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    image = rng.random((b, size, size, 3), dtype=np.float32)
+    label = np.zeros((b, size, size, 3), np.float32)
+    if crop == "full":
+        label[:] = 1.0
+    else:
+        bh, bw = (size * 100) // 512, (size * 80) // 512
+        r0, c0 = size // 2 - bh // 2, size // 2 - bw // 2
+        label[:, r0:r0 + bh, c0:c0 + bw, :] = 1.0
+    return {"image": image, "label": label, "valid": np.ones((b, size, size), bool),
+            "weight": np.ones((b,), np.float32)}
+
+
+def _init_params(rstn):
+    """Float32 params on the host (the same for every dtype and batch)."""
+    import jax
+    from stnjax.train import state as st
+    params = jax.device_get(jax.jit(rstn.init_params, static_argnums=1)(st.init_key(0), (32, 32)))
+    # An empty coarse map: J crops by the label box (see the module doc).
+    params["coarse"]["score_fr"]["bias"] = params["coarse"]["score_fr"]["bias"] - 20.0
+    return params
+
+
+def _measure(rstn, params, spec, dtype, b, size, crop, small, steps, warmup):
+    import jax
+    import numpy as np
+    from stnjax.train import state as st
+    from stnjax.train import steps as stp
+
+    dev = jax.local_devices()[0]
+    state = st.replicate(st.init_train_state(params, spec.optimizer(), seed=0), [dev])
+    batch = jax.device_put(stp.shard_batch(_batch(b, size, crop, small), 1))
+    fn = stp.pmapped_step(rstn, "J", spec, 1.0 / 3.0, (dev,))
+    t0 = time.perf_counter()
+    state, metrics = fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, metrics = fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    dt = (time.perf_counter() - t0) / steps
+    m = stp.first_replica(metrics)
+    loss = float(m["loss"][0] / m["loss"][1])
+    box = float(m["stat_box_area"][0] / m["stat_box_area"][1])
+    return {"dtype": dtype, "batch": b, "ms_per_step": 1e3 * dt, "examples_per_s": b / dt,
+            "compile_s": compile_s, "loss": loss, "mean_box_area": box,
+            "fallback": float(m["stat_fallback"][0]), "finite": bool(np.isfinite(loss))}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+    from launch.configs.common import base_config
+    from stnjax.models.rstn import RSTN
+    from stnjax.train import steps as stp
+
+    small = _SMALL.value
+    size = _SIZE.value or (64 if small else 512)
+    batches = [int(b) for b in _BATCHES.value] or ([1, 2] if small else [1, 4, 8])
+    steps = _STEPS.value or (3 if small else 20)
+    c = base_config()
+    c.model.width = 1.0 / 16.0 if small else 1.0
+    c.model.variant = _VARIANT.value
+    c.train.stages = "J:1000000"
+    spec = stp.OptimizerSpec.from_config(c.train)
+    device = jax.local_devices()[0]
+    rows = []
+    params = None
+    for dtype in _DTYPES.value:
+        c.model.dtype = dtype
+        rstn = RSTN.from_config(c.model)
+        params = params if params is not None else _init_params(rstn)
+        for b in batches:
+            try:
+                rows.append(_measure(rstn, params, spec, dtype, b, size, _CROP.value, small,
+                                     steps, _WARMUP.value))
+            except Exception as e:  # noqa: BLE001 - out of memory: report and skip larger
+                if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                    raise
+                rows.append({"dtype": dtype, "batch": b, "error": "out of memory"})
+                break
+            print(f"  {dtype:9s} batch {b:3d}: {rows[-1]['ms_per_step']:8.2f} ms/step "
+                  f"{rows[-1]['examples_per_s']:8.2f} ex/s (compile {rows[-1]['compile_s']:.1f} s)",
+                  flush=True)
+    print(f"\nJ step, {size} x {size}, width {c.model.width:g}, variant {c.model.variant}, "
+          f"crop {_CROP.value}, device {device.device_kind} ({jax.default_backend()})")
+    print(f"{'dtype':9s} {'batch':>5s} {'ms/step':>9s} {'ex/s':>9s} {'vs PyTorch':>10s}")
+    best = {}
+    for r in rows:
+        if "error" in r:
+            print(f"{r['dtype']:9s} {r['batch']:5d} {'OOM':>9s}")
+            continue
+        ref = 1e3 / PYTORCH_MS[r["dtype"]]
+        ratio = r["examples_per_s"] / ref if not small and size == 512 else None
+        r["vs_pytorch_batch1"] = ratio
+        shown = f"{ratio:9.2f}x" if ratio is not None else f"{'-':>10s}"
+        print(f"{r['dtype']:9s} {r['batch']:5d} {r['ms_per_step']:9.2f} "
+              f"{r['examples_per_s']:9.2f} {shown}")
+        if r["examples_per_s"] > best.get(r["dtype"], {}).get("examples_per_s", 0):
+            best[r["dtype"]] = r
+    out = {"bench": "train_step", "mode": "J", "size": size, "width": c.model.width,
+           "variant": c.model.variant, "crop": _CROP.value, "steps": steps,
+           "warmup": _WARMUP.value, "device": device.device_kind,
+           "backend": jax.default_backend(), "jax": jax.__version__,
+           "pytorch_ms_per_step_batch1": PYTORCH_MS, "rows": rows,
+           "best_batch": {k: v["batch"] for k, v in best.items()}}
+    if _OUT.value:
+        Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(_OUT.value + ".tmp")
+        tmp.write_text(json.dumps(out, indent=2) + "\n")
+        tmp.replace(_OUT.value)
+        print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,85 @@
+"""The full config schema with the reference's defaults.
+
+Every config file in this folder starts from `base_config()` and changes
+fields; nothing adds new fields, so `--config.some_typo=1` is an error
+(ConfigDict is locked) and every field has one documented meaning here.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The reference setting (NIH Pancreas-CT, full-width FCN-8s)."""
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.seed = 0
+
+    # ---- data (stnjax.data) -------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""               # dataset folder with dataset.json
+    c.data.organ_id = -1          # -1: take it from dataset.json
+    c.data.hu_window = (-100.0, 240.0)
+    c.data.planes = "XYZ"         # any subset, e.g. "Z" (axial only)
+    c.data.folds = "0"            # "0", "0,2" or "all"
+    c.data.n_folds = 4
+    c.data.fold_rule = "position"  # folds.json when absent: "position" or "nih_pancreas" (by case id)
+    c.data.slice_threshold = 0.98  # reference 1.6; > 1 means a pixel count
+    c.data.buckets = (512,)       # pad slice sides up to these sizes
+    c.data.batch_size = 1         # global batch (all devices, all hosts)
+    c.data.order = "uniform"      # "uniform" (Caffe) or "epoch" (PyTorch)
+    c.data.cache_dir = ""         # "": <workdir>/cache
+    # The built-in synthetic dataset, used when data.dir is empty.
+    c.data.phantom = ml_collections.ConfigDict()
+    c.data.phantom.num_cases = 8
+    c.data.phantom.shape = (128, 128, 64)
+    c.data.phantom.spacing = (0.8, 0.8, 2.5)
+    c.data.phantom.seed = 0
+
+    # ---- model (stnjax.models) ------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.width = 1.0           # channel multiplier of both FCN-8s
+    c.model.variant = "reference"  # "reference" (pad 100) or "pad32"
+    c.model.dtype = "float32"     # convolution compute dtype: or "bfloat16"
+    c.model.dropout_rate = 0.5
+    c.model.init = "he"           # "he" (from scratch) or "pretrained"
+    c.model.pretrained = ""       # .npz from launch.convert_weights
+    c.model.saliency_kernels = (3, 5)  # (k,) one layer; (3, 5) reference
+    c.model.saliency_bias = (1.0, 1.5, 2.0)
+    c.model.margin = 20           # crop margin K (test: fixed; train: random)
+    c.model.prob_fixed_margin = 0.5  # training: P(all margins = K)
+    c.model.canvases = (128, 192, 256, 384, 512)  # fine crop canvas sides
+
+    # ---- training (stnjax.train) ----------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.method = "rstn"       # "rstn" (S -> I -> J) or "stagewise" (C2F)
+    c.train.stages = "S:10000,I:30000,J:40000"
+    c.train.base_lr = 1e-5
+    c.train.lr_mult = (1.0, 2.0, 10.0, 20.0)  # coarse W, coarse b, fine W, fine b
+    c.train.momentum = 0.99
+    c.train.weight_decay = 5e-4
+    c.train.j_halving_every = 10000  # J halves the rate every this many steps
+    c.train.coarse_weight = 1.0 / 3.0  # lambda
+    c.train.log_every = 20
+    c.train.checkpoint_every = 2000
+    c.train.keep_checkpoints = 3
+    c.train.guard_window = 200    # convergence guard over the last steps of S
+    c.train.guard_coarse_loss = 0.9  # restart S when its mean coarse loss is above
+    c.train.guard_max_restarts = 3  # 0 disables the guard
+    c.train.multihost = False     # call jax.distributed.initialize()
+    c.train.devices = 0           # local devices per step; 0: all that divide the batch
+
+    # ---- inference (stnjax.infer) ---------------------------------------------
+    c.infer = ml_collections.ConfigDict()
+    c.infer.max_rounds = 10
+    c.infer.threshold = 0.99      # stopping threshold t of the main result
+    c.infer.report_thresholds = (0.90, 0.95, 0.98, 0.99)
+    c.infer.run_all_rounds = True  # record every round (reference); False stops at t
+    c.infer.batch_size = 8        # slices per forward pass
+    c.infer.volume_buckets = (64, 128, 256, 320, 384, 448, 512)
+    c.infer.lcc_threshold = 0.5
+    c.infer.oracles = False       # also run the strong / weak oracles
+    c.infer.quantize_coarse = True  # coarse maps through uint8, as the reference
+    c.infer.per_round_timing = False  # rounds from the host, timed one by one
+    return c

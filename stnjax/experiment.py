@@ -1,0 +1,204 @@
+"""Evaluation and segmentation runs: trained models in, files out.
+
+The glue between training runs (`<workdir>/fold<f>/<plane>/checkpoints`),
+the pure inference (`stnjax.infer` via `stnjax.segmenter.Segmenter`) and the
+reporting (`stnjax.evaluate`, `stnjax.plots`). Everything that touches
+files for evaluation lives here or in those writers; launch/evaluate.py and
+launch/segment.py only parse flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from stnjax import data as stdata
+from stnjax import evaluate, infer, io, metrics, plots
+from stnjax.checks import InputError
+from stnjax.models.rstn import RSTN
+from stnjax.segmenter import CaseResult, Segmenter
+from stnjax.train import inputs, workdir as wd
+from stnjax.train.checkpoint import load_trained_params
+
+log = logging.getLogger("stnjax.experiment")
+
+
+def inference_spec(config: Any) -> infer.InferenceSpec:
+    """The static inference settings of a config (the stage-wise baseline
+    fuses round 0 by majority vote and crops the raw image, as C2F)."""
+    baseline = config.train.method == "stagewise"
+    return infer.InferenceSpec(
+        planes=tuple(inputs.resolve_planes(config.data.planes)),
+        batch_size=int(config.infer.batch_size), max_rounds=int(config.infer.max_rounds),
+        lcc_threshold=float(config.infer.lcc_threshold),
+        report_thresholds=tuple(float(t) for t in config.infer.report_thresholds),
+        fusion="majority" if baseline else "mean", use_saliency=not baseline,
+        quantize_coarse=bool(config.infer.quantize_coarse))
+
+
+def load_models(config: Any, workdir: str | os.PathLike, fold: int,
+                planes: Sequence[str]) -> tuple[RSTN, dict[str, Any]]:
+    """The RSTN structure and {plane: params} of the finished runs of a fold.
+
+    Raises InputError when a run is missing or incomplete, was trained for
+    another plane or fold, or with another config (hash of the fields that
+    define the model and its training).
+    """
+    rstn = RSTN.from_config(config.model)
+    want = wd.config_hash(config)
+    params = {}
+    for p in planes:
+        rd = wd.run_dir(workdir, fold, p)
+        tree, meta = load_trained_params(rd)
+        if meta.get("plane") != p or int(meta.get("fold", -1)) != int(fold):
+            raise InputError(f"{rd}: holds a checkpoint of fold {meta.get('fold')} plane "
+                             f"{meta.get('plane')!r}, expected fold {fold} plane {p!r}")
+        if meta.get("config_hash") != want:
+            raise InputError(f"{rd}: the checkpoint was trained with another config "
+                             f"(hash {meta.get('config_hash')}, this config {want}); "
+                             "evaluate with the config it was trained with")
+        params[p] = tree
+    return rstn, params
+
+
+def make_segmenter(config: Any, rstn: RSTN, params: dict[str, Any]) -> Segmenter:
+    """A Segmenter with the config's buckets, HU window and timing mode."""
+    return Segmenter(rstn, params, inference_spec(config),
+                     volume_buckets=tuple(int(b) for b in config.infer.volume_buckets),
+                     hu_window=tuple(config.data.hu_window),
+                     per_round_timing=bool(config.infer.per_round_timing))
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Creates `folder` if needed and checks that files can be written there,
+    before any work is done; raises InputError naming it otherwise."""
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"output folder {out} cannot be written: {e}") from None
+    return out
+
+
+def case_record(res: CaseResult, case: io.Case, *, fold: int, method: str,
+                t: float) -> evaluate.CaseRecord:
+    """The per-case record of one evaluated volume.
+
+    Rounds not run (an early stop) keep the last mask: their DSC repeats the
+    last value and their inter-iteration DSC is 1. Full metrics (Jaccard,
+    HD95, surface Dice) are computed for the mask reported at t.
+    """
+    n = len(res.inter) - 1
+    dsc = [float(v) for v in res.dsc[:res.rounds + 1]]
+    inter = [None] + [float(v) for v in res.inter[1:res.rounds + 1]]
+    dsc += [dsc[-1]] * (n - res.rounds)
+    inter += [1.0] * (n - res.rounds)
+    label, spacing = case.label, tuple(float(s) for s in case.geometry.spacing)
+    main = res.mask
+    full = {"dsc": metrics.dsc(main, label), "jaccard": metrics.jaccard(main, label),
+            "hd95_mm": metrics.hd95(main, label, spacing),
+            "surface_dice": metrics.surface_dice(main, label, spacing),
+            "round": int(res.round_at[min(res.round_at, key=lambda k: abs(k - t))])}
+    return evaluate.CaseRecord(
+        case_id=case.case_id, fold=int(fold), method=method, gt_voxels=int(label.sum()),
+        spacing=spacing, dsc_rounds=dsc, inter_dsc=inter, rounds_run=int(res.rounds),
+        time_coarse_s=res.time_coarse_s, time_rounds_s=list(res.time_rounds_s),
+        metrics_at={evaluate.threshold_key(t): full}, oracle=res.oracles or None,
+        extra={"plane_dsc": res.plane_dsc, "bucket": list(res.bucket),
+               "overflow": res.overflow})
+
+
+def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
+                  out_dir: str | os.PathLike | None = None,
+                  write_predictions: bool = True) -> list[evaluate.CaseRecord]:
+    """Evaluates the test cases of one fold; writes predictions and records.
+
+    Returns the per-case records (also written to `<out>/cases.{json,csv}`;
+    predictions to `<out>/predictions/<case>.nii.gz` in the source geometry).
+    """
+    out = check_writable(out_dir or Path(workdir) / "eval" / f"fold{int(fold)}")
+    ds_dir = inputs.dataset_dir(config, workdir)
+    manifest = stdata.load_manifest(ds_dir)
+    table = stdata.load_or_create_fold_table(ds_dir, manifest.case_ids,
+                                             n_folds=int(config.data.n_folds))
+    _, test_ids = stdata.split(table, fold, manifest.case_ids)
+    spec = inference_spec(config)
+    rstn, params = load_models(config, workdir, fold, spec.planes)
+    seg = make_segmenter(config, rstn, params)
+    organ = manifest.organ_id if int(config.data.organ_id) < 0 else int(config.data.organ_id)
+    t = float(config.infer.threshold)
+    preds = check_writable(out / "predictions") if write_predictions else None
+    records = []
+    for i, cid in enumerate(test_ids):
+        entry = manifest.case(cid)
+        case = io.load_case(manifest.root / entry.image, manifest.root / entry.label,
+                            organ_id=organ, case_id=cid)
+        t0 = time.perf_counter()
+        res = seg.segment(case.image, label=case.label, t=t,
+                          run_all_rounds=bool(config.infer.run_all_rounds),
+                          oracles=bool(config.infer.oracles))
+        rec = case_record(res, case, fold=fold, method=config.train.method, t=t)
+        records.append(rec)
+        if preds is not None:
+            io.save_mask(res.mask, case.geometry, preds / f"{cid}.nii.gz")
+        log.info("fold %d case %d/%d %s: DSC round 0 %.2f %%, at t=%.2f %.2f %% "
+                 "(round %d), %.1f s", fold, i + 1, len(test_ids), cid,
+                 100 * rec.dsc_rounds[0], t, 100 * rec.metrics_at[evaluate.threshold_key(t)]["dsc"],
+                 rec.metrics_at[evaluate.threshold_key(t)]["round"], time.perf_counter() - t0)
+    log.info("fold %d: %d compilations %s", fold, seg.compile_count, seg.compiled_buckets())
+    evaluate.write_records(records, out)
+    return records
+
+
+def report(records: Sequence[evaluate.CaseRecord], out_dir: str | os.PathLike, *,
+           thresholds: Sequence[float], main_threshold: float) -> str:
+    """Writes summary.{json,txt}, sweep.csv and the PNG plots; returns the
+    printed summary text."""
+    out = check_writable(out_dir)
+    summary = evaluate.summarize(records, thresholds=tuple(thresholds),
+                                 main_threshold=main_threshold)
+    evaluate.write_summary(summary, out)
+    sweep_ts = sorted(set(np.round(np.arange(0.80, 1.0, 0.01), 2).tolist())
+                      | set(float(t) for t in thresholds) | {0.995})
+    rows = evaluate.sweep(records, sweep_ts)
+    evaluate.write_sweep_csv(rows, out / "sweep.csv")
+    plots.write_plots(records, rows, out, main_threshold)
+    return evaluate.format_summary(summary)
+
+
+def segment_files(config: Any, workdir: str | os.PathLike, inputs_: Sequence[str], *,
+                  out_dir: str | os.PathLike, fold: int = 0) -> list[Path]:
+    """Segments NIfTI files or DICOM folders without labels.
+
+    Every input is checked (readable, a 3D volume) before anything is
+    written; masks are written to `<out>/<name>_mask.nii.gz` in the source
+    geometry. Returns the written paths.
+    """
+    if not inputs_:
+        raise InputError("inputs: give at least one NIfTI file or DICOM folder")
+    out = check_writable(out_dir)
+    volumes = [(Path(p), io.load_image(p)) for p in inputs_]  # fail before writing
+    spec = inference_spec(config)
+    rstn, params = load_models(config, workdir, fold, spec.planes)
+    seg = make_segmenter(config, rstn, params)
+    written = []
+    for i, (path, vol) in enumerate(volumes):
+        t0 = time.perf_counter()
+        res = seg.segment(vol.data, t=float(config.infer.threshold),
+                          run_all_rounds=False)
+        name = path.name.removesuffix(".gz").removesuffix(".nii") or "volume"
+        dest = out / f"{name}_mask.nii.gz"
+        io.save_mask(res.mask, vol.geometry, dest)
+        written.append(dest)
+        log.info("%d/%d %s: %d voxels, %d rounds, %.1f s (coarse %.1f s)", i + 1,
+                 len(volumes), path, int(res.mask.sum()), res.rounds,
+                 time.perf_counter() - t0, res.time_coarse_s)
+    return written

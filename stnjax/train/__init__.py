@@ -1,0 +1,25 @@
+"""Training: state, optimiser, schedule, steps, checkpoints, loop.
+
+Entry points:
+  train(config, workdir, overwrite=False)      every (fold, plane) of a config
+  train_run(config, workdir, fold, plane)      one model
+  load_trained_params(run_dir)                 params of a finished run (inference)
+
+Modules: schedule (stages, rate), optim (Caffe SGD, rate groups), state (the
+train-state pytree), steps (one pmapped step per mode), checkpoint (orbax),
+inputs (dataset, slices, samplers, devices), workdir (layout, config identity,
+metrics file), loop (the loop, the convergence guard, resume).
+"""
+
+from stnjax.train.checkpoint import CheckpointError, Checkpointer, load_trained_params
+from stnjax.train.loop import (TrainingDivergedError, guard_decision, initialize_distributed,
+                               train, train_run)
+from stnjax.train.schedule import Stage, lr_at, make_lr_schedule, parse_stages
+from stnjax.train.steps import MODE_FORWARD, MODE_TRAINABLE, OptimizerSpec, make_step
+
+__all__ = [
+    "CheckpointError", "Checkpointer", "load_trained_params", "TrainingDivergedError",
+    "guard_decision", "initialize_distributed", "train", "train_run", "Stage", "lr_at",
+    "make_lr_schedule", "parse_stages", "MODE_FORWARD", "MODE_TRAINABLE", "OptimizerSpec",
+    "make_step",
+]

@@ -1,0 +1,193 @@
+"""Checkpoints of a training run with orbax's CheckpointManager.
+
+A checkpoint holds two items:
+  - 'state': the train state as host NumPy arrays (params, optimiser state,
+    step, rng), saved with `StandardSave`;
+  - 'meta': JSON with what the host loop needs to continue exactly (the
+    iteration counter, the S attempt, the convergence-guard history, the
+    config hash, fold and plane).
+
+Checkpoints are numbered by the *iteration*: the number of training steps
+executed so far, counting the steps of S attempts that the convergence guard
+threw away. It only grows (orbax refuses a step number lower than the latest),
+while the schedule position `state['step']` goes back to 0 on a restart.
+
+Saves are asynchronous: `save` returns once the arrays are copied to the
+host, and the files are written in a background thread. Orbax writes each
+checkpoint into a temporary folder and renames it when complete, so a save
+that fails or is killed leaves no folder that looks complete; `restore_latest`
+additionally falls back to older checkpoints when the newest cannot be read
+(a damaged folder), logging why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from stnjax.checks import InputError
+
+log = logging.getLogger("stnjax.train")
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A save that failed; the message names the folder and the newest
+    complete checkpoint, which stays usable (a rerun resumes from it)."""
+
+
+def _to_numpy(tree: Any) -> Any:
+    # 0-d values become 0-d arrays: orbax rejects NumPy scalars.
+    return jax.tree.map(lambda x: np.asarray(x), tree)
+
+
+class Checkpointer:
+    """A CheckpointManager for one run (one fold, one plane)."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int,
+                 async_save: bool = True, read_only: bool = False):
+        """Opens (or creates) the checkpoint folder.
+
+        Args:
+          directory: the folder that holds one sub-folder per checkpoint.
+          keep: how many checkpoints to keep (the oldest are deleted).
+          async_save: write files in a background thread.
+          read_only: open for restoring only (inference).
+        """
+        if keep < 1:
+            raise InputError(f"train.keep_checkpoints: must be >= 1, got {keep}")
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=int(keep),
+            enable_async_checkpointing=bool(async_save),
+            # Leftovers of a killed save are removed when the run resumes.
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta"))
+
+    def steps(self) -> list[int]:
+        """The iterations of all complete-looking checkpoints, ascending."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def save(self, iteration: int, state: Any, meta: dict) -> None:
+        """Saves `state` (a tree of arrays, copied to host now) and `meta`.
+
+        The files are written in the background; an error of an earlier
+        background write surfaces here or in `wait`.
+
+        Raises:
+          CheckpointError naming the folder and the newest complete
+          checkpoint when the save (or an earlier pending one) fails, or when
+          orbax declines the iteration (not newer than the latest).
+        """
+        host = _to_numpy(jax.device_get(state))
+        meta = dict(meta, iteration=int(iteration))
+        try:
+            ok = self._manager.save(
+                int(iteration),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(host),
+                                        meta=ocp.args.JsonSave(meta)),
+                force=True)
+        except Exception as e:  # noqa: BLE001 - reported with the folder and fallback
+            raise self._error(f"saving iteration {iteration}", e) from e
+        if not ok:
+            raise CheckpointError(
+                f"checkpoint: orbax did not save iteration {iteration} in {self.directory} "
+                f"(existing: {self.steps()})")
+
+    def _error(self, what: str, e: BaseException) -> CheckpointError:
+        try:
+            good = self.steps()
+        except Exception:  # noqa: BLE001
+            good = []
+        fallback = (f"the newest complete checkpoint is iteration {good[-1]}; a rerun resumes "
+                    f"from it" if good else "there is no complete checkpoint yet")
+        return CheckpointError(f"checkpoint: {what} in {self.directory} failed "
+                               f"({type(e).__name__}: {e}); {fallback}")
+
+    def restore(self, iteration: int, abstract_state: Any | None) -> tuple[Any, dict]:
+        """Restores one checkpoint: (state as NumPy arrays, meta dict).
+
+        abstract_state: a tree of arrays or ShapeDtypeStructs with the expected
+        structure, shapes and dtypes (None: whatever was saved).
+        """
+        args = ocp.args.StandardRestore(abstract_state) if abstract_state is not None \
+            else ocp.args.StandardRestore()
+        out = self._manager.restore(
+            int(iteration), args=ocp.args.Composite(state=args, meta=ocp.args.JsonRestore()))
+        return out["state"], dict(out["meta"])
+
+    def restore_latest(self, abstract_state: Any | None) -> tuple[int, Any, dict] | None:
+        """The newest checkpoint that can be read: (iteration, state, meta).
+
+        Checkpoints that fail to restore (damaged files) are skipped with a
+        warning, newest first. Returns None when there is no usable one.
+        """
+        for it in reversed(self.steps()):
+            try:
+                state, meta = self.restore(it, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any read failure: try an older one
+                log.warning("checkpoint %d in %s cannot be read (%s: %s); trying an older one",
+                            it, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                continue
+            return it, state, meta
+        return None
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are written.
+
+        Raises CheckpointError when a background write failed.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._error("a background save", e) from e
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._manager.close()
+
+
+def load_trained_params(run_dir: str | os.PathLike, *,
+                        require_complete: bool = True) -> tuple[Any, dict]:
+    """Params of the newest checkpoint of a training run, for inference.
+
+    Args:
+      run_dir: the run folder `<workdir>/fold<f>/<plane>` (holds `checkpoints/`).
+      require_complete: refuse a run whose schedule has not finished.
+
+    Returns:
+      (params as a NumPy tree {'coarse', 'saliency', 'fine'}, meta dict with
+      'fold', 'plane', 'config_hash', 'step', 'total_steps', ...).
+
+    Raises:
+      InputError naming the folder when there is no readable checkpoint or
+      the run is not complete.
+    """
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    if not ckpt_dir.is_dir():
+        raise InputError(f"run_dir: no checkpoint folder {ckpt_dir}")
+    ck = Checkpointer(ckpt_dir, keep=1, async_save=False, read_only=True)
+    try:
+        got = ck.restore_latest(None)
+    finally:
+        ck.close()
+    if got is None:
+        raise InputError(f"run_dir: no readable checkpoint in {ckpt_dir}")
+    _, state, meta = got
+    if require_complete and meta.get("step") != meta.get("total_steps"):
+        raise InputError(
+            f"run_dir: the run in {run_dir} is not complete (step {meta.get('step')} of "
+            f"{meta.get('total_steps')}); resume training or pass require_complete=False")
+    return state["params"], meta

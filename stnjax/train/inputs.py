@@ -1,0 +1,176 @@
+"""Training inputs: the dataset folder, folds and planes, slices, samplers, devices.
+
+Host-side set-up between the config and the training loop. The built-in
+synthetic dataset is written under the workdir when `config.data.dir` is
+empty (`<workdir>/phantom-<hash of data.phantom>`); decoded volumes are
+cached in `config.data.cache_dir` (default `<workdir>/cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from stnjax import data as stdata
+from stnjax.checks import InputError
+
+log = logging.getLogger("stnjax.train")
+
+PLANES = ("X", "Y", "Z")
+
+
+def resolve_planes(spec: str) -> list[str]:
+    """"XYZ", "Z", "X,Z" ... -> ordered unique planes; InputError naming data.planes."""
+    planes = [p for p in str(spec).upper().replace(",", "") if not p.isspace()]
+    bad = [p for p in planes if p not in PLANES]
+    if not planes or bad:
+        raise InputError(f"data.planes: expected letters from 'XYZ', got {spec!r}")
+    return [p for p in PLANES if p in planes]
+
+
+def resolve_folds(spec: str, n_folds: int) -> list[int]:
+    """"0", "0,2" or "all" -> sorted fold numbers; InputError naming data.folds."""
+    s = str(spec).strip().lower()
+    if s == "all":
+        return list(range(int(n_folds)))
+    try:
+        folds = sorted({int(x) for x in s.split(",") if x.strip()})
+    except ValueError:
+        raise InputError(f"data.folds: expected 'all' or comma-separated ints, got {spec!r}") from None
+    if not folds or any(not 0 <= f < n_folds for f in folds):
+        raise InputError(f"data.folds: expected folds in [0, {n_folds}), got {spec!r}")
+    return folds
+
+
+def _phantom_config(cfg: Any):
+    from stnjax.phantom import PhantomConfig
+    return PhantomConfig(shape=tuple(int(s) for s in cfg.shape),
+                         spacing=None if cfg.spacing is None else
+                         tuple(float(s) for s in cfg.spacing))
+
+
+def dataset_dir(config: Any, workdir: str | os.PathLike) -> Path:
+    """The dataset folder: config.data.dir, or the built-in phantom dataset.
+
+    The phantom dataset is written once (by process 0) into
+    `<workdir>/phantom-<hash>`, the hash covering data.phantom and n_folds,
+    and reused afterwards.
+    """
+    if config.data.dir:
+        d = Path(config.data.dir).expanduser()
+        if not (d / stdata.MANIFEST_FILE).is_file():
+            raise InputError(f"data.dir: {d} holds no {stdata.MANIFEST_FILE}")
+        return d
+    from stnjax.phantom import write_phantom_dataset
+    ph = config.data.phantom
+    spec = json.dumps({"phantom": ph.to_dict(), "n_folds": int(config.data.n_folds)},
+                      sort_keys=True, default=list)
+    out = Path(workdir) / f"phantom-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    if jax.process_index() == 0 and not (out / stdata.MANIFEST_FILE).is_file():
+        log.info("writing the built-in phantom dataset (%d cases, shape %s) to %s",
+                 ph.num_cases, tuple(ph.shape), out)
+    if jax.process_index() == 0:
+        write_phantom_dataset(out, num_cases=int(ph.num_cases), seed=int(ph.seed),
+                              config=_phantom_config(ph), n_folds=int(config.data.n_folds))
+    return out
+
+
+@dataclasses.dataclass
+class PlaneData:
+    """The training slices of one (fold, plane)."""
+
+    store: stdata.CaseStore
+    slices: np.ndarray          # int32 (N, 2) (case_index, slice_index)
+    plane: str
+    fold: int
+    train_ids: list[str]
+
+
+def open_store(config: Any, ds_dir: Path, workdir: str | os.PathLike) -> stdata.CaseStore:
+    """The CaseStore of the dataset, cached in data.cache_dir or <workdir>/cache."""
+    manifest = stdata.load_manifest(ds_dir)
+    if config.data.organ_id not in (-1, None) and int(config.data.organ_id) != manifest.organ_id:
+        manifest = dataclasses.replace(manifest, organ_id=int(config.data.organ_id))
+    cache = Path(config.data.cache_dir) if config.data.cache_dir else Path(workdir) / "cache"
+    return stdata.CaseStore(manifest, cache, hu_window=tuple(config.data.hu_window))
+
+
+def plane_data(config: Any, store: stdata.CaseStore, ds_dir: Path, fold: int,
+               plane: str) -> PlaneData:
+    """Selects the training slices of one fold and plane (reference 1.6).
+
+    Raises InputError naming the dataset, plane and fold when no slice
+    qualifies (e.g. a dataset without any labelled organ in that view).
+    """
+    table = stdata.load_or_create_fold_table(ds_dir, n_folds=int(config.data.n_folds),
+                                             rule=str(config.data.fold_rule))
+    train_ids, _ = stdata.split(table, fold, store.case_ids)
+    train_ids = [c for c in train_ids if store.has_label(c)]
+    if not train_ids:
+        raise InputError(f"data.dir: {ds_dir} has no labelled training case in fold {fold}")
+    # The pixel-count threshold is taken over every labelled case, test
+    # folds included, as the reference does; then restricted to training cases.
+    labelled = [c for c in store.case_ids if store.has_label(c)]
+    counts = stdata.slice_organ_counts(store, labelled, plane)
+    try:
+        slices = stdata.select_training_slices(counts, train_ids, float(config.data.slice_threshold),
+                                               plane=plane, fold=fold)
+    except InputError as e:
+        raise InputError(f"data.dir: {ds_dir}: no training slice for plane {plane} in fold "
+                         f"{fold} ({e})") from e
+    # select_training_slices indexes list(counts); the sampler indexes store.case_ids.
+    ids = list(counts)
+    remap = np.asarray([store.case_ids.index(c) for c in ids], np.int32)
+    slices = np.stack([remap[slices[:, 0]], slices[:, 1]], axis=1).astype(np.int32)
+    return PlaneData(store=store, slices=slices, plane=plane, fold=fold, train_ids=train_ids)
+
+
+def make_sampler(config: Any, pd: PlaneData, seed: int) -> stdata.SliceSampler:
+    """The slice sampler of a (fold, plane) with the given seed."""
+    return stdata.SliceSampler(pd.store, pd.slices, plane=pd.plane,
+                               batch_size=int(config.data.batch_size),
+                               buckets=tuple(int(b) for b in config.data.buckets),
+                               seed=int(seed), order=str(config.data.order))
+
+
+def choose_devices(batch_size: int, requested: int = 0) -> list[Any]:
+    """The local devices a step runs on.
+
+    The global batch splits evenly over every device of every host. With
+    `requested` = 0 on one host, the largest number of local devices that
+    divides the batch is used (batch 1 on 8 GPUs: 1 device, with a warning).
+    With several hosts every local device is used and the batch must split
+    evenly (pmap collectives span all hosts' devices).
+
+    Raises InputError naming data.batch_size / train.devices otherwise.
+    """
+    local = jax.local_devices()
+    nproc = jax.process_count()
+    if batch_size % nproc:
+        raise InputError(f"data.batch_size: {batch_size} does not split over {nproc} hosts")
+    per_host = batch_size // nproc
+    if requested < 0 or requested > len(local):
+        raise InputError(f"train.devices: expected 0..{len(local)}, got {requested}")
+    if nproc > 1:
+        if requested not in (0, len(local)) or per_host % len(local):
+            raise InputError(
+                f"data.batch_size: with {nproc} hosts every local device is used; the per-host "
+                f"batch {per_host} must be a multiple of {len(local)} local devices")
+        return list(local)
+    if requested:
+        if per_host % requested:
+            raise InputError(f"train.devices: {requested} does not divide data.batch_size {per_host}")
+        return list(local[:requested])
+    n = max(d for d in range(1, len(local) + 1) if per_host % d == 0)
+    if n < len(local):
+        log.warning("data.batch_size %d uses %d of %d local devices (a sample is never split); "
+                    "raise the batch size to use them all", per_host, n, len(local))
+    return list(local[:n])

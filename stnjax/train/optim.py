@@ -1,0 +1,156 @@
+"""The reference optimiser: Caffe SGD with momentum, four rate groups.
+
+Update rule (Caffe `SGDSolver`, reference section 3.2), per parameter w with
+gradient g, group multiplier m_g and weight decay d_g:
+
+    v <- momentum * v + lr(step) * m_g * (g + d_g * w)
+    w <- w - v
+
+The learning rate sits INSIDE the momentum buffer. `optax.sgd(lr, momentum)`
+instead keeps `v <- momentum * v + g` and steps by `lr * v`; the two agree
+while the rate is constant and differ after a rate change (J halves the
+rate: Caffe's buffer still carries the momentum of the old, larger steps and
+decays it; optax would rescale the whole buffer at once). We follow Caffe.
+
+Groups, by path in the RSTN parameter tree {'coarse', 'saliency', 'fine'}:
+
+| group | leaves                          | rate multiplier | weight decay |
+| ----- | ------------------------------- | --------------- | ------------ |
+| 0     | coarse/**/kernel                | lr_mult[0] (1)  | weight_decay |
+| 1     | coarse/**/bias                  | lr_mult[1] (2)  | 0            |
+| 2     | saliency|fine/**/kernel         | lr_mult[2] (10) | weight_decay |
+| 3     | saliency|fine/**/bias           | lr_mult[3] (20) | 0            |
+
+The bilinear upsampling layers are constants of the model, not parameters,
+so they are frozen by construction. A mode may also freeze whole top-level
+networks (`trainable`): a frozen leaf gets a zero update and keeps its
+momentum buffer unchanged. This is how S leaves the unused saliency module
+alone (as the PyTorch port, which skips parameters without a gradient;
+Caffe would still apply weight decay to it, about 5 % shrink over 10K steps,
+reference 3.2) and how the stage-wise baseline trains one network at a time.
+One optimiser state is carried across all stages (reference 3.2). The state
+is a plain dict {'count': int32 (), 'velocity': float32 tree like params}, so
+orbax saves and restores it as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Collection, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stnjax.checks import InputError
+
+TOP_LEVEL = ("coarse", "saliency", "fine")
+GROUP_NAMES = ("coarse_kernel", "coarse_bias", "fine_kernel", "fine_bias")
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_group(path: Sequence[Any]) -> int:
+    """The rate group (0..3, see the module docstring) of one parameter path.
+
+    Raises InputError naming the path when it is neither under 'coarse',
+    'saliency' or 'fine' nor a leaf called 'kernel' or 'bias'.
+    """
+    names = [_key_name(k) for k in path]
+    where = "/".join(names)
+    if not names or names[0] not in TOP_LEVEL:
+        raise InputError(
+            f"params: leaf {where!r} is not under one of {TOP_LEVEL}; "
+            "cannot assign a learning-rate group")
+    leaf = names[-1]
+    if leaf not in ("kernel", "bias"):
+        raise InputError(
+            f"params: leaf {where!r} is neither a 'kernel' nor a 'bias'; "
+            "cannot assign a learning-rate group")
+    fine = names[0] != "coarse"
+    return 2 * int(fine) + int(leaf == "bias")
+
+
+def param_groups(params: Any) -> Any:
+    """A tree like `params` holding each leaf's group index (Python ints)."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: leaf_group(p), params)
+
+
+def trainable_tree(params: Any, trainable: Collection[str] | None) -> Any:
+    """A tree like `params` of Python bools: is the leaf's network trained."""
+    if trainable is not None:
+        bad = set(trainable) - set(TOP_LEVEL)
+        if bad:
+            raise InputError(f"trainable: unknown networks {sorted(bad)}; expected {TOP_LEVEL}")
+
+    def f(path, _):
+        return trainable is None or _key_name(path[0]) in trainable
+
+    return jax.tree_util.tree_map_with_path(f, params)
+
+
+def caffe_sgd(
+    schedule: Callable[[jax.Array], jax.Array],
+    *,
+    momentum: float = 0.99,
+    weight_decay: float = 5e-4,
+    lr_mult: Sequence[float] = (1.0, 2.0, 10.0, 20.0),
+    trainable: Collection[str] | None = None,
+) -> optax.GradientTransformation:
+    """Caffe SGD as an optax transformation (see the module docstring).
+
+    Args:
+      schedule: fn(count) -> base rate, float32 scalar (count = number of
+        updates so far = the train step, since every step updates).
+      momentum: the momentum (reference 0.99).
+      weight_decay: L2 decay on kernels only (reference 5e-4).
+      lr_mult: the four group multipliers (coarse kernel, coarse bias,
+        saliency/fine kernel, saliency/fine bias).
+      trainable: top-level networks that are updated; None = all. Optimisers
+        with different `trainable` share one state structure, so a run
+        switches between them across stages with a single state.
+
+    Returns:
+      An `optax.GradientTransformation`; `update` needs `params` and returns
+      updates to add to the params (`optax.apply_updates`).
+    """
+    if len(lr_mult) != 4:
+        raise InputError(f"train.lr_mult: expected 4 multipliers, got {tuple(lr_mult)}")
+    mults = tuple(float(m) for m in lr_mult)
+
+    def init(params):
+        param_groups(params)  # fails early on an unexpected tree
+        return {"count": jnp.zeros([], jnp.int32),
+                "velocity": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)}
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise InputError("caffe_sgd: update needs params (weight decay)")
+        path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        g_leaves = treedef.flatten_up_to(grads)
+        v_leaves = treedef.flatten_up_to(state["velocity"])
+        lr = schedule(state["count"]).astype(jnp.float32)
+        on = trainable_tree(params, trainable)
+        on_leaves = treedef.flatten_up_to(on)
+        upd, vel = [], []
+        for (path, w), g, v, train in zip(path_leaves, g_leaves, v_leaves, on_leaves):
+            if not train:
+                # Frozen network: no step and the momentum buffer is kept.
+                upd.append(jnp.zeros_like(w))
+                vel.append(v)
+                continue
+            group = leaf_group(path)
+            d = weight_decay if group % 2 == 0 else 0.0
+            v_new = momentum * v + (lr * mults[group]) * (
+                g.astype(jnp.float32) + d * w.astype(jnp.float32))
+            upd.append((-v_new).astype(w.dtype))
+            vel.append(v_new)
+        return (jax.tree_util.tree_unflatten(treedef, upd),
+                {"count": state["count"] + 1,
+                 "velocity": jax.tree_util.tree_unflatten(treedef, vel)})
+
+    return optax.GradientTransformation(init, update)

@@ -1,0 +1,210 @@
+"""Workdir layout, the config identity check and the metrics file.
+
+Layout of a training workdir:
+
+    <workdir>/config.json       the resolved config (all fields)
+    <workdir>/config.txt        the same, human readable
+    <workdir>/train_config.json hash and fields of the config parts that
+                                 define the trained models (see config_hash)
+    <workdir>/versions.json     package versions, devices, hosts
+    <workdir>/train.log         progress log (written by launch/train.py)
+    <workdir>/cache/            decoded volumes (data.cache_dir = "")
+    <workdir>/phantom-<hash>/   the built-in dataset when data.dir = ""
+    <workdir>/fold<f>/<plane>/  one run: checkpoints/, metrics.jsonl, run.json
+
+Every file here is written atomically (temporary file + rename), except the
+metrics file, which is appended line by line and rewritten atomically when a
+run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+
+from stnjax.checks import InputError
+
+# Fields that do not change what a run computes: where files go, how often
+# it logs or saves, how it is launched, which runs are selected, inference.
+_IGNORED = {
+    "name", "data.planes", "data.folds", "data.cache_dir",
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.multihost", "train.devices",
+}
+_IGNORED_SECTIONS = ("infer",)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if hasattr(v, "items"):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def identity_fields(config: Any) -> dict[str, Any]:
+    """The flattened config fields that define the trained models."""
+    flat = _flatten(config.to_dict() if hasattr(config, "to_dict") else config)
+    return {k: v for k, v in sorted(flat.items())
+            if k not in _IGNORED and k.split(".")[0] not in _IGNORED_SECTIONS}
+
+
+def config_hash(config: Any) -> str:
+    """A short SHA-256 of `identity_fields(config)` (16 hex digits)."""
+    text = json.dumps(identity_fields(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_dir(workdir: str | os.PathLike, fold: int, plane: str) -> Path:
+    """The folder of one run: <workdir>/fold<f>/<plane>."""
+    return Path(workdir) / f"fold{int(fold)}" / str(plane)
+
+
+def _run_dirs(workdir: Path) -> list[Path]:
+    return sorted(p for p in workdir.glob("fold*/*") if (p / "checkpoints").exists())
+
+
+def check_workdir(workdir: str | os.PathLike, config: Any, *, overwrite: bool = False) -> None:
+    """Refuses a workdir whose checkpoints belong to another config.
+
+    The identity fields of the config (see `identity_fields`) are compared
+    with <workdir>/train_config.json. On a difference, with checkpoints
+    present: InputError listing the differing fields, unless `overwrite`,
+    which deletes every run folder (fold*/) and the old config files; the
+    cache and built-in dataset are kept (they are keyed by their own inputs).
+    """
+    workdir = Path(workdir)
+    rec = workdir / "train_config.json"
+    if not rec.exists():
+        runs = _run_dirs(workdir)
+        if runs and not overwrite:
+            raise InputError(
+                f"workdir: {workdir} holds checkpoints ({runs[0]}) but no train_config.json; "
+                "cannot tell which config made them. Use another workdir or --overwrite")
+        if runs:
+            _wipe_runs(workdir)
+        return
+    old = json.loads(rec.read_text())
+    new_fields = identity_fields(config)
+    if old.get("hash") == config_hash(config):
+        return
+    old_fields = old.get("fields", {})
+    diff = sorted(k for k in set(old_fields) | set(new_fields)
+                  if old_fields.get(k, "<absent>") != new_fields.get(k, "<absent>"))
+    if not _run_dirs(workdir):
+        return
+    if not overwrite:
+        shown = "; ".join(f"{k}: {old_fields.get(k, '<absent>')!r} -> "
+                          f"{new_fields.get(k, '<absent>')!r}" for k in diff[:8])
+        more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+        raise InputError(
+            f"workdir: {workdir} holds checkpoints of another config "
+            f"(hash {old.get('hash')} vs {config_hash(config)}); differing fields: "
+            f"{shown}{more}. Use another workdir, or --overwrite to delete them")
+    _wipe_runs(workdir)
+
+
+def _wipe_runs(workdir: Path) -> None:
+    for p in sorted(workdir.glob("fold*")):
+        if p.is_dir():
+            shutil.rmtree(p)
+    for name in ("train_config.json", "config.json", "config.txt"):
+        if (workdir / name).exists():
+            (workdir / name).unlink()
+
+
+def package_versions() -> dict[str, Any]:
+    """Versions of Python, the key packages, and the devices in use."""
+    out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("stnjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+                "scipy", "ml-collections", "nibabel", "absl-py"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    out["backend"] = jax.default_backend()
+    out["devices"] = [str(d) for d in jax.devices()]
+    out["local_devices"] = jax.local_device_count()
+    out["process_count"] = jax.process_count()
+    return out
+
+
+def write_workdir_files(workdir: str | os.PathLike, config: Any) -> None:
+    """Writes config.json, config.txt, train_config.json and versions.json."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+    atomic_write_text(workdir / "config.txt", str(config))
+    atomic_write_text(workdir / "train_config.json", json.dumps(
+        {"hash": config_hash(config), "fields": identity_fields(config)},
+        indent=2, default=str) + "\n")
+    atomic_write_text(workdir / "versions.json", json.dumps(package_versions(), indent=2) + "\n")
+
+
+class MetricsWriter:
+    """Appends one JSON record per line to a run's metrics.jsonl."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def records(self) -> list[dict]:
+        """All records in the file (a torn last line from a kill is skipped)."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def keep_only(self, keep: Callable[[dict], bool]) -> None:
+        """Rewrites the file atomically with the records for which `keep` holds.
+
+        Used on resume: records written after the restored checkpoint are
+        dropped, so that the file reads as if the run had never stopped.
+        """
+        kept = [r for r in self.records() if keep(r)]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        """Appends one record and flushes it to disk."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+
+    def write_many(self, records: Iterable[dict]) -> None:
+        for r in records:
+            self.write(r)

@@ -1,0 +1,85 @@
+"""The config files: they load, reject typos, and say what the paper says;
+the full-size training step checked with jax.eval_shape (never compiled)."""
+
+import importlib
+
+import jax
+import numpy as np
+import pytest
+
+from stnjax.models.rstn import RSTN
+from stnjax.train import state as st
+from stnjax.train import steps
+from stnjax.train.schedule import lr_at, parse_stages, total_steps
+
+CONFIGS = ("nih_pancreas", "phantom", "smoke", "stagewise")
+
+
+def _config(name):
+    return importlib.import_module(f"launch.configs.{name}").get_config()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_load_and_parse(name):
+    c = _config(name)
+    stages = parse_stages(c.train.stages, c.train.method)
+    assert total_steps(stages) > 0
+    RSTN.from_config(c.model)
+    c.lock()
+    with pytest.raises(AttributeError, match="base_lr"):
+        c.train.base_lrr = 1.0  # a typo names the closest field
+
+
+def test_nih_pancreas_is_the_reference_setting():
+    c = _config("nih_pancreas")
+    assert (c.model.width, c.model.variant, c.data.batch_size) == (1.0, "reference", 1)
+    assert c.model.init == "pretrained" and c.data.buckets[-1] == 512
+    stages = parse_stages(c.train.stages)
+    assert [(s.mode, s.length) for s in stages] == [("S", 10000), ("I", 30000), ("J", 40000)]
+    # Caffe multistep: 1e-5 until 50K, then 5e-6, 2.5e-6 from 60K, 1.25e-6 from 70K.
+    lrs = [lr_at(stages, c.train.base_lr, c.train.j_halving_every, s)
+           for s in (49999, 50000, 60000, 79999)]
+    np.testing.assert_allclose(lrs, [1e-5, 5e-6, 2.5e-6, 1.25e-6], rtol=1e-6)
+    assert tuple(c.train.lr_mult) == (1.0, 2.0, 10.0, 20.0)
+    assert (c.train.momentum, c.train.weight_decay) == (0.99, 5e-4)
+
+
+def test_stagewise_effective_rates_equal_c2f():
+    c = _config("stagewise")
+    lam, base, m = c.train.coarse_weight, c.train.base_lr, c.train.lr_mult
+    # Per network: v <- mom v + base * mult * (lam * g + wd * w)
+    #            = mom v + (base * mult * lam) * (g + (wd / lam) * w).
+    np.testing.assert_allclose([base * m[0] * lam, base * m[1] * lam], [1e-5, 2e-5])
+    np.testing.assert_allclose([base * m[2] * lam, base * m[3] * lam], [1e-4, 2e-4])
+    np.testing.assert_allclose(c.train.weight_decay / lam, 5e-4)
+    stages = parse_stages(c.train.stages, c.train.method)
+    assert [(s.mode, s.length) for s in stages] == [("C", 80000), ("F", 60000)]
+    assert steps.MODE_TRAINABLE["C"] == ("coarse",) and steps.MODE_TRAINABLE["F"] == ("fine",)
+
+
+def test_full_size_joint_step_shapes():
+    # bfloat16 compute: params, optimiser state and metrics must stay float32.
+    c = _config("nih_pancreas")
+    c.model.init = "he"  # shapes only; no weights file
+    c.model.dtype = "bfloat16"
+    rstn = RSTN.from_config(c.model)
+    spec = steps.OptimizerSpec.from_config(c.train)
+    params = jax.eval_shape(lambda k: rstn.init_params(k, (32, 32)), st.init_key(0))
+    state = jax.eval_shape(lambda p: st.init_train_state(p, spec.optimizer(), 0), params)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    fcn = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["coarse"]))
+    assert fcn == 134_275_145 and n == 2 * fcn + sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(params["saliency"]))
+    b, h, w = 1, 512, 448  # an X-plane slice of 512 x L, padded to the 448 bucket
+    batch = {"image": jax.ShapeDtypeStruct((b, h, w, 3), np.float32),
+             "label": jax.ShapeDtypeStruct((b, h, w, 3), np.float32),
+             "valid": jax.ShapeDtypeStruct((b, h, w), np.bool_),
+             "weight": jax.ShapeDtypeStruct((b,), np.float32),
+             "index": jax.ShapeDtypeStruct((b,), np.int32)}
+    step = steps.make_step(rstn, "J", spec.optimizer(), lam=1 / 3, axis_name=None)
+    new, metrics = jax.eval_shape(step, state, batch)
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    for a, b_ in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+        assert a.shape == b_.shape and a.dtype == b_.dtype
+    for k, (s_, c_) in metrics.items():
+        assert s_.shape == () and s_.dtype == np.float32, k
