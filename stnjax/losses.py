@@ -98,9 +98,19 @@ def joint_loss(
     weight: jax.Array | None = None,
     lam: float = 1.0 / 3.0,
     eps: float = 1e-6,
+    bce_weight: float = 0.0,
+    fine_region: jax.Array | None = None,
     axis_name: str | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """The RSTN joint loss `lam * L_coarse + (1 - lam) * L_fine`.
+
+    With `bce_weight` > 0 (not the reference, which is 0) each term gets a
+    mean binary cross-entropy: `L_coarse + bce_weight * BCE(coarse)` over
+    valid pixels, `L_fine + bce_weight * BCE(fine)` over the pixels of the
+    fine crop box (`fine_region`; outside it the fine map is 0 by design).
+    Training from scratch, the Dice loss alone lets whole output channels die
+    (saturate at p = 0, where its gradient vanishes); the per-pixel cross-
+    entropy keeps every channel alive.
 
     Args:
       coarse_prob, fine_prob, label: (B, H, W, C); the fine probability is the
@@ -109,6 +119,9 @@ def joint_loss(
       weight: optional (B,) sample weights, 0 for padded batch slots
         (default all 1).
       lam: coarse weight (reference 1/3).
+      bce_weight: weight of the cross-entropy terms (reference 0).
+      fine_region: (B, H, W) bool, the fine crop boxes (needed with
+        bce_weight > 0).
       axis_name: when the loss runs under pmap/shard_map with this axis, the
         local weighted sum is divided by the *global* weight sum (psum), so
         the psum of the per-device gradients is the gradient of the mean over
@@ -117,8 +130,10 @@ def joint_loss(
     Returns:
       loss: float32 scalar, the weighted mean of the per-sample joint loss
         (0 when every weight is 0).
-      metrics: {'loss_coarse', 'loss_fine', 'loss'} -> (sum, count) float32
-        scalars over this batch (weighted sums and the weight total).
+      metrics: {'loss_coarse', 'loss_fine', 'loss'} (and 'loss_bce' with
+        bce_weight > 0) -> (sum, count) float32 scalars over this batch
+        (weighted sums and the weight total); 'loss_coarse' and 'loss_fine'
+        are the Dice terms.
     """
     if not 0.0 <= float(lam) <= 1.0:
         raise InputError(f"lam: must be in [0, 1], got {lam}")
@@ -136,6 +151,13 @@ def joint_loss(
     # The weights are data, never a parameter: keep them out of the gradient.
     w = lax.stop_gradient(w)
     per = lam * lc + (1.0 - lam) * lf
+    if bce_weight:
+        if fine_region is None:
+            raise InputError("fine_region: needed with bce_weight > 0")
+        region = fine_region if valid is None else fine_region & valid.astype(bool)
+        bce = (lam * pixel_bce(coarse_prob, label, valid=valid)
+               + (1.0 - lam) * pixel_bce(fine_prob, label, valid=region))
+        per = per + float(bce_weight) * bce
     count = jnp.sum(w)
     total = count if axis_name is None else lax.psum(count, axis_name)
     loss_sum = jnp.sum(w * per)
@@ -145,7 +167,25 @@ def joint_loss(
         "loss_fine": (jnp.sum(w * lf), count),
         "loss": (loss_sum, count),
     }
+    if bce_weight:
+        metrics["loss_bce"] = (jnp.sum(w * bce), count)
     return loss, metrics
+
+
+def pixel_bce(prob: jax.Array, label: jax.Array, *, valid: jax.Array | None = None,
+              clip: float = 1e-7) -> jax.Array:
+    """Per-sample mean binary cross-entropy over valid pixels and channels.
+
+    prob, label: (B, H, W, C); valid: optional (B, H, W). Probabilities are
+    clipped to [clip, 1 - clip] (the network's logits are not at hand).
+    Returns (B,) float32.
+    """
+    p = jnp.clip(prob.astype(jnp.float32), clip, 1.0 - clip)
+    y = label.astype(jnp.float32)
+    ce = -(y * jnp.log(p) + (1.0 - y) * jnp.log1p(-p))
+    v = jnp.ones(prob.shape[:3], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(v, axis=(1, 2)) * prob.shape[-1], 1.0)
+    return jnp.sum(ce * v[..., None], axis=(1, 2, 3)) / n
 
 
 def merge_metrics(a: Mapping, b: Mapping) -> Metrics:

@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.5
     c.model.init = "he"           # "he" (from scratch) or "pretrained"
     c.model.pretrained = ""       # .npz from launch.convert_weights
+    c.model.init_prior = 0.5      # initial organ probability (0.5: zero heads, reference)
     c.model.saliency_kernels = (3, 5)  # (k,) one layer; (3, 5) reference
     c.model.saliency_bias = (1.0, 1.5, 2.0)
     c.model.margin = 20           # crop margin K (test: fixed; train: random)
@@ -55,12 +56,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.method = "rstn"       # "rstn" (S -> I -> J) or "stagewise" (C2F)
     c.train.stages = "S:10000,I:30000,J:40000"
+    c.train.optimizer = "sgd"     # "sgd" (Caffe, reference) or "adam" (from scratch)
     c.train.base_lr = 1e-5
     c.train.lr_mult = (1.0, 2.0, 10.0, 20.0)  # coarse W, coarse b, fine W, fine b
     c.train.momentum = 0.99
     c.train.weight_decay = 5e-4
     c.train.j_halving_every = 10000  # J halves the rate every this many steps
     c.train.coarse_weight = 1.0 / 3.0  # lambda
+    c.train.bce_weight = 0.0      # cross-entropy beside the Dice terms (0: reference)
     c.train.log_every = 20
     c.train.checkpoint_every = 2000
     c.train.keep_checkpoints = 3

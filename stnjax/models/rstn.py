@@ -35,6 +35,7 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from stnjax import crop
 from stnjax.checks import InputError, check_array
@@ -54,11 +55,13 @@ class Outputs(NamedTuple):
     float32 per-sample counters: 'skipped' (no box: fine branch not run),
     'fallback' (J: the box came from the label because the prediction was
     empty), 'overflow' (the box was larger than the largest canvas and was
-    cut), and 'box_area' (pixels of the crop box).
+    cut), and 'box_area' (pixels of the crop box). fine_region: (B, H, W)
+    bool, the pixels inside each sample's crop box (False when skipped).
     """
     coarse_prob: jax.Array
     fine_prob: jax.Array
     stats: dict[str, jax.Array]
+    fine_region: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,13 @@ class RSTN:
       init: "he" (from scratch) or "pretrained" (the reference scheme: body
         from `pretrained`, score heads zero, in both networks).
       pretrained: path of an .npz written by `launch.convert_weights`.
+      init_prior: initial organ probability of both networks, set through
+        the bias of the last score head (score_pool3 enters the output with
+        gain 1 through the bilinear upsampling). 0.5 = the reference (zero
+        heads). A small prior (e.g. 0.05) keeps a network trained from
+        scratch out of the Dice loss's all-background collapse: with p
+        small everywhere the gradient mostly raises the organ instead of
+        lowering everything at once.
     """
     fcn: FCN8s
     saliency: Saliency
@@ -84,6 +94,7 @@ class RSTN:
     canvas_sizes: tuple[int, ...] = (128, 192, 256, 384, 512)
     init: str = "he"
     pretrained: str = ""
+    init_prior: float = 0.5
 
     @classmethod
     def from_config(cls, model: Mapping[str, Any]) -> "RSTN":
@@ -91,6 +102,9 @@ class RSTN:
         if model["dtype"] not in DTYPES:
             raise InputError(f"config.model.dtype: expected one of {sorted(DTYPES)}, "
                              f"got {model['dtype']!r}")
+        if not 0.0 < float(model["init_prior"]) < 1.0:
+            raise InputError(f"config.model.init_prior: expected a probability in (0, 1), "
+                             f"got {model['init_prior']}")
         if model["init"] not in INITS:
             raise InputError(f"config.model.init: expected one of {INITS}, got {model['init']!r}")
         if model["init"] == "pretrained" and not model["pretrained"]:
@@ -105,7 +119,8 @@ class RSTN:
         return cls(fcn=fcn, saliency=sal, margin=int(model["margin"]),
                    prob_fixed=float(model["prob_fixed_margin"]),
                    canvas_sizes=tuple(int(s) for s in model["canvases"]),
-                   init=model["init"], pretrained=model["pretrained"])
+                   init=model["init"], pretrained=model["pretrained"],
+                   init_prior=float(model["init_prior"]))
 
     # ------------------------------------------------------------------ init
     def init_params(self, key: jax.Array, image_hw: tuple[int, int]) -> Params:
@@ -125,6 +140,9 @@ class RSTN:
             body = weights.load_pretrained(self.pretrained)
             coarse = weights.assign_pretrained(coarse, body)
             fine = weights.assign_pretrained(fine, body)
+        if self.init_prior != 0.5:
+            shift = float(np.log(self.init_prior) - np.log1p(-self.init_prior))
+            coarse, fine = (_shift_head(net, shift) for net in (coarse, fine))
         return {"coarse": coarse, "saliency": sal, "fine": fine}
 
     # ------------------------------------------------------------ primitives
@@ -228,7 +246,12 @@ class RSTN:
                  "fallback": fallback.astype(jnp.float32),
                  "overflow": info["overflow"],
                  "box_area": jnp.where(active, area, 0).astype(jnp.float32)}
-        return Outputs(coarse_prob, jax.nn.sigmoid(logits), stats)
+        h, w = image.shape[1:3]
+        rows, cols = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+        b = boxes[:, :, None, None]
+        region = ((rows >= b[:, 0]) & (rows < b[:, 1]) & (cols >= b[:, 2]) & (cols < b[:, 3])
+                  & active[:, None, None])
+        return Outputs(coarse_prob, jax.nn.sigmoid(logits), stats, region)
 
     def forward_s(self, params: Params, batch: Mapping[str, jax.Array],
                   key: jax.Array) -> Outputs:
@@ -295,6 +318,12 @@ class RSTN:
         from the label box (margin K), one pass -> (B, H, W, 3) float32."""
         score = self.coarse_prob(params, image)
         return self.fine_round(params, image, score, label)[0]
+
+
+def _shift_head(net: Params, shift: float) -> Params:
+    """A copy of FCN params with `shift` added to the score_pool3 bias."""
+    head = net["score_pool3"]
+    return {**net, "score_pool3": {**head, "bias": head["bias"] + shift}}
 
 
 def valid_extent(valid: jax.Array) -> jax.Array:

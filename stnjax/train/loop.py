@@ -183,7 +183,8 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
     # pmap wants the same device list on every process: all devices of all
     # hosts (its mapped axis is then the local device count).
     pmap_devices = tuple(jax.devices()) if nproc > 1 else tuple(devices)
-    step_fns = {m: pmapped_step(rstn, m, spec, float(tc.coarse_weight), pmap_devices)
+    step_fns = {m: pmapped_step(rstn, m, spec, float(tc.coarse_weight), pmap_devices,
+                                 float(tc.bce_weight))
                 for m in modes}
 
     def fresh_state(attempt: int):
@@ -295,6 +296,8 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
                "examples_per_s": examples / dt, "steps_per_s": n / dt, "steps": n,
                "examples": examples, "compiled": fresh_compile,
                "time_s": round(now - t_start, 3)}
+        if "loss_bce" in sums:
+            rec["loss_bce"] = _mean(sums, counts, "loss_bce")
         for k in sums:
             if k.startswith("stat_"):
                 name = k[5:]

@@ -93,6 +93,66 @@ def trainable_tree(params: Any, trainable: Collection[str] | None) -> Any:
     return jax.tree_util.tree_map_with_path(f, params)
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _grouped(init_slots: Callable[[Any], dict], leaf_update: Callable, *,
+             weight_decay: float, lr_mult: Sequence[float],
+             trainable: Collection[str] | None, schedule: Callable,
+             name: str) -> optax.GradientTransformation:
+    """Shared machinery of the grouped optimisers.
+
+    The state is {'count': int32 (), <slot>: float32 tree like params, ...}.
+    For each trainable leaf, `leaf_update(g_eff, slots, lr, count)` gets the
+    decayed gradient g + d_g * w, its slot values and the group's rate
+    (base rate x multiplier), and returns (update, new slot values); frozen
+    leaves get a zero update and keep their slots.
+    """
+    if len(lr_mult) != 4:
+        raise InputError(f"train.lr_mult: expected 4 multipliers, got {tuple(lr_mult)}")
+    mults = tuple(float(m) for m in lr_mult)
+
+    def init(params):
+        param_groups(params)  # fails early on an unexpected tree
+        return {"count": jnp.zeros([], jnp.int32), **init_slots(params)}
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise InputError(f"{name}: update needs params (weight decay)")
+        path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        g_leaves = treedef.flatten_up_to(grads)
+        slot_names = [k for k in state if k != "count"]
+        slot_leaves = [treedef.flatten_up_to(state[k]) for k in slot_names]
+        lr = schedule(state["count"]).astype(jnp.float32)
+        on_leaves = treedef.flatten_up_to(trainable_tree(params, trainable))
+        count = state["count"] + 1
+        upd, new_slots = [], [[] for _ in slot_names]
+        for i, ((path, w), g, train) in enumerate(zip(path_leaves, g_leaves, on_leaves)):
+            slots = [sl[i] for sl in slot_leaves]
+            if not train:
+                # Frozen network: no step and the optimiser slots are kept.
+                u = jnp.zeros_like(w)
+            else:
+                group = leaf_group(path)
+                d = weight_decay if group % 2 == 0 else 0.0
+                g_eff = g.astype(jnp.float32) + d * w.astype(jnp.float32)
+                u, slots = leaf_update(g_eff, slots, lr * mults[group], count)
+                u = u.astype(w.dtype)
+            upd.append(u)
+            for k, v in enumerate(slots):
+                new_slots[k].append(v)
+        new_state = {"count": count}
+        for k, nm in enumerate(slot_names):
+            new_state[nm] = jax.tree_util.tree_unflatten(treedef, new_slots[k])
+        return jax.tree_util.tree_unflatten(treedef, upd), new_state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _zeros_like_tree(params: Any) -> Any:
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+
 def caffe_sgd(
     schedule: Callable[[jax.Array], jax.Array],
     *,
@@ -116,41 +176,45 @@ def caffe_sgd(
 
     Returns:
       An `optax.GradientTransformation`; `update` needs `params` and returns
-      updates to add to the params (`optax.apply_updates`).
+      updates to add to the params (`optax.apply_updates`). State:
+      {'count', 'velocity'}.
     """
-    if len(lr_mult) != 4:
-        raise InputError(f"train.lr_mult: expected 4 multipliers, got {tuple(lr_mult)}")
-    mults = tuple(float(m) for m in lr_mult)
+    def leaf(g, slots, lr, count):
+        del count
+        v_new = momentum * slots[0] + lr * g
+        return -v_new, [v_new]
 
-    def init(params):
-        param_groups(params)  # fails early on an unexpected tree
-        return {"count": jnp.zeros([], jnp.int32),
-                "velocity": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)}
+    return _grouped(lambda p: {"velocity": _zeros_like_tree(p)}, leaf,
+                    weight_decay=weight_decay, lr_mult=lr_mult, trainable=trainable,
+                    schedule=schedule, name="caffe_sgd")
 
-    def update(grads, state, params=None):
-        if params is None:
-            raise InputError("caffe_sgd: update needs params (weight decay)")
-        path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-        g_leaves = treedef.flatten_up_to(grads)
-        v_leaves = treedef.flatten_up_to(state["velocity"])
-        lr = schedule(state["count"]).astype(jnp.float32)
-        on = trainable_tree(params, trainable)
-        on_leaves = treedef.flatten_up_to(on)
-        upd, vel = [], []
-        for (path, w), g, v, train in zip(path_leaves, g_leaves, v_leaves, on_leaves):
-            if not train:
-                # Frozen network: no step and the momentum buffer is kept.
-                upd.append(jnp.zeros_like(w))
-                vel.append(v)
-                continue
-            group = leaf_group(path)
-            d = weight_decay if group % 2 == 0 else 0.0
-            v_new = momentum * v + (lr * mults[group]) * (
-                g.astype(jnp.float32) + d * w.astype(jnp.float32))
-            upd.append((-v_new).astype(w.dtype))
-            vel.append(v_new)
-        return (jax.tree_util.tree_unflatten(treedef, upd),
-                {"count": state["count"] + 1,
-                 "velocity": jax.tree_util.tree_unflatten(treedef, vel)})
 
-    return optax.GradientTransformation(init, update)
+def grouped_adam(
+    schedule: Callable[[jax.Array], jax.Array],
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 5e-4,
+    lr_mult: Sequence[float] = (1.0, 2.0, 10.0, 20.0),
+    trainable: Collection[str] | None = None,
+) -> optax.GradientTransformation:
+    """Adam with the same rate groups, kernel-only L2 decay (added to the
+    gradient, as Caffe's AdamSolver) and frozen networks as `caffe_sgd`.
+
+    Not the reference: offered for training from scratch (no pretrained
+    body), where SGD on the Dice loss stalls at the all-background start
+    (the built-in phantom config uses it; see launch/configs/phantom.py).
+    State: {'count', 'mu', 'nu'}; bias-corrected by the global count.
+    """
+    def leaf(g, slots, lr, count):
+        mu = b1 * slots[0] + (1 - b1) * g
+        nu = b2 * slots[1] + (1 - b2) * g * g
+        t = count.astype(jnp.float32)
+        mhat = mu / (1 - b1 ** t)
+        vhat = nu / (1 - b2 ** t)
+        return -lr * mhat / (jnp.sqrt(vhat) + eps), [mu, nu]
+
+    return _grouped(lambda p: {"mu": _zeros_like_tree(p), "nu": _zeros_like_tree(p)}, leaf,
+                    weight_decay=weight_decay, lr_mult=lr_mult, trainable=trainable,
+                    schedule=schedule, name="grouped_adam")

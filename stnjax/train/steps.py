@@ -45,7 +45,7 @@ from jax import lax
 
 from stnjax.checks import InputError
 from stnjax.losses import joint_loss, psum_metrics
-from stnjax.train.optim import caffe_sgd
+from stnjax.train.optim import OPTIMIZERS, caffe_sgd, grouped_adam
 from stnjax.train.schedule import Stage, make_lr_schedule, parse_stages
 
 AXIS = "batch"
@@ -61,7 +61,7 @@ BATCH_KEYS = ("image", "label", "valid", "weight")
 
 
 def make_step(rstn: Any, mode: str, tx: optax.GradientTransformation, *,
-              lam: float, axis_name: str | None = AXIS) -> Callable:
+              lam: float, axis_name: str | None = AXIS, bce_weight: float = 0.0) -> Callable:
     """The pure training step of one mode (not yet pmapped).
 
     Args:
@@ -73,6 +73,8 @@ def make_step(rstn: Any, mode: str, tx: optax.GradientTransformation, *,
       lam: the coarse loss weight (train.coarse_weight).
       axis_name: the pmap axis (None: a single-device step without
         collectives).
+      bce_weight: weight of the cross-entropy terms (train.bce_weight, 0 =
+        the reference; see losses.joint_loss).
 
     Returns:
       step(state, batch) -> (new_state, metrics). batch holds image
@@ -92,7 +94,8 @@ def make_step(rstn: Any, mode: str, tx: optax.GradientTransformation, *,
             out = forward(params, batch, key)
             loss, metrics = joint_loss(
                 out.coarse_prob, out.fine_prob, batch["label"], valid=batch["valid"],
-                weight=batch["weight"], lam=lam, axis_name=axis_name)
+                weight=batch["weight"], lam=lam, axis_name=axis_name,
+                bce_weight=bce_weight, fine_region=out.fine_region)
             return loss, (metrics, out.stats)
 
         (_, (metrics, stats)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -114,7 +117,7 @@ def make_step(rstn: Any, mode: str, tx: optax.GradientTransformation, *,
 
 def make_pmapped_steps(rstn: Any, modes: Sequence[str], make_tx: Callable[[str], Any], *,
                        lam: float, devices: Sequence[Any] | None = None,
-                       donate: bool = True) -> dict[str, Callable]:
+                       donate: bool = True, bce_weight: float = 0.0) -> dict[str, Callable]:
     """`jax.pmap`ped steps for the given modes, over `devices` (default: local).
 
     make_tx(mode) -> the optax transformation of that mode. The state is
@@ -124,7 +127,8 @@ def make_pmapped_steps(rstn: Any, modes: Sequence[str], make_tx: Callable[[str],
     out = {}
     for mode in modes:
         out[mode] = jax.pmap(
-            make_step(rstn, mode, make_tx(mode), lam=lam, axis_name=AXIS),
+            make_step(rstn, mode, make_tx(mode), lam=lam, axis_name=AXIS,
+                      bce_weight=bce_weight),
             axis_name=AXIS, devices=devices, donate_argnums=(0,) if donate else ())
     return out
 
@@ -138,18 +142,27 @@ class OptimizerSpec(NamedTuple):
     momentum: float
     weight_decay: float
     lr_mult: tuple[float, ...]
+    name: str = "sgd"
 
     @classmethod
     def from_config(cls, train_config: Any) -> "OptimizerSpec":
         tc = train_config
+        if tc.optimizer not in OPTIMIZERS:
+            raise InputError(f"train.optimizer: expected one of {OPTIMIZERS}, "
+                             f"got {tc.optimizer!r}")
         return cls(parse_stages(tc.stages, tc.method), float(tc.base_lr), int(tc.j_halving_every),
-                   float(tc.momentum), float(tc.weight_decay), tuple(float(m) for m in tc.lr_mult))
+                   float(tc.momentum), float(tc.weight_decay), tuple(float(m) for m in tc.lr_mult),
+                   tc.optimizer)
 
     def schedule(self) -> Callable:
         return make_lr_schedule(self.stages, self.base_lr, self.j_halving_every)
 
     def optimizer(self, trainable=None) -> optax.GradientTransformation:
-        """`caffe_sgd` with these settings and the given trainable networks."""
+        """`caffe_sgd` (or `grouped_adam`) with these settings and the given
+        trainable networks."""
+        if self.name == "adam":
+            return grouped_adam(self.schedule(), weight_decay=self.weight_decay,
+                                lr_mult=self.lr_mult, trainable=trainable)
         return caffe_sgd(self.schedule(), momentum=self.momentum,
                          weight_decay=self.weight_decay, lr_mult=self.lr_mult,
                          trainable=trainable)
@@ -157,7 +170,7 @@ class OptimizerSpec(NamedTuple):
 
 @functools.lru_cache(maxsize=32)
 def pmapped_step(rstn: Any, mode: str, spec: OptimizerSpec, lam: float,
-                 devices: tuple) -> Callable:
+                 devices: tuple, bce_weight: float = 0.0) -> Callable:
     """The pmapped step of one mode over `devices`, cached.
 
     Runs with the same model, optimiser, loss weight and devices (other
@@ -166,7 +179,8 @@ def pmapped_step(rstn: Any, mode: str, spec: OptimizerSpec, lam: float,
     function object).
     """
     return make_pmapped_steps(rstn, [mode], lambda m: spec.optimizer(MODE_TRAINABLE[m]),
-                              lam=float(lam), devices=list(devices))[mode]
+                              lam=float(lam), devices=list(devices),
+                              bce_weight=float(bce_weight))[mode]
 
 
 def shard_batch(batch: Mapping[str, Any], num_devices: int, *,
