@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.configs.common import base_config  # noqa: E402
 from stnjax import infer, phantom  # noqa: E402
+from stnjax.fileio import atomic_write_text  # noqa: E402
 from stnjax.models.rstn import RSTN  # noqa: E402
 from stnjax.preprocess import window_hu  # noqa: E402
 
@@ -141,10 +141,7 @@ def main() -> None:
                   f"(10 rounds) / {r[f'total_{PAPER_MEAN_ROUNDS}_rounds_s']:.2f} s "
                   f"({PAPER_MEAN_ROUNDS} rounds), compile {r['compile_s']:.1f} s", flush=True)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.json + ".tmp"
-        Path(tmp).write_text(json.dumps(results, indent=2))
-        os.replace(tmp, a.json)
+        atomic_write_text(a.json, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from absl import app, flags
 
@@ -157,10 +156,8 @@ def main(argv):
            "pytorch_ms_per_step_batch1": PYTORCH_MS, "rows": rows,
            "best_batch": {k: v["batch"] for k, v in best.items()}}
     if _OUT.value:
-        Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(_OUT.value + ".tmp")
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
-        tmp.replace(_OUT.value)
+        from stnjax.fileio import atomic_write_text
+        atomic_write_text(_OUT.value, json.dumps(out, indent=2) + "\n")
         print(f"wrote {_OUT.value}")
 
 

@@ -3,17 +3,18 @@
   python -m launch.make_phantoms --out=/tmp/phantoms --num_cases=8 --seed=0
 
 The folder holds images/ and labels/ (NIfTI), dataset.json (organ_id 7) and
-folds.json; see stnjax.phantom. Re-running with the same flags keeps the
-existing folder; different flags need --overwrite.
+folds.json; see stnjax.phantom_dataset. Re-running with the same flags keeps
+the existing folder; different flags need --overwrite.
 """
 
 from absl import app, flags
 
-from stnjax import phantom
+from stnjax import phantom, phantom_dataset
 
 OUT = flags.DEFINE_string("out", None, "Dataset folder to write.", required=True)
 NUM_CASES = flags.DEFINE_integer("num_cases", 8, "Number of cases.")
-SEED = flags.DEFINE_integer("seed", 0, "Dataset seed (case i uses phantom.case_seed(seed, i)).")
+SEED = flags.DEFINE_integer("seed", 0, "Dataset seed (case i uses "
+                           "phantom_dataset.case_seed(seed, i)).")
 SHAPE = flags.DEFINE_list("shape", ["128", "128", "64"], "Voxels per canonical axis (P, L, S).")
 SPACING = flags.DEFINE_list("spacing", [], "mm per voxel written to file; empty = "
                             "the reference field of view (320 x 320 x 256 mm) / shape.")
@@ -33,15 +34,15 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e))
     try:
-        out = phantom.write_phantom_dataset(
+        out = phantom_dataset.write_phantom_dataset(
             OUT.value, num_cases=NUM_CASES.value, seed=SEED.value, config=config,
             n_folds=N_FOLDS.value, overwrite=OVERWRITE.value)
     except (FileExistsError, ValueError) as e:  # InputError is a ValueError
         raise app.UsageError(str(e))
-    rows = phantom.summarize_dataset(out)
+    rows = phantom_dataset.summarize_dataset(out)
     print(f"dataset {out}: {len(rows)} cases, shape {config.shape}, "
           f"spacing {tuple(round(float(s), 3) for s in config.voxel_spacing)} mm")
-    print(phantom.format_summary(rows))
+    print(phantom_dataset.format_summary(rows))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 from absl import app, flags
 
 from stnjax import evaluate, plots
+from stnjax.records import read_records
 from stnjax.checks import InputError
 
 _RECORDS = flags.DEFINE_list(
@@ -35,7 +36,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        records = evaluate.read_records(*_RECORDS.value)
+        records = read_records(*_RECORDS.value)
         rows = evaluate.sweep(records, evaluate.parse_thresholds(_THRESHOLDS.value))
         out = Path(_OUT.value)
         csv_path = evaluate.write_sweep_csv(rows, out / evaluate.SWEEP_CSV)

@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from launch.logs import setup_logging
 from stnjax.checks import InputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
@@ -55,22 +55,6 @@ def _parse_flags(argv):
         sys.exit(f"error: invalid --config override: {msg.strip()}")
 
 
-def _setup_logging(workdir: Path, primary: bool) -> None:
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-    fmt = logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S")
-    logger = logging.getLogger("stnjax")
-    logger.setLevel(logging.INFO if primary else logging.WARNING)
-    logger.propagate = False
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(fmt)
-    logger.addHandler(stream)
-    if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(workdir / "train.log")
-        handler.setFormatter(fmt)
-        logger.addHandler(handler)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -87,7 +71,7 @@ def main(argv):
         cache = workdir / "jax_cache" if _CACHE.value == "auto" else Path(_CACHE.value)
         jax.config.update("jax_compilation_cache_dir", str(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    _setup_logging(workdir, jax.process_index() == 0)
+    setup_logging(workdir / "train.log", primary=jax.process_index() == 0)
     try:
         summaries = loop.train(config, workdir, overwrite=_OVERWRITE.value)
     except (InputError, loop.TrainingDivergedError, CheckpointError) as e:

@@ -74,3 +74,13 @@ def check_array(
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(values)))
         if bad:
             raise InputError(f"{name}: {bad} NaN or infinite values")
+
+
+def check_int(v: Any, name: str, lo: int, hi: int | None = None) -> int:
+    """Returns `v` as an int if it is an integer (not a bool) in [lo, hi]
+    (hi None: no upper bound); raises `InputError` naming `name` otherwise."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < lo or (
+            hi is not None and v > hi):
+        want = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise InputError(f"{name}: expected an int {want}, got {v!r}")
+    return int(v)

@@ -47,15 +47,6 @@ SOURCE_NONE = 2  # both maps empty: whole image; the caller skips the fine branc
 Canvases = tuple[tuple[int, int], ...]
 
 
-def _check_dtype(x, name: str, kinds: str) -> None:
-    """dtype-kind check that also counts bfloat16 as floating ("f"), which
-    NumPy reports as kind "V" (ml_dtypes)."""
-    dt = jnp.dtype(x.dtype)
-    kind = "f" if jnp.issubdtype(dt, jnp.floating) else dt.kind
-    if kind not in kinds:
-        raise InputError(f"{name}: expected dtype of kind {kinds!r}, got {dt}")
-
-
 # --------------------------------------------------------------------------
 # Box from a map
 # --------------------------------------------------------------------------
@@ -250,8 +241,7 @@ def crop_to_canvas(
       overflow: bool scalar, True when the box was larger than the canvas
         in a dimension and was cut to a centred window.
     """
-    check_array(image, "image", rank=3, finite=True)
-    _check_dtype(image, "image", "f")
+    check_array(image, "image", rank=3, finite=True, dtype_kind="f")
     hc, wc = _canvas_hw(canvas_hw)
     h, w, c = image.shape
     _check_box(box, "box", (h, w))
@@ -288,8 +278,7 @@ def paste_logits(
     Returns:
       (H, W, C) float32: the logits on the (possibly cut) box, `fill` elsewhere.
     """
-    check_array(canvas_logits, "canvas_logits", rank=3)
-    _check_dtype(canvas_logits, "canvas_logits", "f")
+    check_array(canvas_logits, "canvas_logits", rank=3, dtype_kind="f")
     hc, wc, c = canvas_logits.shape
     if tuple(crop_valid.shape) != (hc, wc):
         raise InputError(
@@ -447,8 +436,7 @@ def fine_on_canvas(
       info: dict of int32 scalars: 'canvas_index', 'canvas_h', 'canvas_w',
         'overflow_count' (active samples whose box was cut; count these).
     """
-    check_array(image, "image", rank=4, finite=True)
-    _check_dtype(image, "image", "f")
+    check_array(image, "image", rank=4, finite=True, dtype_kind="f")
     b, h, w, _ = image.shape
     cv = check_canvases(canvases, image_hw=(h, w), margin=margin)
     check_array(boxes, "boxes", rank=2, dtype_kind="iu")

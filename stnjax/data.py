@@ -1,4 +1,4 @@
-"""Datasets: manifest, fold table, case store, training slices, sampler.
+"""Datasets: manifest, fold table, case store.
 
 A dataset folder holds images and labels (NIfTI files or DICOM folders) and a
 `dataset.json` manifest::
@@ -12,11 +12,9 @@ other keys are kept as `extra`. The fold table is written once as
 `folds.json` (explicit case-ID lists) and read back thereafter, so a case that
 goes missing later never shifts the folds (reference sections 1.4 and 7).
 
-Training data follows the reference (sections 1.6, 1.7): only slices whose
-centre slice holds enough organ pixels are trained on; each sample is a
-3-slice window (H, W, 3) of image and label. `SliceSampler` pads windows at
-the bottom/right to a shape bucket and yields fixed-shape batches with a
-validity mask, as a pure function of (seed, step).
+`CaseStore` reads each case once and serves memory-mapped, plane-ordered
+arrays from a cache; the training-slice selection and the batch sampler
+built on it live in `stnjax.sampler`.
 """
 
 from __future__ import annotations
@@ -25,20 +23,16 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
-import queue
 import re
-import tempfile
-import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from stnjax import fileio, preprocess
 from stnjax import io as stio
-from stnjax import preprocess
-from stnjax.checks import InputError
+from stnjax.checks import InputError, check_int
 
 log = logging.getLogger(__name__)
 
@@ -58,40 +52,15 @@ class DatasetError(InputError):
     """A bad manifest, fold table or dataset request; names the file or case."""
 
 
-# ------------------------------------------------------------------ atomic I/O
-
-def _default_mode(directory: bool = False) -> int:
-    """Permissions of a newly created file (or folder) under the umask;
-    mkstemp / mkdtemp make private ones, which a shared dataset must not be."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Calls write(tmp_path) on a temp file in path's folder, then renames."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+# ------------------------------------------------------------------ files
 
 def _write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=1, sort_keys=False) + "\n"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    fileio.atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-    _atomic_write(path, write)
+    with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)  # a file object: np.save would add ".npy" to a name
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -101,15 +70,6 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{what} {path}: not valid JSON ({e})") from e
-
-
-def _int_arg(v: Any, name: str, lo: int, hi: int | None = None) -> int:
-    """Checks an int argument in [lo, hi]; raises InputError naming it."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < lo or (
-            hi is not None and v > hi):
-        want = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise InputError(f"{name}: expected an int {want}, got {v!r}")
-    return int(v)
 
 
 # ------------------------------------------------------------------ manifest
@@ -235,14 +195,9 @@ def write_manifest(dataset_dir: str | os.PathLike, *, name: str, organ_id: int,
     obj = {"name": name, "organ_id": organ_id, "description": description, "cases": out,
            **dict(extra or {})}
     path = root / MANIFEST_FILE
-    tmp_check = root / f".{MANIFEST_FILE}.check"
-    _write_json(tmp_check, obj)  # validate before replacing a good manifest
-    try:
-        load_manifest(tmp_check)
-        os.replace(tmp_check, path)
-    finally:
-        if tmp_check.exists():
-            tmp_check.unlink()
+    with fileio.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+        load_manifest(tmp)  # validate before replacing a good manifest
     return path
 
 
@@ -260,7 +215,7 @@ def folds_by_position(case_ids: Iterable[str], n_folds: int = 4) -> dict[int, li
     ids = sorted(case_ids)
     if len(set(ids)) != len(ids):
         raise DatasetError("case_ids: duplicate ids")
-    _int_arg(n_folds, "n_folds", 2)
+    check_int(n_folds, "n_folds", 2)
     n = len(ids)
     if n < n_folds:
         raise DatasetError(f"case_ids: {n} cases cannot fill {n_folds} folds")
@@ -620,263 +575,3 @@ def _window_index(j: int, s: int) -> list[int]:
     if not 0 <= j < s:
         raise InputError(f"j: slice {j} out of range [0, {s})")
     return [max(j - 1, 0), j, min(j + 1, s - 1)]
-
-
-# ------------------------------------------------------------------ training slices
-
-def slice_organ_counts(store: CaseStore, case_ids: Iterable[str] | None, plane: str
-                       ) -> dict[str, np.ndarray]:
-    """Organ pixels of every slice of a plane: {case_id: int64 (S,)}, in
-    the order of `case_ids` (default: store.case_ids)."""
-    preprocess.check_plane(plane)
-    axes = tuple(a for a in range(3) if a != preprocess.PLANE_AXIS[plane])
-    ids = store.case_ids if case_ids is None else list(case_ids)
-    return {cid: np.count_nonzero(store.label(cid), axis=axes).astype(np.int64) for cid in ids}
-
-
-def select_training_slices(counts: Mapping[str, np.ndarray], train_ids: Iterable[str],
-                           threshold: float = 0.98, *, plane: str | None = None,
-                           fold: int | None = None) -> np.ndarray:
-    """The reference's training-slice rule (section 1.6).
-
-    P = the number of slices with organ pixels over ALL cases in `counts`
-    (test folds included, as in the reference); min_pixels = the
-    floor(threshold * P)-th largest count (at least the 1st); a slice is
-    active when its count >= min_pixels and its case is in `train_ids`.
-    A threshold > 1 is an absolute pixel count instead.
-
-    Args:
-      counts: {case_id: (S,) organ pixels per slice}, e.g. from
-        `slice_organ_counts`; its order defines the case index.
-      train_ids: the training cases (a subset of counts).
-      threshold: fraction in (0, 1], or an absolute count > 1.
-      plane, fold: only for the error message.
-
-    Returns:
-      int32 (N, 2) rows (case_index, slice_index), sorted; case_index indexes
-      list(counts) (= store.case_ids for `slice_organ_counts(store, None, p)`).
-    """
-    ids = list(counts)
-    train = set(train_ids)
-    unknown = sorted(train - set(ids))
-    if unknown:
-        raise DatasetError(f"train_ids: not in counts: {', '.join(unknown[:10])}")
-    if not np.isfinite(threshold) or threshold <= 0:
-        raise InputError(f"threshold: expected > 0, got {threshold}")
-    arrays = [np.asarray(counts[c]) for c in ids]
-    for cid, a in zip(ids, arrays):
-        if a.ndim != 1 or a.dtype.kind not in "iu" or (a.size and a.min() < 0):
-            raise InputError(f"counts[{cid!r}]: expected a 1-D array of non-negative ints")
-    where = f"plane {plane or '?'}, fold {'?' if fold is None else fold}"
-    if threshold > 1:
-        min_pixels = float(threshold)
-    else:
-        positive = np.sort(np.concatenate([a[a > 0] for a in arrays]))[::-1]
-        if positive.size == 0:
-            raise DatasetError(f"{where}: no slice holds any organ pixel")
-        k = max(1, math.floor(threshold * positive.size))
-        min_pixels = float(positive[k - 1])
-    rows = [(i, j) for i, (cid, a) in enumerate(zip(ids, arrays)) if cid in train
-            for j in np.nonzero(a >= min_pixels)[0]]
-    if not rows:
-        raise DatasetError(f"{where}: no training slice has >= {min_pixels:g} organ pixels "
-                           f"(threshold {threshold}, {len(train)} training cases)")
-    return np.asarray(rows, np.int32).reshape(-1, 2)
-
-
-# ------------------------------------------------------------------ sampler
-
-def _fit(size: int, buckets: tuple[int, ...]) -> int | None:
-    """The smallest bucket >= size (size itself with no buckets), or None."""
-    if not buckets:
-        return size
-    for b in buckets:
-        if b >= size:
-            return b
-    return None
-
-
-class SliceSampler:
-    """Fixed-shape training batches of one plane, a pure function of (seed, step).
-
-    Each active slice gives a window (H, W, 3) of image and label, padded at
-    the bottom/right with zeros to its bucket (Hb, Wb) = (smallest bucket >=
-    H, smallest bucket >= W); a batch holds one bucket only, so a jitted step
-    compiles once per bucket (see `buckets()`).
-
-    order="uniform" (Caffe-like): the bucket is drawn with probability
-    proportional to its number of slices, then batch_size slices uniformly
-    with replacement inside it. order="epoch" (PyTorch-like): every epoch is a
-    seeded permutation of all active slices in same-bucket batches, the
-    batches in a seeded order; a bucket's last partial batch is filled with
-    padding slots of weight 0 (nothing dropped). `steps_per_epoch` batches
-    make one epoch.
-
-    Args:
-      store: the CaseStore; case_index refers to store.case_ids.
-      slices: int (N, 2) rows (case_index, slice_index), e.g. from
-        `select_training_slices`.
-      plane: "X", "Y" or "Z".
-      batch_size: global batch size.
-      buckets: sizes for both H and W (sorted here); () = exact sizes.
-      seed: a non-negative int.
-      order: "uniform" or "epoch".
-    """
-
-    def __init__(self, store: CaseStore, slices: Any, *, plane: str, batch_size: int,
-                 buckets: Sequence[int] = (), seed: int = 0, order: str = "uniform"):
-        self.plane = preprocess.check_plane(plane)
-        slices = np.asarray(slices)
-        if (slices.ndim != 2 or slices.shape[1] != 2 or slices.shape[0] == 0
-                or slices.dtype.kind not in "iu"):
-            raise InputError(f"slices: expected a non-empty int (N, 2) array, got {slices.dtype} "
-                             f"{slices.shape}")
-        _int_arg(batch_size, "batch_size", 1)
-        _int_arg(seed, "seed", 0)
-        if order not in ("uniform", "epoch"):
-            raise InputError(f"order: expected 'uniform' or 'epoch', got {order!r}")
-        bks = tuple(sorted(int(b) for b in buckets))
-        if any(b < 1 for b in bks) or len(set(bks)) != len(bks):
-            raise InputError(f"buckets: expected distinct positive sizes, got {tuple(buckets)}")
-        self.store, self.order = store, order
-        self.batch_size, self.seed = int(batch_size), int(seed)
-        self.bucket_sizes = bks
-        self.slices = slices.astype(np.int32)
-        ids = store.case_ids
-        groups: dict[tuple[int, int], list[int]] = {}
-        self._img, self._lab = {}, {}
-        for c in np.unique(self.slices[:, 0]):
-            if not 0 <= c < len(ids):
-                raise InputError(f"slices: case_index {c} out of range [0, {len(ids)})")
-            img = store.plane(ids[c], plane, "image")
-            self._img[int(c)], self._lab[int(c)] = img, store.plane(ids[c], plane, "label")
-            s, h, w = img.shape
-            rows = np.nonzero(self.slices[:, 0] == c)[0]
-            bad = self.slices[rows, 1]
-            bad = bad[(bad < 0) | (bad >= s)]
-            if bad.size:
-                raise InputError(f"slices: case {ids[c]!r} plane {plane} has {s} slices, "
-                                 f"got slice {bad[0]}")
-            hb, wb = _fit(h, bks), _fit(w, bks)
-            if hb is None or wb is None:
-                raise DatasetError(f"case {ids[c]!r} plane {plane}: slice {h} x {w} exceeds the "
-                                   f"largest bucket {bks[-1]}; add a larger bucket (slices are "
-                                   "never truncated)")
-            groups.setdefault((hb, wb), []).extend(rows.tolist())
-        self._keys = sorted(groups)
-        self._groups = [np.asarray(sorted(groups[k]), np.int64) for k in self._keys]
-        self._counts = np.array([len(g) for g in self._groups], np.float64)
-        self._epoch_cache: tuple[int, list] | None = None
-
-    def buckets(self) -> dict[tuple[int, int], int]:
-        """{(Hb, Wb): number of active slices}: one compilation per key."""
-        return {k: len(g) for k, g in zip(self._keys, self._groups)}
-
-    @property
-    def num_slices(self) -> int:
-        return len(self.slices)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Batches per epoch with order="epoch" (partial batches padded)."""
-        return int(sum(math.ceil(len(g) / self.batch_size) for g in self._groups))
-
-    def _epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch, 1])
-            plan = []
-            for k, g in enumerate(self._groups):
-                perm = rng.permutation(g)
-                pad = -len(perm) % self.batch_size
-                perm = np.concatenate([perm, np.full(pad, -1, np.int64)])
-                plan += [(k, b) for b in perm.reshape(-1, self.batch_size)]
-            self._epoch_cache = (epoch, [plan[i] for i in rng.permutation(len(plan))])
-        return self._epoch_cache[1]
-
-    def plan(self, step: int) -> tuple[tuple[int, int], np.ndarray]:
-        """The global batch of a step: ((Hb, Wb), rows (B,) into `slices`,
-        -1 for a padding slot). Cheap: no pixel is read."""
-        _int_arg(step, "step", 0)
-        if self.order == "uniform":
-            rng = np.random.default_rng([self.seed, int(step)])
-            k = int(rng.choice(len(self._keys), p=self._counts / self._counts.sum()))
-            rows = self._groups[k][rng.integers(0, len(self._groups[k]), self.batch_size)]
-        else:
-            epoch, i = divmod(int(step), self.steps_per_epoch)
-            k, rows = self._epoch_plan(epoch)[i]
-        return self._keys[k], rows
-
-    def batch(self, step: int, *, shard: int = 0, num_shards: int = 1) -> dict[str, np.ndarray]:
-        """This host's part of the global batch of `step`.
-
-        Returns NumPy arrays, B = batch_size // num_shards (the contiguous
-        slots [shard*B, (shard+1)*B) of the global batch):
-          image (B, Hb, Wb, 3) float32 in [0, 1]; label (B, Hb, Wb, 3) float32
-          in {0, 1}; valid (B, Hb, Wb) bool (real pixels); weight (B,) float32
-          (1 real, 0 padding slot); case_index, slice_index (B,) int32 (-1 for
-          padding slots).
-        """
-        _int_arg(num_shards, "num_shards", 1)
-        if self.batch_size % num_shards:
-            raise InputError(f"num_shards: {num_shards} does not divide batch_size "
-                             f"{self.batch_size}")
-        _int_arg(shard, "shard", 0, num_shards - 1)
-        (hb, wb), rows = self.plan(step)
-        per = self.batch_size // num_shards
-        rows = rows[shard * per:(shard + 1) * per]
-        out = {"image": np.zeros((per, hb, wb, 3), np.float32),
-               "label": np.zeros((per, hb, wb, 3), np.float32),
-               "valid": np.zeros((per, hb, wb), bool), "weight": np.zeros(per, np.float32),
-               "case_index": np.full(per, -1, np.int32), "slice_index": np.full(per, -1, np.int32)}
-        scale = np.float32(1.0 / IMAGE_LEVELS)
-        for b, r in enumerate(rows):
-            if r < 0:
-                continue
-            c, j = (int(v) for v in self.slices[r])
-            img, lab = self._img[c], self._lab[c]
-            s, h, w = img.shape
-            idx = [max(j - 1, 0), j, min(j + 1, s - 1)]
-            np.multiply(img[idx].transpose(1, 2, 0), scale, out=out["image"][b, :h, :w],
-                        casting="unsafe")
-            out["label"][b, :h, :w] = lab[idx].transpose(1, 2, 0)
-            out["valid"][b, :h, :w] = True
-            out["weight"][b], out["case_index"][b], out["slice_index"][b] = 1.0, c, j
-        return out
-
-
-def prefetch(sampler: SliceSampler, steps: Iterable[int], *, shard: int = 0, num_shards: int = 1,
-             depth: int = 2) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Yields (step, batch) for `steps`, assembling up to `depth` batches
-    ahead in a background thread (reading overlaps the device step)."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-    done = object()
-
-    def work():
-        try:
-            for step in steps:
-                if stop.is_set():
-                    return
-                q.put((step, sampler.batch(step, shard=shard, num_shards=num_shards)))
-        except BaseException as e:  # re-raised in the consumer
-            q.put(e)
-            return
-        q.put(done)
-
-    thread = threading.Thread(target=work, daemon=True, name="slice-prefetch")
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a worker waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)

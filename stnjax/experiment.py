@@ -2,9 +2,9 @@
 
 The glue between training runs (`<workdir>/fold<f>/<plane>/checkpoints`),
 the pure inference (`stnjax.infer` via `stnjax.segmenter.Segmenter`) and the
-reporting (`stnjax.evaluate`, `stnjax.plots`). Everything that touches
-files for evaluation lives here or in those writers; launch/evaluate.py and
-launch/segment.py only parse flags.
+reporting (`stnjax.records`, `stnjax.evaluate`, `stnjax.plots`). Everything
+that touches files for evaluation lives here or in those writers;
+launch/evaluate.py and launch/segment.py only parse flags.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from stnjax import data as stdata
 from stnjax import evaluate, infer, io, metrics, plots
 from stnjax.checks import InputError
 from stnjax.models.rstn import RSTN
+from stnjax.records import CaseRecord, threshold_key, write_records
 from stnjax.segmenter import CaseResult, Segmenter
 from stnjax.train import inputs, workdir as wd
 from stnjax.train.checkpoint import load_trained_params
@@ -89,7 +90,7 @@ def check_writable(folder: str | os.PathLike) -> Path:
 
 
 def case_record(res: CaseResult, case: io.Case, *, fold: int, method: str,
-                t: float) -> evaluate.CaseRecord:
+                t: float) -> CaseRecord:
     """The per-case record of one evaluated volume.
 
     Rounds not run (an early stop) keep the last mask: their DSC repeats the
@@ -107,18 +108,18 @@ def case_record(res: CaseResult, case: io.Case, *, fold: int, method: str,
             "hd95_mm": metrics.hd95(main, label, spacing),
             "surface_dice": metrics.surface_dice(main, label, spacing),
             "round": int(res.round_at[min(res.round_at, key=lambda k: abs(k - t))])}
-    return evaluate.CaseRecord(
+    return CaseRecord(
         case_id=case.case_id, fold=int(fold), method=method, gt_voxels=int(label.sum()),
         spacing=spacing, dsc_rounds=dsc, inter_dsc=inter, rounds_run=int(res.rounds),
         time_coarse_s=res.time_coarse_s, time_rounds_s=list(res.time_rounds_s),
-        metrics_at={evaluate.threshold_key(t): full}, oracle=res.oracles or None,
+        metrics_at={threshold_key(t): full}, oracle=res.oracles or None,
         extra={"plane_dsc": res.plane_dsc, "bucket": list(res.bucket),
                "overflow": res.overflow})
 
 
 def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
                   out_dir: str | os.PathLike | None = None,
-                  write_predictions: bool = True) -> list[evaluate.CaseRecord]:
+                  write_predictions: bool = True) -> list[CaseRecord]:
     """Evaluates the test cases of one fold; writes predictions and records.
 
     Returns the per-case records (also written to `<out>/cases.{json,csv}`;
@@ -151,14 +152,14 @@ def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
             io.save_mask(res.mask, case.geometry, preds / f"{cid}.nii.gz")
         log.info("fold %d case %d/%d %s: DSC round 0 %.2f %%, at t=%.2f %.2f %% "
                  "(round %d), %.1f s", fold, i + 1, len(test_ids), cid,
-                 100 * rec.dsc_rounds[0], t, 100 * rec.metrics_at[evaluate.threshold_key(t)]["dsc"],
-                 rec.metrics_at[evaluate.threshold_key(t)]["round"], time.perf_counter() - t0)
+                 100 * rec.dsc_rounds[0], t, 100 * rec.metrics_at[threshold_key(t)]["dsc"],
+                 rec.metrics_at[threshold_key(t)]["round"], time.perf_counter() - t0)
     log.info("fold %d: %d compilations %s", fold, seg.compile_count, seg.compiled_buckets())
-    evaluate.write_records(records, out)
+    write_records(records, out)
     return records
 
 
-def report(records: Sequence[evaluate.CaseRecord], out_dir: str | os.PathLike, *,
+def report(records: Sequence[CaseRecord], out_dir: str | os.PathLike, *,
            thresholds: Sequence[float], main_threshold: float) -> str:
     """Writes summary.{json,txt}, sweep.csv and the PNG plots; returns the
     printed summary text."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt_lib
 
+from stnjax import fileio
 from stnjax.checks import InputError
 
 CANONICAL_AXCODES = ("P", "L", "S")
@@ -418,28 +418,24 @@ def _check_out_path(path: Path) -> Path:
 
 def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path,
                  folder: Path) -> None:
-    """Writes atomically: a temp file in the same folder, then os.replace."""
+    """Writes atomically (`fileio.atomic_path`): a temp file in the same
+    folder, then os.replace; the file gets the umask's normal permissions."""
     img = nib.Nifti1Image(array, affine)
     img.set_sform(affine, code=1)   # scanner coordinates, both forms set so
     img.set_qform(affine, code=1)   # every viewer places it the same way
     img.header.set_xyzt_units("mm")
+    # nibabel picks compression from the name, so the temp keeps the suffix
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+    started = False
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.",
-                                   suffix=suffix)
+        with fileio.atomic_path(path, suffix=suffix) as tmp:
+            started = True
+            nib.save(img, tmp)
     except OSError as e:
-        raise VolumeError(f"output {path}: cannot write in {folder} ({e})") \
-            from e
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise VolumeError(f"output {path}: write failed ({e})") from e
-        raise
+        if not started:
+            raise VolumeError(f"output {path}: cannot write in {folder} ({e})") \
+                from e
+        raise VolumeError(f"output {path}: write failed ({e})") from e
 
 
 def save_volume(array: Any, geometry: Geometry, path: str | os.PathLike, *,

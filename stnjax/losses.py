@@ -38,15 +38,6 @@ from stnjax.checks import InputError, check_array
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 
-def _check_dtype(x, name: str, kinds: str) -> None:
-    """dtype-kind check that also counts bfloat16 as floating ("f"), which
-    NumPy reports as kind "V" (ml_dtypes)."""
-    dt = jnp.dtype(x.dtype)
-    kind = "f" if jnp.issubdtype(dt, jnp.floating) else dt.kind
-    if kind not in kinds:
-        raise InputError(f"{name}: expected dtype of kind {kinds!r}, got {dt}")
-
-
 def soft_dice_loss(
     prob: jax.Array,
     label: jax.Array,
@@ -66,18 +57,15 @@ def soft_dice_loss(
       (B,) float32 losses; sums are accumulated in float32 whatever the
       input dtype (bfloat16 sums of ~1e5 pixels would lose most digits).
     """
-    check_array(prob, "prob", rank=4)
-    _check_dtype(prob, "prob", "f")
-    check_array(label, "label", rank=4)
-    _check_dtype(label, "label", "fiub")
+    check_array(prob, "prob", rank=4, dtype_kind="f")
+    check_array(label, "label", rank=4, dtype_kind="fiub")
     if tuple(label.shape) != tuple(prob.shape):
         raise InputError(
             f"label: expected shape {tuple(prob.shape)} to match prob, got {tuple(label.shape)}")
     p = prob.astype(jnp.float32)
     y = label.astype(jnp.float32)
     if valid is not None:
-        check_array(valid, "valid", rank=3)
-        _check_dtype(valid, "valid", "fiub")
+        check_array(valid, "valid", rank=3, dtype_kind="fiub")
         if tuple(valid.shape) != tuple(prob.shape[:3]):
             raise InputError(
                 f"valid: expected shape {tuple(prob.shape[:3])}, got {tuple(valid.shape)}")
@@ -143,8 +131,7 @@ def joint_loss(
     if weight is None:
         w = jnp.ones((b,), jnp.float32)
     else:
-        check_array(weight, "weight", rank=1)
-        _check_dtype(weight, "weight", "fiub")
+        check_array(weight, "weight", rank=1, dtype_kind="fiub")
         if weight.shape[0] != b:
             raise InputError(f"weight: expected shape ({b},), got {tuple(weight.shape)}")
         w = weight.astype(jnp.float32)

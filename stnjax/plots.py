@@ -1,9 +1,10 @@
 """Human-readable reports of an evaluation: paper-style text and PNG figures.
 
-The numbers come from `stnjax.evaluate` (records, summaries, sweeps); this
-module only lays them out. Text prints DSC in percent with two decimals, as
-the paper and the reference logs do ("DSC 84.50 +- 4.97 % (max 91.02, min
-62.81)"), and mean inter-iteration DSC as a fraction with four decimals.
+The numbers come from `stnjax.records` (per-case records) and
+`stnjax.evaluate` (summaries, sweeps); this module only lays them out. Text
+prints DSC in percent with two decimals, as the paper and the reference logs
+do ("DSC 84.50 +- 4.97 % (max 91.02, min 62.81)"), and mean inter-iteration
+DSC as a fraction with four decimals.
 
 Figures use Matplotlib's object API with the Agg canvas (no pyplot, no
 global backend switch, no display needed) and are written atomically.
@@ -21,10 +22,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from stnjax.evaluate import (
-    MAIN_THRESHOLD, CaseRecord, GroupSummary, Stats, Summary, ThresholdRow,
-    _check_records, atomic_write, check_threshold, compare, method_name,
-    method_order, result_at_threshold, threshold_key)
+from stnjax.evaluate import (MAIN_THRESHOLD, GroupSummary, Stats, Summary, ThresholdRow, compare,
+                             method_name, method_order, result_at_threshold)
+from stnjax.fileio import atomic_write
+from stnjax.records import CaseRecord, check_records, check_threshold, threshold_key
 
 _STD_NOTE = "(std: population std over cases, as np.std in the PyTorch reference)"
 
@@ -208,7 +209,7 @@ def plot_sweep(rows: Sequence[ThresholdRow], path: str | os.PathLike) -> Path:
 
 def _per_round(records: Sequence[CaseRecord], path, what: str, title: str, ylabel: str,
                t: float = MAIN_THRESHOLD) -> Path:
-    recs = _check_records(records, f"plot {Path(path).name}")
+    recs = check_records(records, f"plot {Path(path).name}")
     methods = method_order(r.method for r in recs)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()

@@ -25,13 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
+from stnjax import fileio
 from stnjax.checks import InputError
 from stnjax.models.fcn8s import BODY_LAYERS, HEAD_LAYERS, fcn8s_layer_shapes
 
@@ -40,6 +40,15 @@ STYLES = ("auto", "pytorch-fcn", "torchvision-vgg16")
 TORCHVISION_CONV_INDEX = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 META_KEY = "__meta__"
 FORMAT = "stnjax-fcn8s-pretrained-v1"
+
+
+def _raise_problems(where: str, problems: list) -> None:
+    """Raises one InputError listing every problem found, so a single run
+    shows all of them. `problems` holds a message per check, or a falsy
+    value (an empty list of offending keys) where the check passed."""
+    found = [p for p in problems if p]
+    if found:
+        raise InputError(f"{where}: " + " | ".join(found))
 
 
 def _torch_shape(hwio: tuple[int, ...]) -> tuple[int, ...]:
@@ -121,15 +130,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, style: str = "auto",
     for key, (_, _, shape) in expected.items():
         if key in sd and tuple(np.shape(sd[key])) != shape:
             bad_shape.append(f"{key}: got {tuple(np.shape(sd[key]))}, expected {shape}")
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
-    if bad_shape:
-        problems.append("shape mismatches: " + "; ".join(bad_shape))
-    if problems:
-        raise InputError(f"convert_state_dict ({style}, width {width}): " + " | ".join(problems))
+    _raise_problems(f"convert_state_dict ({style}, width {width})", [
+        missing and f"missing keys: {missing}",
+        unexpected and f"unexpected keys: {unexpected}",
+        bad_shape and "shape mismatches: " + "; ".join(bad_shape)])
 
     shapes = fcn8s_layer_shapes(width)
     out: dict[str, np.ndarray] = {}
@@ -162,20 +166,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
                     meta: Mapping[str, Any] | None = None) -> str:
     """Writes converted weights to `path` (.npz) atomically, with checksums.
@@ -202,11 +192,11 @@ def save_pretrained(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
     record = dict(meta or {})
     record.update(format=FORMAT, content_sha256=_content_sha256(arrs))
     blob = np.frombuffer(json.dumps(record, sort_keys=True).encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: np.savez(f, **arrs, **{META_KEY: blob}))
+    with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrs, **{META_KEY: blob})  # a file object: savez would add ".npz"
     digest = file_sha256(path)
     side = path.with_name(path.name + ".sha256")
-    _atomic_write(side, lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    fileio.atomic_write_text(side, f"{digest}  {path.name}\n")
     return digest
 
 
@@ -287,16 +277,11 @@ def assign_pretrained(fcn_params: Mapping[str, Any], pretrained: Mapping[str, np
         elif tuple(np.shape(a)) != tuple(tree[name][part].shape):
             bad.append(f"{key}: pretrained {tuple(np.shape(a))}, model "
                        f"{tuple(tree[name][part].shape)}")
-    problems = []
-    if missing:
-        problems.append(f"pretrained lacks {missing}")
-    if unknown:
-        problems.append(f"not in the model: {unknown}")
-    if bad:
-        problems.append("shape mismatches (a width != 1 model cannot take full-size "
-                        "weights): " + "; ".join(bad))
-    if problems:
-        raise InputError("assign_pretrained: " + " | ".join(problems))
+    _raise_problems("assign_pretrained", [
+        missing and f"pretrained lacks {missing}",
+        unknown and f"not in the model: {unknown}",
+        bad and "shape mismatches (a width != 1 model cannot take full-size weights): "
+        + "; ".join(bad)])
 
     new = {}
     for name, layer in tree.items():

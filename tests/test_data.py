@@ -1,4 +1,5 @@
-"""Datasets: manifest, fold table, training-slice rule, case store, sampler."""
+"""Datasets (stnjax.data: manifest, fold table, case store) and training
+slices (stnjax.sampler: the training-slice rule, sampler, prefetch)."""
 
 import json
 import logging
@@ -9,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from stnjax import data, io, phantom, preprocess
+from stnjax import data, io, phantom, phantom_dataset, preprocess, sampler
 from stnjax.checks import InputError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -20,8 +21,8 @@ SLAB = DATA / "ct_dicom_slab"
 def phantoms(tmp_path_factory):
     """8 small phantom cases (48 x 48 x 24), 4 folds of 2."""
     root = tmp_path_factory.mktemp("phantoms") / "ds"
-    return phantom.write_phantom_dataset(root, num_cases=8, seed=0,
-                                         config=phantom.PhantomConfig(shape=(48, 48, 24)))
+    return phantom_dataset.write_phantom_dataset(
+        root, num_cases=8, seed=0, config=phantom.PhantomConfig(shape=(48, 48, 24)))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def _write_case(folder, cid, shape, organ_slices, rng):
     lab = np.zeros(shape, np.uint8)
     for z in organ_slices:
         lab[2:5, 3:7, z] = 1
-    aff = phantom.canonical_affine(shape, (1.0, 1.0, 2.0))
+    aff = phantom_dataset.canonical_affine(shape, (1.0, 1.0, 2.0))
     nib.save(nib.Nifti1Image(hu, aff), str(folder / f"{cid}.nii.gz"))
     nib.save(nib.Nifti1Image(lab, aff), str(folder / f"{cid}_seg.nii.gz"))
     return {"id": cid, "image": f"{cid}.nii.gz", "label": f"{cid}_seg.nii.gz"}
@@ -168,32 +169,32 @@ COUNTS = {"a": np.array([0, 5, 10, 0]), "b": np.array([1, 2, 3, 0]), "c": np.arr
 def test_training_slices_hand_computed():
     # all positive counts: 10 8 7 6 5 3 2 1 -> P = 8
     # 0.98: floor(7.84) = 7th largest = 2 -> count >= 2, train cases a and b only
-    rows = data.select_training_slices(COUNTS, ["a", "b"], 0.98)
+    rows = sampler.select_training_slices(COUNTS, ["a", "b"], 0.98)
     np.testing.assert_array_equal(rows, [[0, 1], [0, 2], [1, 1], [1, 2]])
     # P includes the test case c: 0.5 -> floor(4) = 4th largest = 6 -> only a's 10.
     # (Counting P over the training cases only would give 5 and keep a's 5.)
-    np.testing.assert_array_equal(data.select_training_slices(COUNTS, ["a", "b"], 0.5), [[0, 2]])
+    np.testing.assert_array_equal(sampler.select_training_slices(COUNTS, ["a", "b"], 0.5), [[0, 2]])
     # threshold > 1: an absolute pixel count
-    np.testing.assert_array_equal(data.select_training_slices(COUNTS, ["a", "b"], 3),
+    np.testing.assert_array_equal(sampler.select_training_slices(COUNTS, ["a", "b"], 3),
                                   [[0, 1], [0, 2], [1, 2]])
     # threshold 1: every slice with organ pixels; never a background slice
-    np.testing.assert_array_equal(data.select_training_slices(COUNTS, ["b", "c"], 1.0),
+    np.testing.assert_array_equal(sampler.select_training_slices(COUNTS, ["b", "c"], 1.0),
                                   [[1, 0], [1, 1], [1, 2], [2, 0], [2, 1], [2, 2]])
 
 
 def test_training_slices_errors():
     with pytest.raises(data.DatasetError, match="plane Z, fold 2"):
-        data.select_training_slices(COUNTS, ["b"], 0.5, plane="Z", fold=2)
+        sampler.select_training_slices(COUNTS, ["b"], 0.5, plane="Z", fold=2)
     with pytest.raises(data.DatasetError, match="not in counts"):
-        data.select_training_slices(COUNTS, ["zz"])
+        sampler.select_training_slices(COUNTS, ["zz"])
     with pytest.raises(data.DatasetError, match="no slice"):
-        data.select_training_slices({"a": np.zeros(3, int)}, ["a"])
+        sampler.select_training_slices({"a": np.zeros(3, int)}, ["a"])
 
 
 def test_training_slices_property():
     rng = np.random.default_rng(1)
     counts = {f"c{i}": rng.integers(0, 50, 30) * (rng.uniform(size=30) < 0.5) for i in range(6)}
-    rows = data.select_training_slices(counts, list(counts), 0.9)
+    rows = sampler.select_training_slices(counts, list(counts), 0.9)
     all_pos = np.concatenate([v[v > 0] for v in counts.values()])
     active = np.array([counts[f"c{i}"][j] for i, j in rows])
     assert len(active) >= int(0.9 * all_pos.size)
@@ -204,7 +205,7 @@ def test_slice_counts_match_labels(store):
     cid = store.case_ids[3]
     case = store.load_case(cid)
     for plane, axes in (("X", (1, 2)), ("Y", (0, 2)), ("Z", (0, 1))):
-        counts = data.slice_organ_counts(store, None, plane)
+        counts = sampler.slice_organ_counts(store, None, plane)
         assert list(counts) == list(store.case_ids)
         np.testing.assert_array_equal(counts[cid], case.label.sum(axis=axes))
 
@@ -251,7 +252,7 @@ def test_case_store_dicom_folder(tmp_path):
     data.write_manifest(tmp_path / "ds", name="slab", organ_id=7, cases=cases)
     s = data.CaseStore(data.load_manifest(tmp_path / "ds"), tmp_path / "cache")
     assert s.shape("slab") == (512, 512, 20)
-    counts = data.slice_organ_counts(s, None, "Z")["slab"]
+    counts = sampler.slice_organ_counts(s, None, "Z")["slab"]
     assert np.count_nonzero(counts) == 4 and counts[:4].all()  # pancreas in the 4 lowest slices
     assert s.label("slab").sum() == 1327
 
@@ -277,9 +278,9 @@ def _check_against_reference(store, batch, plane):
 
 
 def test_sampler_shapes_padding_and_values(store):
-    counts = data.slice_organ_counts(store, None, "X")
-    slices = data.select_training_slices(counts, store.case_ids[:6], 0.98)
-    s = data.SliceSampler(store, slices, plane="X", batch_size=4, buckets=(64, 32), seed=0)
+    counts = sampler.slice_organ_counts(store, None, "X")
+    slices = sampler.select_training_slices(counts, store.case_ids[:6], 0.98)
+    s = sampler.SliceSampler(store, slices, plane="X", batch_size=4, buckets=(64, 32), seed=0)
     assert s.buckets() == {(64, 32): len(slices)}  # X view: H = 48 -> 64, W = 24 -> 32
     b = s.batch(3)
     assert b["image"].shape == b["label"].shape == (4, 64, 32, 3)
@@ -291,17 +292,17 @@ def test_sampler_shapes_padding_and_values(store):
     assert b["label"][:, :, :, 1].any(axis=(1, 2)).all()  # centre slices hold organ
     assert set(b["case_index"]) <= set(range(6))  # training cases only
     _check_against_reference(store, b, "X")
-    exact = data.SliceSampler(store, slices, plane="X", batch_size=2, buckets=(), seed=0)
+    exact = sampler.SliceSampler(store, slices, plane="X", batch_size=2, buckets=(), seed=0)
     assert exact.buckets() == {(48, 24): len(slices)}
     with pytest.raises(data.DatasetError, match="exceeds the largest bucket 32"):
-        data.SliceSampler(store, slices, plane="X", batch_size=2, buckets=(16, 32))
+        sampler.SliceSampler(store, slices, plane="X", batch_size=2, buckets=(16, 32))
 
 
 def test_sampler_deterministic_and_sharded(store):
-    counts = data.slice_organ_counts(store, None, "Z")
-    slices = data.select_training_slices(counts, store.case_ids, 0.98)
-    a, b, c = (data.SliceSampler(store, slices, plane="Z", batch_size=8, buckets=(64,), seed=seed)
-               for seed in (5, 5, 6))
+    counts = sampler.slice_organ_counts(store, None, "Z")
+    slices = sampler.select_training_slices(counts, store.case_ids, 0.98)
+    a, b, c = (sampler.SliceSampler(store, slices, plane="Z", batch_size=8, buckets=(64,),
+                                    seed=seed) for seed in (5, 5, 6))
     for key, v in a.batch(11).items():
         np.testing.assert_array_equal(v, b.batch(11)[key])
     rows = lambda batch: list(zip(batch["case_index"], batch["slice_index"]))  # noqa: E731
@@ -314,15 +315,16 @@ def test_sampler_deterministic_and_sharded(store):
         a.batch(0, num_shards=3)
     with pytest.raises(InputError, match="shard"):
         a.batch(0, shard=4, num_shards=4)
-    got = [(step, batch["slice_index"].tolist()) for step, batch in data.prefetch(a, range(3, 6))]
+    got = [(step, batch["slice_index"].tolist())
+           for step, batch in sampler.prefetch(a, range(3, 6))]
     assert got == [(st, a.batch(st)["slice_index"].tolist()) for st in range(3, 6)]
 
 
 def test_sampler_bucket_choice_proportional(mixed):
-    counts = data.slice_organ_counts(mixed, None, "Z")
-    slices = data.select_training_slices(counts, mixed.case_ids, 1.0)
+    counts = sampler.slice_organ_counts(mixed, None, "Z")
+    slices = sampler.select_training_slices(counts, mixed.case_ids, 1.0)
     # Z views: a, b (20 x 30) -> (32, 32); c (40 x 30) -> (64, 32); d (33 x 12) -> (64, 16)
-    s = data.SliceSampler(mixed, slices, plane="Z", batch_size=2, buckets=(16, 32, 64), seed=1)
+    s = sampler.SliceSampler(mixed, slices, plane="Z", batch_size=2, buckets=(16, 32, 64), seed=1)
     assert s.buckets() == {(32, 32): 16, (64, 16): 5, (64, 32): 3}
     keys = [s.plan(step)[0] for step in range(3000)]
     for key, n in s.buckets().items():
@@ -334,10 +336,10 @@ def test_sampler_bucket_choice_proportional(mixed):
 
 
 def test_sampler_epoch_covers_each_slice_once(mixed):
-    counts = data.slice_organ_counts(mixed, None, "Z")
-    slices = data.select_training_slices(counts, mixed.case_ids, 1.0)
-    s = data.SliceSampler(mixed, slices, plane="Z", batch_size=4, buckets=(32, 64), seed=3,
-                          order="epoch")
+    counts = sampler.slice_organ_counts(mixed, None, "Z")
+    slices = sampler.select_training_slices(counts, mixed.case_ids, 1.0)
+    s = sampler.SliceSampler(mixed, slices, plane="Z", batch_size=4, buckets=(32, 64), seed=3,
+                             order="epoch")
     # buckets (32,32): 16 slices -> 4 batches; (64,32): 3 + 5 = 8 -> 2 batches
     assert s.steps_per_epoch == 6
     seen, pads, orders = [], 0, []
@@ -352,8 +354,8 @@ def test_sampler_epoch_covers_each_slice_once(mixed):
     assert sorted(seen) == sorted(map(tuple, slices.tolist()))  # each active slice once
     assert pads == 0  # 16 and 8 fill whole batches
     assert orders[:6] != orders[6:]  # a new permutation each epoch
-    s5 = data.SliceSampler(mixed, slices, plane="Z", batch_size=5, buckets=(32, 64), seed=3,
-                           order="epoch")
+    s5 = sampler.SliceSampler(mixed, slices, plane="Z", batch_size=5, buckets=(32, 64), seed=3,
+                              order="epoch")
     # 16 slices -> 4 batches (4 padding slots), 8 -> 2 batches (2 padding slots)
     b = [s5.batch(i) for i in range(s5.steps_per_epoch)]
     assert s5.steps_per_epoch == 6 and sum(int((x["weight"] == 0).sum()) for x in b) == 30 - 24

@@ -1,4 +1,5 @@
-"""Tests of stnjax.evaluate: the stopping rule, summaries, records on disk.
+"""Tests of stnjax.evaluate (the stopping rule, summaries) and stnjax.records
+(record validation, records on disk).
 
 Independent references: hand-built histories, plain-loop NumPy versions of
 every summary number, and the PyTorch reference's published fold-0 per-case
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from stnjax import evaluate as ev
+from stnjax import records as rec_io
 from stnjax.checks import InputError
 
 
@@ -23,8 +25,8 @@ def rec(dsc, inter, case="0001", method="rstn", fold=0, rounds_run=None, **kw):
     base = dict(gt_voxels=1000, spacing=(0.8, 0.8, 2.5), time_coarse_s=2.0,
                 time_rounds_s=[0.5] * R)
     base.update(kw)
-    return ev.CaseRecord(case, fold, method, dsc_rounds=list(dsc), inter_dsc=list(inter),
-                         rounds_run=R if rounds_run is None else rounds_run, **base)
+    return rec_io.CaseRecord(case, fold, method, dsc_rounds=list(dsc), inter_dsc=list(inter),
+                             rounds_run=R if rounds_run is None else rounds_run, **base)
 
 
 def random_records(rng, n, R=10, method="rstn", folds=(0, 1)):
@@ -97,7 +99,7 @@ def test_exactness_of_early_stopped_records():
 
 
 def test_threshold_key_and_parse():
-    assert ev.threshold_key(0.9) == "0.90" and ev.threshold_key(0.995) == "0.995"
+    assert rec_io.threshold_key(0.9) == "0.90" and rec_io.threshold_key(0.995) == "0.995"
     assert ev.parse_thresholds("0.9:0.99:0.03,0.995, 0.9") == (0.9, 0.93, 0.96, 0.99, 0.995)
     with pytest.raises(InputError, match="stop < start"):
         ev.parse_thresholds("0.99:0.9:0.01")
@@ -275,15 +277,15 @@ def canon(records):
 
 def test_json_and_csv_round_trip(tmp_path):
     recs = mixed_records()
-    pj, pc = ev.write_records(recs, tmp_path / "out")
+    pj, pc = rec_io.write_records(recs, tmp_path / "out")
     json.loads(pj.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard {c}"))
-    back = ev.read_records(tmp_path / "out")
+    back = rec_io.read_records(tmp_path / "out")
     assert canon(back) == canon(recs)
     assert back[1:] == recs[1:]
     assert math.isinf(back[0].metrics_at["0.99"]["hd95_mm"])
     assert back[0].extra == {"compiles": 2, "bucket": [128, 128, 64], "note": "12",
                              "device": "cpu"}
-    from_csv = ev.read_records(pc)
+    from_csv = rec_io.read_records(pc)
     assert canon(from_csv) == canon(recs)
     assert from_csv[1:] == recs[1:]
     with open(pc, newline="") as f:
@@ -297,22 +299,22 @@ def test_json_and_csv_round_trip(tmp_path):
         assert [float(row[f"dsc_r{k}"]) for k in range(r.num_rounds + 1)] == r.dsc_rounds
     assert rows[0]["inter_r1"] == "0.9" and rows[0]["hd95_mm_at0.99"] == "inf"
     # A folder tree (several workdirs) is searched for cases.json.
-    ev.write_records(recs[:1], tmp_path / "tree" / "a")
-    ev.write_records(recs[1:], tmp_path / "tree" / "b" / "fold0")
-    assert len(ev.read_records(tmp_path / "tree")) == len(recs)
+    rec_io.write_records(recs[:1], tmp_path / "tree" / "a")
+    rec_io.write_records(recs[1:], tmp_path / "tree" / "b" / "fold0")
+    assert len(rec_io.read_records(tmp_path / "tree")) == len(recs)
 
 
 def test_read_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        ev.read_records(tmp_path / "nope")
+        rec_io.read_records(tmp_path / "nope")
     with pytest.raises(InputError, match="no cases.json"):
-        ev.read_records(tmp_path)
+        rec_io.read_records(tmp_path)
     (tmp_path / "x.json").write_text('{"records": []}')
     with pytest.raises(InputError, match="not a stnjax.cases"):
-        ev.read_records(tmp_path / "x.json")
-    ev.write_records(mixed_records(), tmp_path / "a")
+        rec_io.read_records(tmp_path / "x.json")
+    rec_io.write_records(mixed_records(), tmp_path / "a")
     with pytest.raises(InputError, match="duplicate"):
-        ev.read_records(tmp_path / "a", tmp_path / "a" / "cases.csv")
+        rec_io.read_records(tmp_path / "a", tmp_path / "a" / "cases.csv")
 
 
 def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
@@ -329,21 +331,21 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="cannot write .*cases.csv: No space"):
-        ev.write_records(recs, out)
+        rec_io.write_records(recs, out)
     assert not out.exists()          # no temporaries, not even the new folder
     out.mkdir()
     calls["n"] = 0
     with pytest.raises(OSError, match="No space"):
-        ev.write_records(recs, out)
+        rec_io.write_records(recs, out)
     assert os.listdir(out) == []
     monkeypatch.setattr(os, "fsync", real_fsync)
     # A failure while building the text: nothing is created, an existing
     # result stays as it was.
-    ev.write_records(recs[:2], out)
+    rec_io.write_records(recs[:2], out)
     before = {p: (out / p).read_bytes() for p in os.listdir(out)}
-    monkeypatch.setattr(ev, "records_csv_text", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(rec_io, "records_csv_text", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        ev.write_records(recs, out)
+        rec_io.write_records(recs, out)
     assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
     # An output path that is a file is a clear error naming it.
     (tmp_path / "file").write_text("x")

@@ -3,6 +3,7 @@ NIfTI out in the source geometry, and clear errors for bad input."""
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -10,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from stnjax import io
+from stnjax import fileio, io
 from stnjax.checks import InputError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -339,7 +340,7 @@ def test_unwritable_folder_any_user(tmp_path, monkeypatch):
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(io.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(fileio, "_create_file", refuse)  # the temp file
     with pytest.raises(io.VolumeError, match="cannot write in"):
         io.save_mask(mask, g, tmp_path / "m.nii.gz")
     assert not list(tmp_path.iterdir())
@@ -359,6 +360,24 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
         io.save_mask(np.zeros((2, 2, 2), bool), g, out)
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.nii.gz"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_saved_mask_gets_umask_permissions(tmp_path, umask, mode):
+    # A prediction is shared with others: world-readable when the umask
+    # allows it (mkstemp would make it 0o600 whatever the umask).
+    g = io.Geometry.from_affine(np.eye(4), (2, 2, 2), "img.nii")
+    old = os.umask(umask)
+    try:
+        io.save_mask(np.ones((2, 2, 2), bool), g, tmp_path / "m.nii.gz")
+        io.save_mask(np.zeros((2, 2, 2), bool), g, tmp_path / "m.nii.gz")  # replaced
+    finally:
+        os.umask(old)
+    got = stat.S_IMODE(os.stat(tmp_path / "m.nii.gz").st_mode)
+    assert got == mode, oct(got)
+    assert bool(got & stat.S_IROTH) == (umask == 0o022 or umask == 0o002)
+    assert not nib.load(str(tmp_path / "m.nii.gz")).get_fdata().any()
 
 
 def test_missing_world_position_warns(tmp_path):

@@ -2,6 +2,8 @@
 dataset writing and the make_phantoms launcher."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from stnjax import data, io, phantom
+from stnjax import data, io, phantom, phantom_dataset
 from stnjax.checks import InputError
 
 SMALL = phantom.PhantomConfig(shape=(48, 48, 24))
@@ -145,7 +147,7 @@ def test_config_validation():
 
 def test_written_dataset_keeps_geometry(tmp_path):
     cfg = phantom.PhantomConfig(shape=(40, 40, 20), spacing=(0.8, 0.8, 2.5))
-    out = phantom.write_phantom_dataset(tmp_path / "ds", num_cases=4, seed=3, config=cfg)
+    out = phantom_dataset.write_phantom_dataset(tmp_path / "ds", num_cases=4, seed=3, config=cfg)
     m = data.load_manifest(out)
     assert m.organ_id == 7 and m.case_ids == tuple(f"phantom_{i:03d}" for i in range(4))
     assert data.read_fold_table(out) == {f: [f"phantom_{f:03d}"] for f in range(4)}
@@ -158,25 +160,34 @@ def test_written_dataset_keeps_geometry(tmp_path):
     np.testing.assert_array_equal(case.image, hu)
     np.testing.assert_array_equal(case.label, labels == 7)
     np.testing.assert_allclose(case.geometry.spacing, spacing)
-    assert m.cases[1].extra["seed"] == phantom.case_seed(3, 1)
+    assert m.cases[1].extra["seed"] == phantom_dataset.case_seed(3, 1)
 
 
 def test_dataset_overwrite_rules(tmp_path):
     out = tmp_path / "ds"
-    phantom.write_phantom_dataset(out, num_cases=4, seed=0, config=SMALL)
+    old_mask = os.umask(0o022)
+    try:
+        phantom_dataset.write_phantom_dataset(out, num_cases=4, seed=0, config=SMALL)
+    finally:
+        os.umask(old_mask)
+    # a shared dataset: the umask's permissions, not the private ones of mkdtemp
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [out, *out.rglob("*")]}
+    assert modes["."] == modes["images"] == 0o755 and modes["dataset.json"] == 0o644
+    assert all(m == (0o755 if (out / k).is_dir() else 0o644) for k, m in modes.items()), modes
     stamp = (out / "dataset.json").stat().st_mtime_ns
-    phantom.write_phantom_dataset(out, num_cases=4, seed=0, config=SMALL)  # same: kept
+    phantom_dataset.write_phantom_dataset(out, num_cases=4, seed=0, config=SMALL)  # same: kept
     assert (out / "dataset.json").stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match="different dataset"):
-        phantom.write_phantom_dataset(out, num_cases=4, seed=1, config=SMALL)
-    phantom.write_phantom_dataset(out, num_cases=5, seed=1, config=SMALL, overwrite=True)
+        phantom_dataset.write_phantom_dataset(out, num_cases=4, seed=1, config=SMALL)
+    phantom_dataset.write_phantom_dataset(out, num_cases=5, seed=1, config=SMALL, overwrite=True)
     assert len(data.load_manifest(out)) == 5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
     other = tmp_path / "notes"
     other.mkdir()
     (other / "x.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a dataset"):
-        phantom.write_phantom_dataset(other, num_cases=4, config=SMALL, overwrite=True)
+        phantom_dataset.write_phantom_dataset(other, num_cases=4, config=SMALL, overwrite=True)
     assert (other / "x.txt").read_text() == "keep me"
 
 
@@ -194,7 +205,7 @@ def test_make_phantoms_cli(tmp_path):
     other = [c.replace("--seed=2", "--seed=3") for c in cmd]  # a different dataset
     again = subprocess.run(other, cwd=root, capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "different dataset" in again.stdout + again.stderr
-    rows = phantom.summarize_dataset(out)
+    rows = phantom_dataset.summarize_dataset(out)
     labels = [nib.load(str(c.label)).get_fdata() for c in data.load_manifest(out).cases]
     for row, lab in zip(rows, labels):  # the summary against a direct count
         pan = lab == 7

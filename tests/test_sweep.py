@@ -1,5 +1,5 @@
 """Tests of the convergence study: stnjax.evaluate.sweep, stnjax.plots and
-the `python -m launch.sweep` command."""
+the `python -m launch.sweep` command (records from stnjax.records)."""
 
 import csv
 import subprocess
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from stnjax import evaluate as ev
+from stnjax import records as rec_io
 from stnjax import plots
 from stnjax.checks import InputError
 
@@ -23,7 +24,7 @@ def histories(rng, n, R, method, folds=(0,)):
         d = np.clip(0.55 + np.cumsum(rng.uniform(-0.02, 0.05, R + 1)), 0, 1)
         inter = np.r_[np.nan, np.clip(1 - 0.4 * rng.uniform(0.1, 0.9, R) ** np.arange(1, R + 1)
                                       + rng.normal(0, 0.01, R), 0, 1)]
-        out.append(ev.CaseRecord(
+        out.append(rec_io.CaseRecord(
             f"{i:04d}", folds[i % len(folds)], method, gt_voxels=500, spacing=(1, 1, 2),
             dsc_rounds=d, inter_dsc=inter, rounds_run=R, time_coarse_s=1.0,
             time_rounds_s=[0.2] * R))
@@ -65,10 +66,10 @@ def test_sweep_monotone_and_consistent():
 
 def test_sweep_flags_early_stopped_cases():
     # Stopped at round 2 (inter 0.96); rounds 3..4 are filled copies.
-    stopped = ev.CaseRecord("a", 0, "rstn", 10, (1, 1, 1), [0.6, 0.7, 0.72, 0.72, 0.72],
-                            [None, 0.9, 0.96, 1.0, 1.0], 2, 1.0, [0.1, 0.1])
-    full = ev.CaseRecord("b", 0, "rstn", 10, (1, 1, 1), [0.6, 0.7, 0.75, 0.8, 0.81],
-                         [None, 0.9, 0.94, 0.97, 0.991], 4, 1.0, [0.1] * 4)
+    stopped = rec_io.CaseRecord("a", 0, "rstn", 10, (1, 1, 1), [0.6, 0.7, 0.72, 0.72, 0.72],
+                                [None, 0.9, 0.96, 1.0, 1.0], 2, 1.0, [0.1, 0.1])
+    full = rec_io.CaseRecord("b", 0, "rstn", 10, (1, 1, 1), [0.6, 0.7, 0.75, 0.8, 0.81],
+                             [None, 0.9, 0.94, 0.97, 0.991], 4, 1.0, [0.1] * 4)
     rows = {r.t: r for r in ev.sweep([stopped, full], [0.9, 0.95, 0.99])}
     assert (rows[0.9].inexact, rows[0.95].inexact, rows[0.99].inexact) == (0, 0, 1)
     assert rows[0.95].mean_time_s == pytest.approx(((1.2) + (1.3)) / 2)
@@ -118,9 +119,9 @@ def test_plots_two_methods_and_one(tmp_path):
 def test_cli(tmp_path):
     recs = two_methods(2)
     # Two evaluation workdirs, one per method, with per-fold subfolders.
-    ev.write_records([r for r in recs if r.method == "rstn"],
-                     tmp_path / "wd_rstn" / "eval" / "fold0")
-    ev.write_records([r for r in recs if r.method == "stagewise"], tmp_path / "wd_c2f")
+    rec_io.write_records([r for r in recs if r.method == "rstn"],
+                         tmp_path / "wd_rstn" / "eval" / "fold0")
+    rec_io.write_records([r for r in recs if r.method == "stagewise"], tmp_path / "wd_c2f")
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "launch.sweep",
            f"--records={tmp_path / 'wd_rstn'},{tmp_path / 'wd_c2f' / 'cases.json'}",

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from stnjax import data as stdata
+from stnjax import sampler
 from stnjax.checks import InputError
 
 log = logging.getLogger("stnjax.train")
@@ -69,7 +70,7 @@ def dataset_dir(config: Any, workdir: str | os.PathLike) -> Path:
         if not (d / stdata.MANIFEST_FILE).is_file():
             raise InputError(f"data.dir: {d} holds no {stdata.MANIFEST_FILE}")
         return d
-    from stnjax.phantom import write_phantom_dataset
+    from stnjax.phantom_dataset import write_phantom_dataset
     ph = config.data.phantom
     spec = json.dumps({"phantom": ph.to_dict(), "n_folds": int(config.data.n_folds)},
                       sort_keys=True, default=list)
@@ -119,10 +120,10 @@ def plane_data(config: Any, store: stdata.CaseStore, ds_dir: Path, fold: int,
     # The pixel-count threshold is taken over every labelled case, test
     # folds included, as the reference does; then restricted to training cases.
     labelled = [c for c in store.case_ids if store.has_label(c)]
-    counts = stdata.slice_organ_counts(store, labelled, plane)
+    counts = sampler.slice_organ_counts(store, labelled, plane)
     try:
-        slices = stdata.select_training_slices(counts, train_ids, float(config.data.slice_threshold),
-                                               plane=plane, fold=fold)
+        slices = sampler.select_training_slices(
+            counts, train_ids, float(config.data.slice_threshold), plane=plane, fold=fold)
     except InputError as e:
         raise InputError(f"data.dir: {ds_dir}: no training slice for plane {plane} in fold "
                          f"{fold} ({e})") from e
@@ -133,9 +134,9 @@ def plane_data(config: Any, store: stdata.CaseStore, ds_dir: Path, fold: int,
     return PlaneData(store=store, slices=slices, plane=plane, fold=fold, train_ids=train_ids)
 
 
-def make_sampler(config: Any, pd: PlaneData, seed: int) -> stdata.SliceSampler:
+def make_sampler(config: Any, pd: PlaneData, seed: int) -> sampler.SliceSampler:
     """The slice sampler of a (fold, plane) with the given seed."""
-    return stdata.SliceSampler(pd.store, pd.slices, plane=pd.plane,
+    return sampler.SliceSampler(pd.store, pd.slices, plane=pd.plane,
                                batch_size=int(config.data.batch_size),
                                buckets=tuple(int(b) for b in config.data.buckets),
                                seed=int(seed), order=str(config.data.order))

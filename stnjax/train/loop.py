@@ -42,15 +42,17 @@ import numpy as np
 
 from stnjax import data as stdata
 from stnjax.checks import InputError
+from stnjax.fileio import atomic_write_text
 from stnjax.models.rstn import RSTN
+from stnjax.sampler import prefetch
 from stnjax.train import inputs
 from stnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from stnjax.train.schedule import lr_at, parse_stages, stage_at, total_steps
 from stnjax.train.state import (init_key, init_train_state, replicate, sampler_seed,
                                 tree_all_finite, unreplicate)
 from stnjax.train.steps import OptimizerSpec, first_replica, pmapped_step, shard_batch
-from stnjax.train.workdir import (MetricsWriter, atomic_write_text, check_workdir, config_hash,
-                                  run_dir, write_workdir_files)
+from stnjax.train.workdir import (MetricsWriter, check_workdir, config_hash, run_dir,
+                                  write_workdir_files)
 
 log = logging.getLogger("stnjax.train")
 
@@ -231,7 +233,7 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
 
     def batches_from(step0: int, attempt: int):
         sampler = inputs.make_sampler(config, pdata, sampler_seed(seed, attempt))
-        return stdata.prefetch(sampler, range(step0, total), shard=pid, num_shards=nproc)
+        return prefetch(sampler, range(step0, total), shard=pid, num_shards=nproc)
 
     def save(it: int, state: Any, step: int) -> None:
         if not tree_all_finite(state["params"]):

@@ -12,7 +12,7 @@ Layout of a training workdir:
     <workdir>/phantom-<hash>/   the built-in dataset when data.dir = ""
     <workdir>/fold<f>/<plane>/  one run: checkpoints/, metrics.jsonl, run.json
 
-Every file here is written atomically (temporary file + rename), except the
+Every file here is written atomically (`stnjax.fileio`), except the
 metrics file, which is appended line by line and rewritten atomically when a
 run resumes.
 """
@@ -26,13 +26,13 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import jax
 
 from stnjax.checks import InputError
+from stnjax.fileio import atomic_write_text
 
 # Fields that do not change what a run computes: where files go, how often
 # it logs or saves, how it is launched, which runs are selected, inference.
@@ -42,23 +42,6 @@ _IGNORED = {
     "train.multihost", "train.devices",
 }
 _IGNORED_SECTIONS = ("infer",)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
