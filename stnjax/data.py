@@ -251,6 +251,40 @@ def nih_pancreas_fold_table(case_ids: Iterable[str] | None = None) -> dict[int, 
     return {f: sorted(v, key=number.__getitem__) for f, v in table.items()}
 
 
+def _volume_name(p: Path) -> str:
+    return p.name[:-7] if p.name.endswith(".nii.gz") else p.name.removesuffix(".nii")
+
+
+def paired_cases(image_dir: str | os.PathLike, label_dir: str | os.PathLike
+                 ) -> list[dict[str, str]]:
+    """Manifest entries pairing images and labels by name.
+
+    Images are `image_dir/<id>.nii[.gz]` files or `image_dir/<id>/` DICOM
+    folders; labels are `label_dir/<id>.nii[.gz]`. An image without a label
+    is an error naming it (a dataset for training needs every label).
+    """
+    image_dir, label_dir = Path(image_dir), Path(label_dir)
+    for p, what in ((image_dir, "images"), (label_dir, "labels")):
+        if not p.is_dir():
+            raise DatasetError(f"{what} {p}: not a folder")
+    labels = {_volume_name(p): p for p in label_dir.iterdir()
+              if p.name.endswith((".nii", ".nii.gz"))}
+    cases, missing = [], []
+    for img in sorted(image_dir.iterdir()):
+        if not (img.is_dir() or img.name.endswith((".nii", ".nii.gz"))):
+            continue
+        cid = _volume_name(img)
+        if cid not in labels:
+            missing.append(cid)
+            continue
+        cases.append({"id": cid, "image": str(img), "label": str(labels[cid])})
+    if missing:
+        raise DatasetError(f"images {image_dir}: no label in {label_dir} for {missing}")
+    if not cases:
+        raise DatasetError(f"images {image_dir}: no NIfTI file or DICOM folder found")
+    return cases
+
+
 def nih_pancreas_cases(image_root: str | os.PathLike, label_root: str | os.PathLike
                        ) -> list[dict[str, str]]:
     """Manifest entries for a TCIA NIH Pancreas-CT download.
