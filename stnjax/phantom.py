@@ -53,12 +53,13 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-from scipy import interpolate, ndimage
+from scipy import ndimage
 
 from stnjax.checks import InputError
+from stnjax.phantom_geometry import (REFERENCE_FOV_MM, Canvas, Grid, coarse_noise, curve,
+                                     ellipsoid, ellipsoid_on, random_walk, rotation,
+                                     smooth_noise, tube)
 
-#: Field of view (mm) of the virtual patient, canonical axes (P, L, S).
-REFERENCE_FOV_MM = (320.0, 320.0, 256.0)
 
 PANCREAS_ID = 7
 
@@ -166,125 +167,6 @@ class Phantom:
     spacing: np.ndarray
 
 
-# ---------------------------------------------------------------- geometry
-
-class _Grid:
-    """Voxel centres in patient mm (origin at the centre of the FOV)."""
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-        self.step = np.asarray(REFERENCE_FOV_MM) / np.asarray(shape)
-        self.axes = [((np.arange(n) + 0.5) * s - f / 2).astype(np.float32)
-                     for n, s, f in zip(shape, self.step, REFERENCE_FOV_MM)]
-
-    def box(self, lo, hi):
-        """Slices of the voxels whose centres lie in [lo, hi] mm, or None."""
-        sl = []
-        for ax, l, h in zip(self.axes, lo, hi):
-            i0, i1 = np.searchsorted(ax, l), np.searchsorted(ax, h, side="right")
-            if i1 <= i0:
-                return None
-            sl.append(slice(int(i0), int(i1)))
-        return tuple(sl)
-
-    def coords(self, sl):
-        """Broadcastable coordinates (na,1,1), (1,nb,1), (1,1,nc) of a box."""
-        a, b, c = (ax[s] for ax, s in zip(self.axes, sl))
-        return a[:, None, None], b[None, :, None], c[None, None, :]
-
-
-class _Canvas:
-    """Tissue and label maps painted with priorities (higher wins), so the
-    drawing order does not matter and organs never erase what outranks them."""
-
-    def __init__(self, shape):
-        self.tissue = np.zeros(shape, np.uint8)
-        self.label = np.zeros(shape, np.uint8)
-        self.prio = np.zeros(shape, np.uint8)
-
-    def paint(self, sl, mask, tissue, label, prio):
-        if sl is None:
-            return
-        m = mask & (self.prio[sl] <= prio)
-        self.tissue[sl][m] = tissue
-        self.label[sl][m] = label
-        self.prio[sl][m] = prio
-
-
-def _rotation(yaw_deg=0.0, tilt_deg=0.0):
-    """Rotation about the S axis (in-plane yaw) then about the P axis (tilt)."""
-    y, t = np.deg2rad(yaw_deg), np.deg2rad(tilt_deg)
-    rz = np.array([[np.cos(y), -np.sin(y), 0], [np.sin(y), np.cos(y), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
-    return rz @ rx
-
-
-def _ellipsoid(grid, centre, semi, rot=None):
-    """Normalised radius q (q <= 1 inside) of an ellipsoid on its bounding box.
-
-    Returns (slices, q float32) or (None, None) if outside the FOV."""
-    centre, semi = np.asarray(centre, float), np.asarray(semi, float)
-    ext = semi.max() if rot is not None else semi
-    sl = grid.box(centre - ext, centre + ext)
-    if sl is None:
-        return None, None
-    x = [g - c for g, c in zip(grid.coords(sl), centre)]
-    r = np.eye(3) if rot is None else rot
-    q2 = 0.0
-    for k in range(3):  # local axis k = sum_j r[j, k] * x_j
-        u = r[0, k] * x[0] + r[1, k] * x[1] + r[2, k] * x[2]
-        q2 = q2 + (u / semi[k]) ** 2
-    return sl, np.sqrt(q2).astype(np.float32)
-
-
-def _curve(points, radii, step_mm):
-    """Dense points (N,3) and radii (N,) along a cubic spline through
-    control points (K,3) with radii (K,), spaced about step_mm apart."""
-    p, radii = np.asarray(points, float), np.asarray(radii, float)
-    keep = np.r_[True, np.linalg.norm(np.diff(p, axis=0), axis=1) > 1e-3]  # drop repeats
-    p, radii = p[keep], radii[keep]
-    if len(p) == 1:
-        return p, radii
-    s = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(p, axis=0), axis=1))])
-    n = max(int(np.ceil(s[-1] / step_mm)) + 1, 2)
-    t = np.linspace(0.0, s[-1], n)
-    if len(p) > 2:
-        dense = interpolate.CubicSpline(s, p, bc_type="natural")(t)
-    else:
-        dense = np.stack([np.interp(t, s, p[:, k]) for k in range(3)], 1)
-    return dense, np.interp(t, s, radii)
-
-
-def _tube(grid, points, radii, margin=0.0):
-    """Signed distance (mm) to a tube of varying radius (a union of balls along
-    a spline), on its bounding box. Returns (slices, sdf float32)."""
-    pts, rad = _curve(points, radii, step_mm=0.75 * grid.step.min())
-    pad = rad.max() + margin + 1.0
-    sl = grid.box(pts.min(0) - pad, pts.max(0) + pad)
-    if sl is None:
-        return None, None
-    ax = [g[s] for g, s in zip(grid.axes, sl)]
-    sdf = np.full(tuple(len(a) for a in ax), np.inf, np.float32)
-    for i in range(0, len(pts), 16):  # chunks keep the (voxels x points) array small
-        p, r = pts[i:i + 16], rad[i:i + 16]
-        lo, hi = p.min(0) - pad, p.max(0) + pad
-        idx = [(np.searchsorted(a, l), np.searchsorted(a, h, side="right"))
-               for a, l, h in zip(ax, lo, hi)]
-        if any(i1 <= i0 for i0, i1 in idx):
-            continue
-        d = [(a[i0:i1, None] - p[:, k]) ** 2 for k, (a, (i0, i1)) in enumerate(zip(ax, idx))]
-        dist = np.sqrt(d[0][:, None, None, :] + d[1][None, :, None, :] + d[2][None, None, :, :]) - r
-        sub = tuple(slice(i0, i1) for i0, i1 in idx)
-        np.minimum(sdf[sub], dist.min(-1), out=sdf[sub])
-    return sl, sdf
-
-
-def _smooth_noise(rng, shape, sigma):
-    """Unit-std Gaussian random field with correlation length sigma (voxels)."""
-    f = ndimage.gaussian_filter(rng.standard_normal(shape, np.float32), sigma, mode="wrap")
-    return f / max(float(f.std()), 1e-6)
-
-
 def _case_means(rng):
     """Per-case tissue means: contrast enhancement and parenchyma vary."""
     means = np.array([m for _, m, _ in TISSUES], np.float32)
@@ -294,17 +176,6 @@ def _case_means(rng):
     for name in ("liver", "spleen", "pancreas", "gut_wall", "gut_chyme", "lymph_node"):
         means[_T[name]] += rng.uniform(-8, 8)
     return means
-
-
-def _coarse_noise(rng, shape, sigma):
-    """Like `_smooth_noise` for large sigma: filtered on a coarse grid, then
-    linearly upsampled (cheap for correlation lengths of several voxels)."""
-    f = max(1, int(np.min(sigma) // 2))
-    small = tuple(int(np.ceil(n / f)) + 1 for n in shape)
-    g = ndimage.gaussian_filter(rng.standard_normal(small, np.float32), np.asarray(sigma) / f,
-                                mode="wrap")
-    g = ndimage.zoom(g, [f] * 3, order=1, grid_mode=False)[tuple(slice(0, n) for n in shape)]
-    return g / max(float(g.std()), 1e-6)
 
 
 # Priorities: a structure replaces only what has a lower or equal rank.
@@ -392,7 +263,7 @@ def _spine(rng, g, cv, anc, fat):
 
 
 def _paint_tube(g, cv, points, radii, tissue, label, prio, clip=None):
-    sl, sdf = _tube(g, points, radii)
+    sl, sdf = tube(g, points, radii)
     if sl is not None:
         cv.paint(sl, (sdf <= 0) if clip is None else (sdf <= 0) & clip[sl], tissue, label, prio)
     return sl, sdf
@@ -430,16 +301,16 @@ def _organs(rng, g, cv, anc, cavity, wob):
     j = lambda s=5.0: rng.uniform(-s, s)  # noqa: E731  per-organ jitter
 
     def blob(centre, semi, rot, tissue, label, prio, amp=0.05):
-        sl, q = _ellipsoid(g, centre, semi, rot)
+        sl, q = ellipsoid(g, centre, semi, rot)
         if sl is not None:
             cv.paint(sl, (q <= 1 + amp * wob[sl]) & cavity[sl], _T[tissue], label, prio)
         return sl, q
 
     s = rng.uniform(0.9, 1.08)
     blob((a0 - 5 + j(), b0 - 58 + j(), c_cf + 75 + j()), np.multiply((95, 82, 85), s),
-         _rotation(j(10)), "liver", 5, P_LIVER)
+         rotation(j(10)), "liver", 5, P_LIVER)
     blob((a0 - 55 + j(), b0 + 8 + j(), c_cf + 70 + j()),  # left lobe
-         np.multiply((32, 58, 28), rng.uniform(0.7, 1.2)), _rotation(j(10)), "liver", 5, P_LIVER)
+         np.multiply((32, 58, 28), rng.uniform(0.7, 1.2)), rotation(j(10)), "liver", 5, P_LIVER)
     in_liver = cv.label == 5
     hv_top = (a_v - 25, b_v - 24, c_cf + 95)
     hepatic = ((a0 - 60, b0 - 30, c_cf + 80), (a0 - 30, b0 - 100, c_cf + 70),
@@ -452,40 +323,34 @@ def _organs(rng, g, cv, anc, cavity, wob):
                         _T["liver_vessel"], 5, P_LIVER, clip=in_liver)
     if rng.uniform() > 0.15:  # gallbladder (absent after cholecystectomy)
         blob((a0 - 52 + j(), b0 - 45 + j(), c_cf + 10 + j()),
-             np.multiply((14, 14, 30), rng.uniform(0.6, 1.1)), _rotation(j(20), 25),
+             np.multiply((14, 14, 30), rng.uniform(0.6, 1.1)), rotation(j(20), 25),
              "gallbladder", 4, P_GALL, amp=0.02)
     centre = np.array((a_v + 5 + j(), b0 + 0.72 * anc["half_w"] + j(), c_cf + 52 + j(8)))
     semi = np.multiply((45, 22, 50), rng.uniform(0.8, 1.15))
-    sl, q = _ellipsoid(g, centre, semi, _rotation(-35 + j(10)))
+    sl, q = ellipsoid(g, centre, semi, rotation(-35 + j(10)))
     if sl is not None:  # carve the hilum (anterior-medial): a crescent
-        _, q_h = _ellipsoid_on(g, sl, centre + (-22, -20, 0), semi * (0.55, 0.6, 0.7))
+        _, q_h = ellipsoid_on(g, sl, centre + (-22, -20, 0), semi * (0.55, 0.6, 0.7))
         cv.paint(sl, (q <= 1 + 0.05 * wob[sl]) & (q_h > 1) & cavity[sl], _T["spleen"], 1, P_SPLEEN)
     for side, label, dc in ((-1, 2, -32), (1, 3, -18)):
         centre = np.array((a_v + 8 + j(), b_v + side * 70 + j(), c_cf + dc + j(8)))
         semi = np.multiply((22, 28, 52), rng.uniform(0.88, 1.1))
-        sl, q = _ellipsoid(g, centre, semi, _rotation(-side * 25 + j(8), side * 8))
+        sl, q = ellipsoid(g, centre, semi, rotation(-side * 25 + j(8), side * 8))
         if sl is None:
             continue
         kid = (q <= 1 + 0.03 * wob[sl]) & cavity[sl]
         cv.paint(sl, kid & (q > 0.7), _T["kidney_cortex"], label, P_KIDNEY)
         cv.paint(sl, kid & (q <= 0.7), _T["kidney_medulla"], label, P_KIDNEY)
-        _, q_s = _ellipsoid_on(g, sl, centre + (-6, -side * 15, 0), (9, 12, 22))
+        _, q_s = ellipsoid_on(g, sl, centre + (-6, -side * 15, 0), (9, 12, 22))
         cv.paint(sl, kid & (q_s <= 1), _T["visceral_fat"], 0, P_KIDNEY)  # renal sinus fat
     for side, label in ((1, 11), (-1, 14)):
         blob((a_v + 10 + j(), b_v + side * 75 + j(), c_cf + 200 + j(15)), (75, 60, 95), None,
              "lung", label, P_LUNG, amp=0.02)
 
 
-def _ellipsoid_on(g, sl, centre, semi):
-    """Normalised radius of an axis-aligned ellipsoid on a given box."""
-    x = [gg - cc for gg, cc in zip(g.coords(sl), centre)]
-    return sl, np.sqrt(sum((xk / sk) ** 2 for xk, sk in zip(x, semi))).astype(np.float32)
-
-
 def _gut_tube(rng, g, cv, points, radius, label, prio, cavity, tex, contents):
     """A hollow viscus: wall of gut_wall tissue and a lumen whose content is
     drawn from `contents` (tissue names with probabilities) per structure."""
-    sl, sdf = _tube(g, points, np.full(len(points), radius))
+    sl, sdf = tube(g, points, np.full(len(points), radius))
     if sl is None:
         return
     inside = (sdf <= 0) & cavity[sl]
@@ -501,18 +366,6 @@ def _gut_tube(rng, g, cv, points, radius, label, prio, cavity, tex, contents):
         cv.paint(sl, lumen & (tex[sl] > 0.3), _T["gas"], label, prio)
     else:
         cv.paint(sl, lumen, _T[kind], label, prio)
-
-
-def _random_walk(rng, lo, hi, n, step):
-    """n control points of a smooth random loop inside the box [lo, hi]."""
-    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
-    pts = [rng.uniform(lo, hi)]
-    d = rng.normal(size=3)
-    for _ in range(n - 1):
-        d = 0.5 * d / np.linalg.norm(d) + rng.normal(size=3)  # persistence: no sharp kinks
-        nxt = pts[-1] + step * d / np.linalg.norm(d)
-        pts.append(np.clip(nxt, lo, hi))
-    return np.array(pts)
 
 
 def _gut(rng, g, cv, anc, cavity, wob, tex, num_loops):
@@ -532,7 +385,7 @@ def _gut(rng, g, cv, anc, cavity, wob, tex, num_loops):
     hi = np.max([c + s for c, s in parts], 0)
     sl = g.box(lo, hi)
     if sl is not None:
-        q = np.min([_ellipsoid_on(g, sl, c, s)[1] for c, s in parts], 0)
+        q = np.min([ellipsoid_on(g, sl, c, s)[1] for c, s in parts], 0)
         inside = (q <= 1 + 0.04 * wob[sl]) & cavity[sl]
         cv.paint(sl, inside, _T["gut_wall"], 6, P_STOMACH)
         lumen = inside & (q <= 0.88)
@@ -563,7 +416,7 @@ def _gut(rng, g, cv, anc, cavity, wob, tex, num_loops):
     mixed = (("gut_chyme", 0.45), ("gut_fluid", 0.35), ("gas_mix", 0.2))
     for i in range(num_loops):
         box = near if i < max(2, num_loops // 3) else low
-        pts = _random_walk(rng, *box, n=7, step=rng.uniform(22, 32))
+        pts = random_walk(rng, *box, n=7, step=rng.uniform(22, 32))
         _gut_tube(rng, g, cv, pts, rng.uniform(8, 12), 18, P_BOWEL, cavity, tex, mixed)
     # Colon: ascending, hepatic flexure, transverse (sagging), splenic flexure, descending.
     lat = 0.74 * half_w
@@ -582,7 +435,7 @@ def _gut(rng, g, cv, anc, cavity, wob, tex, num_loops):
         else:
             base = (a_ao, anc["b_ao"], c_cf + j(40))
         centre = np.asarray(base) + rng.normal(0, 1, 3) * (12, 18, 15)
-        sl, q = _ellipsoid(g, centre, rng.uniform(3.5, 7, 3), _rotation(j(90)))
+        sl, q = ellipsoid(g, centre, rng.uniform(3.5, 7, 3), rotation(j(90)))
         if sl is not None:
             cv.paint(sl, (q <= 1) & cavity[sl], _T["lymph_node"], 0, P_NODE)
     # Mesenteric vessels from the SMA / SMV into the lower abdomen.
@@ -611,7 +464,7 @@ def _pancreas(rng, g, cv, anc, cavity, lob, cfg):
     radii *= cfg.pancreas_scale * rng.uniform(0.9, 1.1)
     area = g.shape[0] * g.shape[1]
     for _ in range(30):  # shrink until no axial slice exceeds the configured fraction
-        sl, sdf = _tube(g, ctrl, radii, margin=4.0)
+        sl, sdf = tube(g, ctrl, radii, margin=4.0)
         mask = (sdf + 2.2 * lob[sl] <= 0) & cavity[sl] & (cv.prio[sl] <= P_PANCREAS)
         if mask.sum(axis=(0, 1)).max() <= cfg.max_pancreas_fraction * area:
             break
@@ -624,7 +477,7 @@ def _pancreas(rng, g, cv, anc, cavity, lob, cfg):
     # interlobular fat: labelled pancreas, as annotators include it
     cv.paint(sl, mask & (lob[sl] < -1.6), _T["pancreas_fat"], PANCREAS_ID, P_PANCREAS)
     # Splenic vein: from the confluence along the back of the body and tail.
-    pts, rad = _curve(ctrl[3:], radii[3:], 10.0)
+    pts, rad = curve(ctrl[3:], radii[3:], 10.0)
     r_sv = rng.uniform(3.5, 5)
     vein = pts + np.c_[0.85 * rad + r_sv, np.zeros_like(rad), np.full_like(rad, 2)]
     hilum = ctrl[-1] + (14 + rng.uniform(0, 6), 10, 8)
@@ -646,11 +499,11 @@ def render_phantom(seed: int, config: PhantomConfig = PhantomConfig()) -> Phanto
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed: expected a non-negative int, got {seed!r}")
     rng = np.random.default_rng(int(seed))
-    g, cv = _Grid(config.shape), _Canvas(config.shape)
+    g, cv = Grid(config.shape), Canvas(config.shape)
     mm = lambda x: x / g.step  # noqa: E731  mm -> voxels per axis
-    wob = _coarse_noise(rng, g.shape, mm(12.0))   # low-frequency organ outline wobble
-    tex = _smooth_noise(rng, g.shape, mm(2.5))    # tissue texture / content mottling
-    lob = _smooth_noise(rng, g.shape, mm(3.0))    # pancreas lobulation
+    wob = coarse_noise(rng, g.shape, mm(12.0))   # low-frequency organ outline wobble
+    tex = smooth_noise(rng, g.shape, mm(2.5))    # tissue texture / content mottling
+    lob = smooth_noise(rng, g.shape, mm(3.0))    # pancreas lobulation
     anc, cavity, fat = _body(rng, g, cv)
     _spine(rng, g, cv, anc, fat)
     _vessels(rng, g, cv, anc)
@@ -663,7 +516,7 @@ def render_phantom(seed: int, config: PhantomConfig = PhantomConfig()) -> Phanto
     if config.blur_mm > 0:  # scanner point-spread function (partial volume)
         hu = ndimage.gaussian_filter(hu, mm(config.blur_mm), mode="nearest")
     if config.noise_hu > 0:  # quantum noise, slightly correlated like reconstructed CT
-        hu += config.noise_hu * _smooth_noise(rng, g.shape, 0.6)
+        hu += config.noise_hu * smooth_noise(rng, g.shape, 0.6)
     hu = np.clip(np.round(hu), -1024, 3071).astype(np.float32)
     return Phantom(hu=hu, labels=cv.label, tissue=cv.tissue, spacing=config.voxel_spacing)
 

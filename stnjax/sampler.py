@@ -2,7 +2,7 @@
 
 Only slices whose centre slice holds enough organ pixels are trained on
 (`select_training_slices`); each sample is a 3-slice window (H, W, 3) of
-image and label read from a `data.CaseStore`. `SliceSampler` pads windows at
+image and label read from a `case_store.CaseStore`. `SliceSampler` pads windows at
 the bottom/right to a shape bucket and yields fixed-shape batches with a
 validity mask, as a pure function of (seed, step); `prefetch` assembles them
 in a background thread.
@@ -19,7 +19,8 @@ import numpy as np
 
 from stnjax import preprocess
 from stnjax.checks import InputError, check_int
-from stnjax.data import IMAGE_LEVELS, CaseStore, DatasetError
+from stnjax.case_store import IMAGE_LEVELS, CaseStore
+from stnjax.data import DatasetError
 
 
 # ------------------------------------------------------------------ training slices

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from stnjax import data, io, phantom, phantom_dataset, preprocess, sampler
+from stnjax import case_store, data, io, phantom, phantom_dataset, preprocess, sampler
 from stnjax.checks import InputError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -27,7 +27,7 @@ def phantoms(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def store(phantoms, tmp_path_factory):
-    return data.CaseStore(data.load_manifest(phantoms), tmp_path_factory.mktemp("cache"))
+    return case_store.CaseStore(data.load_manifest(phantoms), tmp_path_factory.mktemp("cache"))
 
 
 def _write_case(folder, cid, shape, organ_slices, rng):
@@ -53,7 +53,7 @@ def mixed(tmp_path_factory):
              _write_case(root, "c", (40, 30, 10), range(3, 6), rng),
              _write_case(root, "d", (33, 12, 10), range(4, 9), rng)]
     data.write_manifest(root, name="mixed", organ_id=1, cases=cases)
-    return data.CaseStore(data.load_manifest(root), root / "cache")
+    return case_store.CaseStore(data.load_manifest(root), root / "cache")
 
 
 # ------------------------------------------------------------------ folds
@@ -214,7 +214,7 @@ def test_slice_counts_match_labels(store):
 
 def test_case_store_values_and_cache_reuse(phantoms, tmp_path):
     m = data.load_manifest(phantoms)
-    s1 = data.CaseStore(m, tmp_path)
+    s1 = case_store.CaseStore(m, tmp_path)
     cid = m.case_ids[1]
     case = io.load_case(m.cases[1].image, m.cases[1].label, organ_id=7)
     ref = preprocess.window_hu(case.image)
@@ -229,15 +229,15 @@ def test_case_store_values_and_cache_reuse(phantoms, tmp_path):
         img, lab = s1.window(cid, plane, view.shape[0] - 1)  # edge slice replicated
         np.testing.assert_allclose(img, preprocess.window_at(view, view.shape[0] - 1), atol=1e-5)
     assert s1.loads == 1
-    s2 = data.CaseStore(m, tmp_path)  # a new process would see the same cache
+    s2 = case_store.CaseStore(m, tmp_path)  # a new process would see the same cache
     s2.prepare([cid])
     assert s2.loads == 0 and isinstance(s2.label(cid), np.memmap)
-    s3 = data.CaseStore(m, tmp_path, hu_window=(-200, 300))  # another window: new entry
+    s3 = case_store.CaseStore(m, tmp_path, hu_window=(-200, 300))  # another window: new entry
     s3.prepare([cid])
     assert s3.loads == 1
     st = os.stat(m.cases[1].image)
     os.utime(m.cases[1].image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # source changed
-    s4 = data.CaseStore(m, tmp_path)
+    s4 = case_store.CaseStore(m, tmp_path)
     s4.prepare([cid])
     assert s4.loads == 1
     with pytest.raises(data.DatasetError, match="not in manifest"):
@@ -250,7 +250,7 @@ def test_case_store_dicom_folder(tmp_path):
               "label": str(SLAB / "labels_multiclass.nii.gz")}]
     (tmp_path / "ds").mkdir()
     data.write_manifest(tmp_path / "ds", name="slab", organ_id=7, cases=cases)
-    s = data.CaseStore(data.load_manifest(tmp_path / "ds"), tmp_path / "cache")
+    s = case_store.CaseStore(data.load_manifest(tmp_path / "ds"), tmp_path / "cache")
     assert s.shape("slab") == (512, 512, 20)
     counts = sampler.slice_organ_counts(s, None, "Z")["slab"]
     assert np.count_nonzero(counts) == 4 and counts[:4].all()  # pancreas in the 4 lowest slices

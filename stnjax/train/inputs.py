@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from stnjax import data as stdata
+from stnjax.case_store import CaseStore
 from stnjax import sampler
 from stnjax.checks import InputError
 
@@ -88,23 +89,23 @@ def dataset_dir(config: Any, workdir: str | os.PathLike) -> Path:
 class PlaneData:
     """The training slices of one (fold, plane)."""
 
-    store: stdata.CaseStore
+    store: CaseStore
     slices: np.ndarray          # int32 (N, 2) (case_index, slice_index)
     plane: str
     fold: int
     train_ids: list[str]
 
 
-def open_store(config: Any, ds_dir: Path, workdir: str | os.PathLike) -> stdata.CaseStore:
+def open_store(config: Any, ds_dir: Path, workdir: str | os.PathLike) -> CaseStore:
     """The CaseStore of the dataset, cached in data.cache_dir or <workdir>/cache."""
     manifest = stdata.load_manifest(ds_dir)
     if config.data.organ_id not in (-1, None) and int(config.data.organ_id) != manifest.organ_id:
         manifest = dataclasses.replace(manifest, organ_id=int(config.data.organ_id))
     cache = Path(config.data.cache_dir) if config.data.cache_dir else Path(workdir) / "cache"
-    return stdata.CaseStore(manifest, cache, hu_window=tuple(config.data.hu_window))
+    return CaseStore(manifest, cache, hu_window=tuple(config.data.hu_window))
 
 
-def plane_data(config: Any, store: stdata.CaseStore, ds_dir: Path, fold: int,
+def plane_data(config: Any, store: CaseStore, ds_dir: Path, fold: int,
                plane: str) -> PlaneData:
     """Selects the training slices of one fold and plane (reference 1.6).
 

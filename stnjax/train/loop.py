@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from stnjax import data as stdata
+from stnjax.case_store import CaseStore
 from stnjax.checks import InputError
 from stnjax.fileio import atomic_write_text
 from stnjax.models.rstn import RSTN
@@ -142,7 +142,7 @@ def _init_params(rstn: RSTN, seed: int) -> Any:
 
 
 def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
-              store: stdata.CaseStore | None = None, ds_dir: Path | None = None,
+              store: CaseStore | None = None, ds_dir: Path | None = None,
               rstn: RSTN | None = None, run_label: str = "") -> dict:
     """Trains (or resumes, or finds complete) the model of one fold and plane.
 
