@@ -168,3 +168,32 @@ def test_losses_bad_input():
         L.joint_loss(x, x, x, lam=1.5)
     with pytest.raises(InputError, match="keys differ"):
         L.merge_metrics({"a": (1, 1)}, {"b": (1, 1)})
+
+
+def test_joint_loss_cross_entropy_term_against_numpy():
+    """bce_weight adds lam * BCE(coarse over valid pixels) + (1 - lam) *
+    BCE(fine over its crop box) to each sample's loss (0 = the reference)."""
+    rng = np.random.default_rng(3)
+    b, h, w = 2, 6, 5
+    pc = rng.uniform(0.01, 0.99, (b, h, w, 3)).astype(np.float32)
+    pf = rng.uniform(0.01, 0.99, (b, h, w, 3)).astype(np.float32)
+    y = (rng.uniform(size=(b, h, w, 3)) < 0.3).astype(np.float32)
+    valid = np.ones((b, h, w), bool)
+    valid[:, -1] = False
+    region = np.zeros((b, h, w), bool)
+    region[0, 1:4, 1:3] = True
+    region[1, :, :] = True
+    lam, bw = 1 / 3, 0.5
+    base, _ = L.joint_loss(pc, pf, y, valid=valid, lam=lam)
+    loss, m = L.joint_loss(pc, pf, y, valid=valid, lam=lam, bce_weight=bw,
+                           fine_region=jnp.asarray(region))
+
+    def bce(p, y, mask):
+        ce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+        return (ce * mask[..., None]).sum(axis=(1, 2, 3)) / (mask.sum(axis=(1, 2)) * 3)
+
+    extra = lam * bce(pc, y, valid) + (1 - lam) * bce(pf, y, region & valid)
+    np.testing.assert_allclose(float(loss), float(base) + bw * extra.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(m["loss_bce"][0]), extra.sum(), rtol=1e-5)
+    with pytest.raises(InputError, match="fine_region"):
+        L.joint_loss(pc, pf, y, bce_weight=bw)

@@ -174,3 +174,20 @@ def test_bad_inputs(model_and_params):
     batch["image"] = batch["image"].at[0, 0, 0, 0].set(jnp.nan)
     with pytest.raises(InputError, match="NaN"):
         rstn.forward_s(params, batch, jax.random.key(0))
+
+
+def test_init_prior_sets_the_initial_probability():
+    """model.init_prior shifts the last head's bias by logit(prior): a zero
+    image then gives that probability in the interior, in both networks."""
+    rstn = small_rstn(init_prior=0.05)
+    params = jax.jit(rstn.init_params, static_argnums=1)(jax.random.key(0), (32, 32))
+    for net in ("coarse", "fine"):
+        head = params[net]["score_pool3"]["bias"]
+        np.testing.assert_allclose(np.asarray(head), np.log(0.05 / 0.95), rtol=1e-6)
+        zero = {**params[net], **{k: {**params[net][k], "kernel": jnp.zeros_like(params[net][k]["kernel"]),
+                                      "bias": jnp.zeros_like(params[net][k]["bias"])}
+                                  for k in ("score_fr", "score_pool4")}}
+        prob = jax.nn.sigmoid(rstn.fcn_logits(zero, jnp.zeros((1, 32, 32, 3))))
+        np.testing.assert_allclose(np.asarray(prob[0, 8:24, 8:24]), 0.05, rtol=1e-4)
+    with pytest.raises(InputError, match="init_prior"):
+        small_rstn(init_prior=1.5)

@@ -143,3 +143,42 @@ def test_schedule_bad_specs():
     st = schedule.parse_stages("C:8,F:6", method="stagewise")
     assert [(s.mode, s.start, s.end) for s in st] == [("C", 0, 8), ("F", 8, 14)]
     assert schedule.lr_at(st, 1e-5, 2, 13) == pytest.approx(1e-5)  # no J: fixed
+
+
+def test_grouped_adam_matches_numpy_and_keeps_frozen_slots():
+    """grouped_adam: Adam with the rate groups, kernel-only L2 decay in the
+    gradient, bias correction by the global count; frozen networks keep
+    their moments and get no update."""
+    rng = np.random.default_rng(1)
+    params = _params(rng)
+    mults, wd, lr, b1, b2, eps = (1.0, 2.0, 10.0, 20.0), 1e-2, 1e-3, 0.9, 0.999, 1e-8
+    tx = optim.grouped_adam(lambda c: jnp.float32(lr), weight_decay=wd, lr_mult=mults,
+                            trainable=("coarse", "fine"))
+    state = tx.init(params)
+    p = jax.tree.map(jnp.asarray, params)
+    w = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    m = jax.tree.map(np.zeros_like, w)
+    v = jax.tree.map(np.zeros_like, w)
+    for t in range(1, 4):
+        g = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), params)
+        u, state = jax.jit(tx.update)(g, state, p)
+        p = jax.tree.map(lambda a, b: a + b, p, u)
+        for net in ("coarse", "fine"):
+            for layer, d in w[net].items():
+                for name in d:
+                    group = (0 if net == "coarse" else 2) + (name == "bias")
+                    ge = g[net][layer][name] + (wd if name == "kernel" else 0.0) * d[name]
+                    m[net][layer][name] = b1 * m[net][layer][name] + (1 - b1) * ge
+                    v[net][layer][name] = b2 * v[net][layer][name] + (1 - b2) * ge ** 2
+                    mh = m[net][layer][name] / (1 - b1 ** t)
+                    vh = v[net][layer][name] / (1 - b2 ** t)
+                    d[name] = d[name] - lr * mults[group] * mh / (np.sqrt(vh) + eps)
+    for net in ("coarse", "fine"):
+        for layer, d in w[net].items():
+            for name, ref in d.items():
+                np.testing.assert_allclose(np.asarray(p[net][layer][name]), ref,
+                                           rtol=1e-5, atol=1e-6)
+    # The frozen saliency network: unchanged, and its moments still zero.
+    np.testing.assert_array_equal(np.asarray(p["saliency"]["s1"]["kernel"]),
+                                  params["saliency"]["s1"]["kernel"])
+    assert not np.any(np.asarray(state["mu"]["saliency"]["s1"]["kernel"]))

@@ -1,0 +1,96 @@
+"""Evaluation and segmentation runs on a real (smoke) training run.
+
+One tiny training run (smoke config: axial plane, 12 steps) feeds the
+evaluation of its fold, the label-free segmentation of files, and the
+bad-input cases of both: a checkpoint of another plane or config, and an
+output folder that cannot be written (no output file may appear).
+"""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from launch.configs import smoke
+from stnjax import data as stdata
+from stnjax import experiment, io, metrics, records
+from stnjax.checks import InputError
+from stnjax.train import inputs, loop
+from stnjax.train import workdir as wd
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    config = smoke.get_config()
+    loop.train(config, work)
+    return config, work
+
+
+def test_evaluate_fold_writes_records_predictions_and_reports(trained, tmp_path):
+    config, work = trained
+    out = tmp_path / "eval"
+    recs = experiment.evaluate_fold(config, work, 0, out_dir=out)
+    assert recs and all(r.num_rounds == config.infer.max_rounds for r in recs)
+    assert records.read_records(out) == recs  # cases.json round trip
+    for r in recs:
+        pred = out / "predictions" / f"{r.case_id}.nii.gz"
+        img = nib.load(pred)
+        # The prediction has the source file's geometry and the recorded DSC.
+        man = stdata.load_manifest(inputs.dataset_dir(config, work))
+        src = man.root / man.case(r.case_id).image
+        np.testing.assert_allclose(img.affine, nib.load(src).affine, atol=1e-5)
+        case = io.load_case(src, man.root / man.case(r.case_id).label,
+                            organ_id=man.organ_id)
+        mask = io.load_label_map(pred, case.geometry).astype(bool)
+        key = records.threshold_key(config.infer.threshold)
+        assert abs(metrics.dsc(mask, case.label) - r.metrics_at[key]["dsc"]) < 1e-6
+    text = experiment.report(recs, out, thresholds=config.infer.report_thresholds,
+                             main_threshold=config.infer.threshold)
+    assert "Coarse (round 0)" in text
+    for name in ("summary.txt", "summary.json", "sweep.csv", "sweep.png"):
+        assert (out / name).is_file()
+
+
+def test_segment_files_without_labels(trained, tmp_path):
+    config, work = trained
+    ds = inputs.dataset_dir(config, work)
+    src = sorted(ds.glob("images/*.nii.gz"))[:1]
+    written = experiment.segment_files(config, work, [str(p) for p in src], out_dir=tmp_path)
+    assert [p.name for p in written] == [src[0].name.replace(".nii.gz", "_mask.nii.gz")]
+    img = nib.load(written[0])
+    assert img.shape == nib.load(src[0]).shape
+    assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
+
+
+def test_checkpoint_of_another_plane_or_config_is_refused(trained, tmp_path):
+    config, work = trained
+    # Another config: the hash of the model/training fields differs.
+    other = smoke.get_config()
+    other.train.base_lr = 2e-3
+    with pytest.raises(InputError, match="another config"):
+        experiment.load_models(other, work, 0, ("Z",))
+    # A run folder of plane X that holds plane Z's checkpoint.
+    fake = tmp_path / "work"
+    shutil.copytree(wd.run_dir(work, 0, "Z"), wd.run_dir(fake, 0, "X"))
+    with pytest.raises(InputError, match="plane 'Z', expected fold 0 plane 'X'"):
+        experiment.load_models(config, fake, 0, ("X",))
+    # A plane that was never trained.
+    with pytest.raises(InputError, match="no checkpoint"):
+        experiment.load_models(config, work, 0, ("Y",))
+
+
+def test_unwritable_output_is_an_error_before_any_output(trained, tmp_path):
+    config, work = trained
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InputError, match="cannot be written"):
+        experiment.evaluate_fold(config, work, 0, out_dir=blocker / "eval")
+    with pytest.raises(InputError, match="cannot be written"):
+        experiment.segment_files(config, work, ["x.nii.gz"], out_dir=blocker / "masks")
+    # A bad input file is found before anything is written.
+    out = tmp_path / "masks"
+    with pytest.raises(InputError):
+        experiment.segment_files(config, work, [str(tmp_path / "missing.nii.gz")], out_dir=out)
+    assert not any(p for p in out.iterdir() if not p.name.startswith("."))
