@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stnjax import infer
+from stnjax import infer, metrics
 from stnjax.checks import InputError, check_array
 from stnjax.models.rstn import RSTN
 from stnjax.preprocess import HU_WINDOW, window_hu
@@ -52,11 +52,6 @@ class CaseResult:
     overflow: int
 
 
-def _dsc(a: np.ndarray, b: np.ndarray) -> float:
-    tot = int(a.sum()) + int(b.sum())
-    return 0.0 if tot == 0 else 2.0 * int(np.logical_and(a, b).sum()) / tot
-
-
 class Segmenter:
     """Coarse-to-fine segmentation of whole volumes with one RSTN per plane.
 
@@ -86,10 +81,11 @@ class Segmenter:
         r, s = rstn, spec
         self._fns = {
             "coarse": lambda p, im, ex: _coarse_with_check(r, p, im, ex, spec=s),
-            "c2f": lambda p, im, ex, pr, t, lab: _fuse_and_loop(r, p, im, ex, pr, t, lab, spec=s),
-            "c2f_nolabel": lambda p, im, ex, pr, t: _fuse_and_loop(r, p, im, ex, pr, t, None,
-                                                                   spec=s),
-            "init": lambda im, ex, pr, lab: _init(im, ex, pr, lab, spec=s),
+            "c2f": lambda p, im, ex, sc, m, t, lab: infer.coarse_to_fine(
+                r, p, im, ex, sc, m, t, spec=s, label=lab),
+            "c2f_nolabel": lambda p, im, ex, sc, m, t: infer.coarse_to_fine(
+                r, p, im, ex, sc, m, t, spec=s),
+            "init": lambda sc, m, lab: infer.init_state(sc, m, spec=s, label=lab),
             "step": lambda p, im, ex, st, lab: infer.round_step(r, p, im, ex, st, spec=s,
                                                                  label=lab),
             "strong": lambda p, im, ex, lab: infer.strong_oracle(r, p, im, ex, lab, spec=s),
@@ -165,7 +161,7 @@ class Segmenter:
         self._report_key(t)  # fail before any work
 
         t0 = time.perf_counter()
-        probs, finite = self._call("coarse", bucket, self.params, image, extent)
+        probs, score0, mask0, finite = self._call("coarse", bucket, self.params, image, extent)
         finite = bool(finite)
         time_coarse = time.perf_counter() - t0
         if not finite:
@@ -173,13 +169,15 @@ class Segmenter:
                              "parameters (checkpoint) are broken")
         t_arr = jnp.float32(t_loop)
         if self.per_round_timing:
-            res, times = self._stepwise(bucket, image, extent, probs, t_arr, lab)
+            res, times = self._stepwise(bucket, image, extent, score0, mask0, t_arr, lab)
         else:
             t0 = time.perf_counter()
             if lab is None:
-                res = self._call("c2f_nolabel", bucket, self.params, image, extent, probs, t_arr)
+                res = self._call("c2f_nolabel", bucket, self.params, image, extent, score0,
+                                 mask0, t_arr)
             else:
-                res = self._call("c2f", bucket, self.params, image, extent, probs, t_arr, lab)
+                res = self._call("c2f", bucket, self.params, image, extent, score0, mask0,
+                                 t_arr, lab)
             res = jax.block_until_ready(res)
             total = time.perf_counter() - t0
             times = [total / max(int(res.rounds), 1)] * int(res.rounds)
@@ -193,21 +191,20 @@ class Segmenter:
         if label is not None:
             lab_np = np.asarray(label, bool)
             for i, p in enumerate(self.spec.planes):
-                plane_dsc[p] = _dsc(crop(probs[i]) >= 0.5, lab_np)
+                plane_dsc[p] = metrics.dsc(crop(probs[i]) >= 0.5, lab_np)
             if oracles:
-                orc = self._oracles(bucket, image, extent, probs, lab, crop, lab_np)
-        coarse_mask = crop(infer.fuse(probs, infer.valid_mask(bucket, extent),
-                                      method=self.spec.fusion)[1])
+                orc = self._oracles(bucket, image, extent, probs, score0, mask0, lab, crop,
+                                    lab_np)
         return CaseResult(
-            mask=main, score=crop(res.score), coarse_mask=coarse_mask, rounds=rounds,
+            mask=main, score=crop(res.score), coarse_mask=crop(mask0), rounds=rounds,
             inter=inter, dsc=None if label is None else dsc, masks_at=masks_at,
             round_at=round_at, plane_dsc=plane_dsc, oracles=orc,
             time_coarse_s=time_coarse, time_rounds_s=times, bucket=bucket,
             overflow=int(res.overflow))
 
-    def _stepwise(self, bucket, image, extent, probs, t, lab):
+    def _stepwise(self, bucket, image, extent, score0, mask0, t, lab):
         """The loop from the host, one compiled round at a time (timing)."""
-        st = self._call("init", bucket, image, extent, probs, lab)
+        st = self._call("init", bucket, score0, mask0, lab)
         times = []
         while bool(infer.should_continue(st, t, spec=self.spec)):
             t0 = time.perf_counter()
@@ -216,28 +213,17 @@ class Segmenter:
             times.append(time.perf_counter() - t0)
         return infer.finish(st), times
 
-    def _oracles(self, bucket, image, extent, probs, lab, crop, lab_np) -> dict[str, float]:
+    def _oracles(self, bucket, image, extent, probs, score0, mask0, lab, crop,
+                 lab_np) -> dict[str, float]:
         strong = self._call("strong", bucket, self.params, image, extent, lab)
-        valid = infer.valid_mask(bucket, extent)
-        score0, mask0 = infer.fuse(probs, valid, method=self.spec.fusion)
         weak = self._call("weak", bucket, self.params, image, extent, score0, mask0, lab)
         gtc = self._call("gt_crop", bucket, self.params, image, extent, lab, probs)
-        return {name: _dsc(crop(m), lab_np)
+        return {name: metrics.dsc(crop(m), lab_np)
                 for name, m in (("strong", strong), ("weak", weak), ("gt_crop", gtc))}
 
 
 def _coarse_with_check(rstn, params, image, extent, *, spec):
+    """Round 0: per-plane probabilities, their fusion, and a finiteness flag."""
     probs = infer.coarse_probs(rstn, params, image, extent, spec=spec)
-    return probs, jnp.all(jnp.isfinite(probs))
-
-
-def _fuse_and_loop(rstn, params, image, extent, probs, t, label, *, spec):
     score0, mask0 = infer.fuse(probs, infer.valid_mask(image.shape, extent), method=spec.fusion)
-    return infer.coarse_to_fine(rstn, params, image, extent, score0, mask0, t, spec=spec,
-                                label=label)
-
-
-def _init(image, extent, probs, label, *, spec):
-    score0, mask0 = infer.fuse(probs, infer.valid_mask(image.shape, extent), method=spec.fusion)
-    return infer.init_state(score0, mask0, spec=spec, label=label)
-
+    return probs, score0, mask0, jnp.all(jnp.isfinite(probs))
