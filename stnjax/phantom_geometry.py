@@ -2,7 +2,8 @@
 canvas, rotations, ellipsoids, tubes along curves and smooth noise.
 
 All sizes are in mm of the patient inside `REFERENCE_FOV_MM`; the grid maps
-them to voxels of the requested shape (see `stnjax.phantom`).
+them to voxels of the requested shape. Used by `stnjax.phantom_anatomy` (the
+painters) and `stnjax.phantom` (the generator).
 """
 
 from __future__ import annotations
