@@ -4,8 +4,14 @@
   python -m launch.evaluate --config=launch/configs/nih_pancreas.py \
       --config.data.dir=/data/nih --config.data.folds=all --workdir=runs/nih
 
-Per fold: <workdir>/eval/fold<f>/{cases.json, cases.csv, predictions/*.nii.gz};
-over the folds: <workdir>/eval/{summary.txt, summary.json, sweep.csv, *.png}.
+Per fold: <out>/fold<f>/{cases.json, cases.csv, predictions/*.nii.gz};
+over the folds: <out>/{summary.txt, summary.json, sweep.csv, *.png} and the
+resolved config and package versions (config.json, versions.json). <out> is
+<workdir>/eval unless --out names another folder, e.g. to compare inference
+settings on the same models:
+
+  python -m launch.evaluate --config=launch/configs/phantom.py --workdir=runs/phantom \
+      --config.infer.saliency_input=coarse --out=runs/phantom/eval-coarse
 The summary is printed as in the paper. Use the config the models were
 trained with (a different one is refused); inference settings
 (--config.infer.*) may change freely. All logic lives in stnjax.experiment.
@@ -21,6 +27,7 @@ from launch.logs import setup_logging
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
 _NO_PREDICTIONS = flags.DEFINE_bool("no_predictions", False,
                                     "Do not write prediction NIfTI files.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -34,19 +41,26 @@ def main(argv):
     from stnjax.train import inputs
 
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
-    log = setup_logging(workdir / "eval" / "evaluate.log")
+    out = Path(_OUT.value) if _OUT.value else workdir / "eval"
+    try:
+        experiment.inference_spec(config)  # bad inference settings: before any output
+        experiment.check_writable(out)
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
+    log = setup_logging(out / "evaluate.log")
     try:
         records = []
         for fold in inputs.resolve_folds(config.data.folds, int(config.data.n_folds)):
             records += experiment.evaluate_fold(config, workdir, fold,
+                                                out_dir=out / f"fold{int(fold)}",
                                                 write_predictions=not _NO_PREDICTIONS.value)
-        text = experiment.report(records, workdir / "eval",
-                                 thresholds=config.infer.report_thresholds,
-                                 main_threshold=config.infer.threshold)
+        text = experiment.report(records, out, thresholds=config.infer.report_thresholds,
+                                 main_threshold=config.infer.threshold, config=config)
     except InputError as e:
         log.error("%s", e)
         raise SystemExit(f"error: {e}") from None
     print(text)
+    print(f"results in {out}")
 
 
 if __name__ == "__main__":

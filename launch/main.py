@@ -10,6 +10,12 @@ to 10 rounds, every round recorded) and prints the paper-style summary.
 Outputs: <workdir>/fold0/<plane>/ (checkpoints, metrics.jsonl),
 <workdir>/eval/ (summary.txt, cases.csv, sweep.csv, PNG plots, predictions).
 Re-running resumes training and re-evaluates.
+
+The same models are also evaluated with the saliency inputs named by
+--also_saliency_inputs (default: "coarse", round 0's fused map in every
+round; records in <workdir>/eval/fold<f>-<method>/, no predictions), and the
+summary compares them with the reference setting case by case. Pass
+--also_saliency_inputs= to skip.
 """
 
 from pathlib import Path
@@ -23,6 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).parent / "configs" / "phantom.py"), "Python config file.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/phantom", "Output folder.")
+_ALSO = flags.DEFINE_list("also_saliency_inputs", ["coarse"],
+                          "Also evaluate with these infer.saliency_input values.")
 
 
 def main(argv):
@@ -35,13 +43,19 @@ def main(argv):
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     log = setup_logging(workdir / "main.log")
     try:
+        variants = [experiment.with_inference(config, saliency_input=v) for v in _ALSO.value
+                    if v != config.infer.saliency_input]  # bad values: before training
         loop.train(config, workdir)
         records = []
         for fold in inputs.resolve_folds(config.data.folds, int(config.data.n_folds)):
             records += experiment.evaluate_fold(config, workdir, fold)
+            for vc in variants:
+                out = workdir / "eval" / f"fold{fold}-{experiment.method_label(vc)}"
+                records += experiment.evaluate_fold(vc, workdir, fold, out_dir=out,
+                                                    write_predictions=False)
         text = experiment.report(records, workdir / "eval",
                                  thresholds=config.infer.report_thresholds,
-                                 main_threshold=config.infer.threshold)
+                                 main_threshold=config.infer.threshold, config=config)
     except (InputError, loop.TrainingDivergedError) as e:
         log.error("%s", e)
         raise SystemExit(f"error: {e}") from None

@@ -42,7 +42,9 @@ from stnjax.records import (REPORT_THRESHOLDS, CaseRecord, check_records, check_
 MAIN_THRESHOLD = 0.99
 INTER_REPORT_ROUNDS = (1, 2, 3, 5, 10)
 SUMMARY_JSON, SUMMARY_TXT, SWEEP_CSV = "summary.json", "summary.txt", "sweep.csv"
-METHOD_NAMES = {"rstn": "RSTN", "stagewise": "Stage-wise (C2F)"}
+METHOD_NAMES = {"rstn": "RSTN", "stagewise": "Stage-wise (C2F)",
+                "rstn-sal-mask": "RSTN, saliency of the previous mask (paper)",
+                "rstn-sal-coarse": "RSTN, saliency of the round-0 coarse map"}
 
 
 # ---------------------------------------------------------------- thresholds

@@ -9,6 +9,7 @@ launch/evaluate.py and launch/segment.py only parse flags.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ import numpy as np
 from stnjax import data as stdata
 from stnjax import evaluate, infer, io, metrics, plots
 from stnjax.checks import InputError
+from stnjax.fileio import atomic_write_text
 from stnjax.models.rstn import RSTN
 from stnjax.records import CaseRecord, threshold_key, write_records
 from stnjax.segmenter import CaseResult, Segmenter
@@ -39,7 +41,31 @@ def inference_spec(config: Any) -> infer.InferenceSpec:
         lcc_threshold=float(config.infer.lcc_threshold),
         report_thresholds=tuple(float(t) for t in config.infer.report_thresholds),
         fusion="majority" if baseline else "mean", use_saliency=not baseline,
-        quantize_coarse=bool(config.infer.quantize_coarse))
+        quantize_coarse=bool(config.infer.quantize_coarse),
+        saliency_input=str(config.infer.saliency_input))
+
+
+def method_label(config: Any) -> str:
+    """The `method` of evaluation records: the training method, plus the
+    saliency input when it is not the reference's ("rstn-sal-mask",
+    "rstn-sal-coarse"), so that a sweep over several evaluation folders of
+    the same models tells the variants apart."""
+    spec = inference_spec(config)
+    if spec.use_saliency and spec.saliency_input != "score":
+        return f"{config.train.method}-sal-{spec.saliency_input}"
+    return str(config.train.method)
+
+
+def with_inference(config: Any, **fields: Any) -> Any:
+    """A copy of `config` with config.infer fields replaced (checked: an
+    unknown field or a bad value raises InputError)."""
+    out = config.copy_and_resolve_references()
+    for k, v in fields.items():
+        if k not in out.infer:
+            raise InputError(f"infer.{k}: no such inference setting")
+        out.infer[k] = v
+    inference_spec(out)
+    return out
 
 
 def load_models(config: Any, workdir: str | os.PathLike, fold: int,
@@ -125,18 +151,23 @@ def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
     Returns the per-case records (also written to `<out>/cases.{json,csv}`;
     predictions to `<out>/predictions/<case>.nii.gz` in the source geometry).
     """
+    spec = inference_spec(config)  # bad settings fail before any folder is made
     out = check_writable(out_dir or Path(workdir) / "eval" / f"fold{int(fold)}")
     ds_dir = inputs.dataset_dir(config, workdir)
     manifest = stdata.load_manifest(ds_dir)
     table = stdata.load_or_create_fold_table(ds_dir, manifest.case_ids,
                                              n_folds=int(config.data.n_folds))
     _, test_ids = stdata.split(table, fold, manifest.case_ids)
-    spec = inference_spec(config)
     rstn, params = load_models(config, workdir, fold, spec.planes)
     seg = make_segmenter(config, rstn, params)
+    write_provenance(config, out)
     organ = manifest.organ_id if int(config.data.organ_id) < 0 else int(config.data.organ_id)
     t = float(config.infer.threshold)
     preds = check_writable(out / "predictions") if write_predictions else None
+    log.info("fold %d: %d test cases; inference: planes %s, margin %d, up to %d rounds, "
+             "saliency input %r, fusion %r, t = %.2f", fold, len(test_ids),
+             "".join(spec.planes), rstn.margin, spec.max_rounds, spec.saliency_input,
+             spec.fusion, t)
     records = []
     for i, cid in enumerate(test_ids):
         entry = manifest.case(cid)
@@ -146,7 +177,7 @@ def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
         res = seg.segment(case.image, label=case.label, t=t,
                           run_all_rounds=bool(config.infer.run_all_rounds),
                           oracles=bool(config.infer.oracles))
-        rec = case_record(res, case, fold=fold, method=config.train.method, t=t)
+        rec = case_record(res, case, fold=fold, method=method_label(config), t=t)
         records.append(rec)
         if preds is not None:
             io.save_mask(res.mask, case.geometry, preds / f"{cid}.nii.gz")
@@ -160,10 +191,14 @@ def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
 
 
 def report(records: Sequence[CaseRecord], out_dir: str | os.PathLike, *,
-           thresholds: Sequence[float], main_threshold: float) -> str:
-    """Writes summary.{json,txt}, sweep.csv and the PNG plots; returns the
+           thresholds: Sequence[float], main_threshold: float,
+           config: Any | None = None) -> str:
+    """Writes summary.{json,txt}, sweep.csv and the PNG plots (and, given
+    the config, the provenance files of `write_provenance`); returns the
     printed summary text."""
     out = check_writable(out_dir)
+    if config is not None:
+        write_provenance(config, out)
     summary = evaluate.summarize(records, thresholds=tuple(thresholds),
                                  main_threshold=main_threshold)
     evaluate.write_summary(summary, out)
@@ -173,6 +208,20 @@ def report(records: Sequence[CaseRecord], out_dir: str | os.PathLike, *,
     evaluate.write_sweep_csv(rows, out / "sweep.csv")
     plots.write_plots(records, rows, out, main_threshold)
     return evaluate.format_summary(summary)
+
+
+def write_provenance(config: Any, out_dir: str | os.PathLike) -> None:
+    """Writes config.json, config.txt and versions.json beside results.
+
+    The training workdir holds the config the models were trained with, but
+    inference settings (config.infer.*) may change at evaluation time, so
+    every result folder gets the resolved config it was made with.
+    """
+    out = check_writable(out_dir)
+    atomic_write_text(out / "config.json", config.to_json_best_effort(indent=2) + "\n")
+    atomic_write_text(out / "config.txt", str(config))
+    atomic_write_text(out / "versions.json",
+                      json.dumps(wd.package_versions(), indent=2) + "\n")
 
 
 def segment_files(config: Any, workdir: str | os.PathLike, inputs_: Sequence[str], *,
@@ -190,6 +239,7 @@ def segment_files(config: Any, workdir: str | os.PathLike, inputs_: Sequence[str
     spec = inference_spec(config)
     rstn, params = load_models(config, workdir, fold, spec.planes)
     seg = make_segmenter(config, rstn, params)
+    write_provenance(config, out)
     written = []
     for i, (path, vol) in enumerate(volumes):
         t0 = time.perf_counter()

@@ -15,7 +15,9 @@ whose previous mask is empty on all three slices are skipped (probability
 0, still counted in the /2 or /3 average, as the reference); the others get
 saliency from the previous round's continuous fused map, a crop box from
 the previous binary mask (margin K), the fine network and the paste back.
-Then the planes' mean >= 0.5 and the largest-component filter. The loop
+(`InferenceSpec.saliency_input` offers the paper's saliency of the previous
+mask, and round 0's coarse map in every round.) Then the planes' mean >= 0.5
+and the largest-component filter. The loop
 stops when the inter-iteration DSC reaches `t` (traced: a sweep over t
 compiles once) or after T rounds; t > 1 runs all T rounds and records each,
 from which the result at any t is read (the reference's reporting).
@@ -41,6 +43,8 @@ from stnjax.models.rstn import RSTN
 from stnjax.preprocess import PLANE_AXIS, PLANES, check_plane
 
 FUSIONS = ("mean", "majority")
+# What drives the saliency transformation in round r (see InferenceSpec).
+SALIENCY_INPUTS = ("score", "mask", "coarse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,14 @@ class InferenceSpec:
       use_saliency: False for the stage-wise baseline (raw-image crops).
       quantize_coarse: round coarse probabilities to 1/255 (the reference
         stores them as uint8 before fusion and saliency).
+      saliency_input: the map fed to the saliency transformation in round r:
+        "score", the previous round's continuous fused probability (the
+        reference code, 4.3); "mask", the previous round's binary mask (the
+        paper: "computed via the mask from the previous round", reference
+        6.4); "coarse", the fused coarse map of round 0 in every round (the
+        kind of map the fine network saw in training, which removes the
+        train/test mismatch that reference 6.4 points out; the crop still
+        follows the previous round's mask).
     """
     planes: tuple[str, ...] = PLANES
     batch_size: int = 8
@@ -67,6 +79,7 @@ class InferenceSpec:
     fusion: str = "mean"
     use_saliency: bool = True
     quantize_coarse: bool = True
+    saliency_input: str = "score"
 
     def __post_init__(self):
         if not self.planes or len(set(self.planes)) != len(self.planes):
@@ -79,6 +92,9 @@ class InferenceSpec:
             raise InputError(f"max_rounds: expected >= 1, got {self.max_rounds}")
         if self.fusion not in FUSIONS:
             raise InputError(f"fusion: expected one of {FUSIONS}, got {self.fusion!r}")
+        if self.saliency_input not in SALIENCY_INPUTS:
+            raise InputError(f"saliency_input: expected one of {SALIENCY_INPUTS}, "
+                             f"got {self.saliency_input!r}")
 
 
 class C2FResult(NamedTuple):
@@ -323,18 +339,35 @@ def init_state(score0: jax.Array, mask0: jax.Array, *, spec: InferenceSpec,
                      jnp.zeros((k,), bool), jnp.int32(0))
 
 
+def saliency_map(st: LoopState, score0: jax.Array | None, *, spec: InferenceSpec
+                 ) -> jax.Array:
+    """The (X, Y, Z) float32 map that drives round st.r + 1's saliency
+    (`spec.saliency_input`); score0 is the fused coarse map of round 0."""
+    if spec.saliency_input == "mask":
+        return st.mask.astype(jnp.float32)
+    if spec.saliency_input == "coarse":
+        if score0 is None:
+            raise InputError('saliency_input="coarse" needs score0 (the round-0 fused map)')
+        return score0.astype(jnp.float32)
+    return st.score
+
+
 def round_step(rstn: RSTN, params: Mapping[str, Any], image: jax.Array,
                extent: jax.Array, st: LoopState, *, spec: InferenceSpec,
-               label: jax.Array | None = None, crop_label: bool = False) -> LoopState:
+               label: jax.Array | None = None, crop_label: bool = False,
+               score0: jax.Array | None = None) -> LoopState:
     """One round r -> r + 1 of the iteration (the while_loop body).
 
     A round whose crop reference is empty is skipped (reference 4.3): score
     and mask stay, and its inter-iteration DSC is 1 (both masks empty).
+    score0 (the round-0 fused map) is needed only when
+    spec.saliency_input == "coarse".
     """
     ref = label if crop_label else st.mask
+    sal = saliency_map(st, score0, spec=spec)
     new_score, new_mask, ov = lax.cond(
         jnp.any(ref),
-        lambda: fine_round(rstn, params, image, st.score, ref, extent, spec=spec),
+        lambda: fine_round(rstn, params, image, sal, ref, extent, spec=spec),
         lambda: (st.score, st.mask, jnp.int32(0)))
     r = st.r + 1
     d_inter = dsc_jax(st.mask, new_mask, empty=1.0)
@@ -384,7 +417,7 @@ def coarse_to_fine(rstn: RSTN, params: Mapping[str, Any], image: jax.Array,
     st = lax.while_loop(
         lambda s: should_continue(s, t, spec=spec),
         lambda s: round_step(rstn, params, image, extent, s, spec=spec, label=label,
-                             crop_label=crop_label), st)
+                             crop_label=crop_label, score0=score0), st)
     return finish(st)
 
 

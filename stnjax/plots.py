@@ -71,11 +71,13 @@ def _row_time(r: ThresholdRow) -> str:
 def format_threshold_table(rows: Sequence[ThresholdRow], title: str = "") -> str:
     """A table of ThresholdRows (one summary group or a sweep)."""
     lines = [title] if title else []
-    lines.append("  method        t    DSC %    std    min    max  converged  rounds  time/case")
+    w = max([10] + [len(r.method) for r in rows])  # method names of variants are longer
+    lines.append(f"  {'method':<{w}}     t    DSC %    std    min    max  converged  rounds  "
+                 "time/case")
     for r in rows:
         star = " *" if r.inexact else ""
         lines.append(
-            f"  {r.method:<10} {threshold_key(r.t):>5}  {100 * r.mean:6.2f} {100 * r.std:6.2f} "
+            f"  {r.method:<{w}} {threshold_key(r.t):>5}  {100 * r.mean:6.2f} {100 * r.std:6.2f} "
             f"{100 * r.min:6.2f} {100 * r.max:6.2f}  {r.converged:4d}/{r.n:<4d}  "
             f"{r.mean_rounds:6.2f} {_row_time(r)}{star}")
     if any(r.inexact for r in rows):

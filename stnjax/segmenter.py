@@ -86,8 +86,8 @@ class Segmenter:
             "c2f_nolabel": lambda p, im, ex, sc, m, t: infer.coarse_to_fine(
                 r, p, im, ex, sc, m, t, spec=s),
             "init": lambda sc, m, lab: infer.init_state(sc, m, spec=s, label=lab),
-            "step": lambda p, im, ex, st, lab: infer.round_step(r, p, im, ex, st, spec=s,
-                                                                 label=lab),
+            "step": lambda p, im, ex, st, lab, sc: infer.round_step(
+                r, p, im, ex, st, spec=s, label=lab, score0=sc),
             "strong": lambda p, im, ex, lab: infer.strong_oracle(r, p, im, ex, lab, spec=s),
             "weak": lambda p, im, ex, sc, m, lab: infer.coarse_to_fine(
                 r, p, im, ex, sc, m, jnp.float32(2.0), spec=s, label=lab, crop_label=True).mask,
@@ -209,7 +209,7 @@ class Segmenter:
         while bool(infer.should_continue(st, t, spec=self.spec)):
             t0 = time.perf_counter()
             st = jax.block_until_ready(
-                self._call("step", bucket, self.params, image, extent, st, lab))
+                self._call("step", bucket, self.params, image, extent, st, lab, score0))
             times.append(time.perf_counter() - t0)
         return infer.finish(st), times
 

@@ -6,8 +6,14 @@ bad-input cases of both: a checkpoint of another plane or config, and an
 output folder that cannot be written (no output file may appear).
 """
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -18,6 +24,8 @@ from stnjax import experiment, io, metrics, records
 from stnjax.checks import InputError
 from stnjax.train import inputs, loop
 from stnjax.train import workdir as wd
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +41,7 @@ def test_evaluate_fold_writes_records_predictions_and_reports(trained, tmp_path)
     out = tmp_path / "eval"
     recs = experiment.evaluate_fold(config, work, 0, out_dir=out)
     assert recs and all(r.num_rounds == config.infer.max_rounds for r in recs)
+    assert json.loads((out / "config.json").read_text())["infer"]["saliency_input"] == "score"
     assert records.read_records(out) == recs  # cases.json round trip
     for r in recs:
         pred = out / "predictions" / f"{r.case_id}.nii.gz"
@@ -47,10 +56,59 @@ def test_evaluate_fold_writes_records_predictions_and_reports(trained, tmp_path)
         key = records.threshold_key(config.infer.threshold)
         assert abs(metrics.dsc(mask, case.label) - r.metrics_at[key]["dsc"]) < 1e-6
     text = experiment.report(recs, out, thresholds=config.infer.report_thresholds,
-                             main_threshold=config.infer.threshold)
+                             main_threshold=config.infer.threshold, config=config)
     assert "Coarse (round 0)" in text
-    for name in ("summary.txt", "summary.json", "sweep.csv", "sweep.png"):
+    for name in ("summary.txt", "summary.json", "sweep.csv", "sweep.png", "config.txt"):
         assert (out / name).is_file()
+    # The resolved config (inference settings included) and versions beside the results.
+    assert json.loads((out / "config.json").read_text()) == json.loads(config.to_json())
+    assert json.loads((out / "versions.json").read_text())["jax"] == jax.__version__
+
+
+def test_evaluate_command_with_other_inference_settings(trained, tmp_path):
+    """`launch.evaluate --out=... --config.infer.*=...` evaluates the same
+    models with other inference settings into another folder, which records
+    the settings used; the training workdir is left alone."""
+    config, work = trained
+    out = tmp_path / "eval-mask"
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.evaluate", f"--config={ROOT / 'launch/configs/smoke.py'}",
+         f"--workdir={work}", f"--out={out}", "--config.infer.saliency_input=mask",
+         "--config.infer.max_rounds=2", "--no_predictions"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"results in {out}" in proc.stdout
+    used = json.loads((out / "config.json").read_text())["infer"]
+    assert used["saliency_input"] == "mask" and used["max_rounds"] == 2
+    recs = records.read_records(out / "fold0")
+    assert recs and all(r.num_rounds == 2 and r.method == "rstn-sal-mask" for r in recs)
+    assert not (out / "fold0" / "predictions").exists()
+    assert json.loads((out / "fold0" / "config.json").read_text())["infer"]["saliency_input"] \
+        == "mask"
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+    # A typo in the new setting is a clear error before any output.
+    bad = tmp_path / "eval-bad"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.evaluate", f"--config={ROOT / 'launch/configs/smoke.py'}",
+         f"--workdir={work}", f"--out={bad}", "--config.infer.saliency_input=fused"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode != 0 and "saliency_input" in proc.stderr
+    assert not bad.exists()
+
+
+def test_inference_variant_copies_are_checked(trained):
+    config, _ = trained
+    v = experiment.with_inference(config, saliency_input="coarse")
+    assert v.infer.saliency_input == "coarse" and config.infer.saliency_input == "score"
+    assert experiment.method_label(v) == "rstn-sal-coarse"
+    assert experiment.method_label(config) == "rstn"
+    with pytest.raises(InputError, match="saliency_input"):
+        experiment.with_inference(config, saliency_input="fused")
+    with pytest.raises(InputError, match="infer.margin"):
+        experiment.with_inference(config, margin=3)
 
 
 def test_segment_files_without_labels(trained, tmp_path):
@@ -62,6 +120,7 @@ def test_segment_files_without_labels(trained, tmp_path):
     img = nib.load(written[0])
     assert img.shape == nib.load(src[0]).shape
     assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "versions.json").is_file()
 
 
 def test_checkpoint_of_another_plane_or_config_is_refused(trained, tmp_path):

@@ -104,14 +104,19 @@ def ref_fine_plane(rstn, params, image, score, mask, plane):
     return np.asarray(preprocess.volume_from_windows(out, plane))
 
 
-def ref_coarse_to_fine(rstn, params, image, score, mask, t, rounds):
-    inter = []
+def ref_coarse_to_fine(rstn, params, image, score, mask, t, rounds, saliency="score",
+                       planes="XYZ"):
+    """The literal loop of reference 4.3; `saliency` picks the map fed to the
+    saliency transformation ("score": the previous fused map, "mask": the
+    previous binary mask, "coarse": round 0's fused map every round)."""
+    inter, score0 = [], score
     for _ in range(rounds):
         if not mask.any():
             inter.append(1.0)
             break
-        fused = np.mean([ref_fine_plane(rstn, params[p], image, score, mask, p)
-                         for p in "XYZ"], axis=0)
+        sal = {"score": score, "mask": mask.astype(np.float32), "coarse": score0}[saliency]
+        fused = np.mean([ref_fine_plane(rstn, params[p], image, sal, mask, p)
+                         for p in planes], axis=0)
         pred = metrics.largest_components(fused >= 0.5, 0.5)
         inter.append(metrics.inter_iteration_dsc(mask, pred))
         score, mask = fused, pred
@@ -177,6 +182,43 @@ def test_coarse_to_fine_matches_reference_driver(setup):
         first = [r + 1 for r, v in enumerate(inter) if v >= t]
         assert int(res.round_at[i]) == (first[0] if first else SPEC.max_rounds)
     assert run._cache_size() == 1  # one compilation for every t
+
+
+@pytest.mark.parametrize("saliency", ["mask", "coarse"])
+def test_saliency_input_variants_match_reference_driver(setup, saliency):
+    """The paper's variant (saliency of the previous binary mask) and the
+    round-0 variant follow the literal driver with that map, and differ from
+    the reference's continuous score from round 2 on; the host-stepped
+    rounds (per-round timing) agree with the while_loop."""
+    rstn, params, hu, label = setup
+    image = preprocess.window_hu(hu)
+    extent = jnp.asarray(SHAPE, jnp.int32)
+    mask0_np = np.zeros(SHAPE, bool)
+    mask0_np[5:14, 7:13, 3:8] = True
+    score0_np = np.where(mask0_np, 0.8, 0.1).astype(np.float32)
+    spec = dataclasses.replace(SPEC_Z, max_rounds=3, saliency_input=saliency)
+    res = infer.coarse_to_fine(rstn, params, jnp.asarray(image), extent,
+                               jnp.asarray(score0_np), jnp.asarray(mask0_np),
+                               jnp.float32(2.0), spec=spec)
+    score, mask, inter = ref_coarse_to_fine(rstn, params, image, score0_np, mask0_np, 2.0, 3,
+                                            saliency=saliency, planes="Z")
+    ref_default = ref_coarse_to_fine(rstn, params, image, score0_np, mask0_np, 2.0, 3,
+                                     planes="Z")
+    assert int(res.rounds) == len(inter) == 3
+    np.testing.assert_allclose(np.asarray(res.inter)[1:], inter, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(res.mask), mask)
+    np.testing.assert_allclose(np.asarray(res.score), score, atol=1e-5)
+    assert np.abs(score - ref_default[0]).max() > 1e-3  # the option changes the result
+    stepped = Segmenter(rstn, params, spec, per_round_timing=True)
+    looped = Segmenter(rstn, params, spec)
+    a, b = (s.segment(hu, label=label, t=0.99) for s in (stepped, looped))
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.dsc, b.dsc)
+
+
+def test_saliency_input_is_checked():
+    with pytest.raises(InputError, match="saliency_input"):
+        infer.InferenceSpec(saliency_input="fused")
 
 
 def test_empty_coarse_mask_is_a_documented_result(setup):

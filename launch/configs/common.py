@@ -85,4 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.infer.oracles = False       # also run the strong / weak oracles
     c.infer.quantize_coarse = True  # coarse maps through uint8, as the reference
     c.infer.per_round_timing = False  # rounds from the host, timed one by one
+    # Saliency input of round r: "score" (previous fused probability, the
+    # reference code), "mask" (previous binary mask, the paper) or "coarse"
+    # (the round-0 fused coarse map every round; see stnjax.infer).
+    c.infer.saliency_input = "score"
     return c
