@@ -7,7 +7,8 @@
 #
 #   bash bench/device_check.sh --fetch     # downloads them into .whl/ (gitignored)
 #
-# Then on the device (the `device` tool; carry [".whl"], timeout_s 560):
+# Then on the device (the `device` tool; carry [".whl"], timeout_s 560; the
+# two parts are limited to 280 s and 230 s, TRAIN_LIMIT / INFER_LIMIT):
 #
 #   bash bench/device_check.sh
 #
@@ -46,7 +47,7 @@ export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
   python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/device.txt"
 
-timeout "${TRAIN_LIMIT:-230}" python3 -m bench.train_step "${SIZE_ARGS[@]}" --out="$OUT/train_step.json" 2>&1 \
+timeout "${TRAIN_LIMIT:-280}" python3 -m bench.train_step "${SIZE_ARGS[@]}" --out="$OUT/train_step.json" 2>&1 \
   | tee "$OUT/train_step.log"
 timeout "${INFER_LIMIT:-230}" python3 bench/inference.py "${SIZE_ARGS[@]}" --json="$OUT/inference.json" 2>&1 \
   | tee "$OUT/inference.log"
