@@ -14,7 +14,10 @@ settings on the same models:
       --config.infer.saliency_input=coarse --out=runs/phantom/eval-coarse
 The summary is printed as in the paper. Use the config the models were
 trained with (a different one is refused); inference settings
-(--config.infer.*) may change freely. All logic lives in stnjax.experiment.
+(--config.infer.*) may change freely. cases.json is rewritten after every
+case, and a re-run with the same settings resumes where an interrupted one
+stopped (--noresume evaluates every case again). All logic lives in
+stnjax.experiment.
 """
 
 from pathlib import Path
@@ -28,6 +31,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
+_RESUME = flags.DEFINE_bool(
+    "resume", True, "Keep the cases an interrupted run with the same settings finished "
+    "(--noresume: evaluate every case again).")
 _NO_PREDICTIONS = flags.DEFINE_bool("no_predictions", False,
                                     "Do not write prediction NIfTI files.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -53,7 +59,8 @@ def main(argv):
         for fold in inputs.resolve_folds(config.data.folds, int(config.data.n_folds)):
             records += experiment.evaluate_fold(config, workdir, fold,
                                                 out_dir=out / f"fold{int(fold)}",
-                                                write_predictions=not _NO_PREDICTIONS.value)
+                                                write_predictions=not _NO_PREDICTIONS.value,
+                                                resume=_RESUME.value)
         text = experiment.report(records, out, thresholds=config.infer.report_thresholds,
                                  main_threshold=config.infer.threshold, config=config)
     except InputError as e:

@@ -9,7 +9,7 @@ fold 0 in the default config), evaluates the test cases (coarse-to-fine up
 to 10 rounds, every round recorded) and prints the paper-style summary.
 Outputs: <workdir>/fold0/<plane>/ (checkpoints, metrics.jsonl),
 <workdir>/eval/ (summary.txt, cases.csv, sweep.csv, PNG plots, predictions).
-Re-running resumes training and re-evaluates.
+Re-running resumes training and evaluation (finished cases are kept).
 
 The same models are also evaluated with the saliency inputs named by
 --also_saliency_inputs (default: "coarse", round 0's fused map in every

@@ -23,7 +23,7 @@ from stnjax import evaluate, infer, io, metrics, plots
 from stnjax.checks import InputError
 from stnjax.fileio import atomic_write_text
 from stnjax.models.rstn import RSTN
-from stnjax.records import CaseRecord, threshold_key, write_records
+from stnjax.records import CaseRecord, read_records, threshold_key, write_records
 from stnjax.segmenter import CaseResult, Segmenter
 from stnjax.train import inputs, workdir as wd
 from stnjax.train.checkpoint import load_trained_params
@@ -145,11 +145,15 @@ def case_record(res: CaseResult, case: io.Case, *, fold: int, method: str,
 
 def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
                   out_dir: str | os.PathLike | None = None,
-                  write_predictions: bool = True) -> list[CaseRecord]:
+                  write_predictions: bool = True, resume: bool = True) -> list[CaseRecord]:
     """Evaluates the test cases of one fold; writes predictions and records.
 
-    Returns the per-case records (also written to `<out>/cases.{json,csv}`;
-    predictions to `<out>/predictions/<case>.nii.gz` in the source geometry).
+    Returns the per-case records (also written to `<out>/cases.{json,csv}`,
+    rewritten atomically after every case; predictions to
+    `<out>/predictions/<case>.nii.gz` in the source geometry). With
+    `resume`, cases already recorded in `<out>` by an interrupted run with
+    the same models and inference settings (its config.json) are taken from
+    there, not run again; other settings mean a fresh evaluation.
     """
     spec = inference_spec(config)  # bad settings fail before any folder is made
     out = check_writable(out_dir or Path(workdir) / "eval" / f"fold{int(fold)}")
@@ -160,6 +164,7 @@ def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
     _, test_ids = stdata.split(table, fold, manifest.case_ids)
     rstn, params = load_models(config, workdir, fold, spec.planes)
     seg = make_segmenter(config, rstn, params)
+    done = _finished_cases(config, out, test_ids, write_predictions) if resume else {}
     write_provenance(config, out)
     organ = manifest.organ_id if int(config.data.organ_id) < 0 else int(config.data.organ_id)
     t = float(config.infer.threshold)
@@ -168,8 +173,14 @@ def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
              "saliency input %r, fusion %r, t = %.2f", fold, len(test_ids),
              "".join(spec.planes), rstn.margin, spec.max_rounds, spec.saliency_input,
              spec.fusion, t)
+    if done:
+        log.info("fold %d: resuming, %d of %d cases already evaluated in %s", fold,
+                 len(done), len(test_ids), out)
     records = []
     for i, cid in enumerate(test_ids):
+        if cid in done:
+            records.append(done[cid])
+            continue
         entry = manifest.case(cid)
         case = io.load_case(manifest.root / entry.image, manifest.root / entry.label,
                             organ_id=organ, case_id=cid)
@@ -185,9 +196,43 @@ def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
                  "(round %d), %.1f s", fold, i + 1, len(test_ids), cid,
                  100 * rec.dsc_rounds[0], t, 100 * rec.metrics_at[threshold_key(t)]["dsc"],
                  rec.metrics_at[threshold_key(t)]["round"], time.perf_counter() - t0)
+        write_records(records, out)  # after every case: an interrupted run resumes here
     log.info("fold %d: %d compilations %s", fold, seg.compile_count, seg.compiled_buckets())
     write_records(records, out)
     return records
+
+
+def _result_fields(config_dict: dict) -> dict[str, Any]:
+    """The fields that decide an evaluation's results: the models' identity
+    and every inference setting (from a config as a JSON dict)."""
+    infer_fields = {f"infer.{k}": list(v) if isinstance(v, (list, tuple)) else v
+                    for k, v in config_dict.get("infer", {}).items()}
+    return {**wd.identity_fields(config_dict), **infer_fields,
+            "data.planes": config_dict.get("data", {}).get("planes")}
+
+
+def _finished_cases(config: Any, out: Path, test_ids: Sequence[str],
+                    write_predictions: bool) -> dict[str, CaseRecord]:
+    """{case id: record} of the cases an earlier run in `out` finished with
+    the same models and inference settings (and whose prediction file
+    exists, when predictions are written); {} otherwise."""
+    cfg_file, cases = out / "config.json", out / "cases.json"
+    if not (cfg_file.is_file() and cases.is_file()):
+        return {}
+    try:
+        old = json.loads(cfg_file.read_text())
+        recs = read_records(cases)
+    except (OSError, ValueError, InputError) as e:
+        log.warning("%s: earlier records unreadable (%s); evaluating every case", out, e)
+        return {}
+    if _result_fields(old) != _result_fields(json.loads(config.to_json_best_effort())):
+        log.info("%s: earlier records were made with other settings; evaluating every case",
+                 out)
+        return {}
+    method = method_label(config)
+    return {r.case_id: r for r in recs
+            if r.case_id in test_ids and r.method == method
+            and (not write_predictions or (out / "predictions" / f"{r.case_id}.nii.gz").is_file())}
 
 
 def report(records: Sequence[CaseRecord], out_dir: str | os.PathLike, *,

@@ -6,6 +6,7 @@ bad-input cases of both: a checkpoint of another plane or config, and an
 output folder that cannot be written (no output file may appear).
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -97,6 +98,65 @@ def test_evaluate_command_with_other_inference_settings(trained, tmp_path):
         timeout=300)
     assert proc.returncode != 0 and "saliency_input" in proc.stderr
     assert not bad.exists()
+
+
+def _volatile_free(rec):
+    """A record without its timings (they differ between runs)."""
+    return dataclasses.replace(rec, time_coarse_s=0.0, time_rounds_s=[])
+
+
+def test_interrupted_evaluation_resumes(trained, tmp_path, monkeypatch):
+    """An evaluation killed after its first case resumes with the second
+    only and ends with the records of an uninterrupted run; other inference
+    settings, a missing prediction or unreadable records mean re-running."""
+    config, work = trained
+    orig_split = experiment.stdata.split
+
+    def two_cases(table, fold, ids):  # the smoke fold has one test case: add a training case
+        train, test = orig_split(table, fold, ids)
+        return train, list(test) + [sorted(train)[0]]
+    monkeypatch.setattr(experiment.stdata, "split", two_cases)
+    full = experiment.evaluate_fold(config, work, 0, out_dir=tmp_path / "a")
+    assert len(full) == 2
+
+    calls = []
+    orig_segment = experiment.Segmenter.segment
+
+    def segment(self, *a, **kw):
+        calls.append(1)
+        if kill_at and len(calls) == kill_at:
+            raise RuntimeError("killed")
+        return orig_segment(self, *a, **kw)
+    monkeypatch.setattr(experiment.Segmenter, "segment", segment)
+
+    out = tmp_path / "b"
+    kill_at = 2
+    with pytest.raises(RuntimeError, match="killed"):
+        experiment.evaluate_fold(config, work, 0, out_dir=out)
+    assert [r.case_id for r in records.read_records(out)] == [full[0].case_id]
+    kill_at, calls[:] = 0, []
+    resumed = experiment.evaluate_fold(config, work, 0, out_dir=out)
+    assert len(calls) == 1  # only the case the kill interrupted
+    assert [_volatile_free(r) for r in resumed] == [_volatile_free(r) for r in full]
+    assert records.read_records(out) == resumed
+
+    calls[:] = []
+    experiment.evaluate_fold(config, work, 0, out_dir=out)
+    assert len(calls) == 0  # finished: nothing to run
+    (out / "predictions" / f"{full[1].case_id}.nii.gz").unlink()
+    experiment.evaluate_fold(config, work, 0, out_dir=out)
+    assert len(calls) == 1  # the case whose prediction is missing
+    calls[:] = []
+    other = experiment.with_inference(config, max_rounds=2)
+    assert all(r.num_rounds == 2 for r in experiment.evaluate_fold(other, work, 0, out_dir=out))
+    assert len(calls) == 2  # other settings: every case again
+    (out / "cases.json").write_text("{ torn")
+    calls[:] = []
+    experiment.evaluate_fold(other, work, 0, out_dir=out)
+    assert len(calls) == 2
+    calls[:] = []
+    experiment.evaluate_fold(other, work, 0, out_dir=out, resume=False)
+    assert len(calls) == 2
 
 
 def test_inference_variant_copies_are_checked(trained):
