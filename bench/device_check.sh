@@ -8,7 +8,8 @@
 #   bash bench/device_check.sh --fetch     # downloads them into .whl/ (gitignored)
 #
 # Then on the device (the `device` tool; carry [".whl"], timeout_s 560; the
-# two parts are limited to 280 s and 230 s, TRAIN_LIMIT / INFER_LIMIT):
+# parts are limited to 250 s, 210 s and 80 s: TRAIN_LIMIT, INFER_LIMIT,
+# ABLATION_LIMIT):
 #
 #   bash bench/device_check.sh
 #
@@ -47,7 +48,12 @@ export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
   python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/device.txt"
 
-timeout "${TRAIN_LIMIT:-280}" python3 -m bench.train_step "${SIZE_ARGS[@]}" --out="$OUT/train_step.json" 2>&1 \
+timeout "${TRAIN_LIMIT:-250}" python3 -m bench.train_step "${SIZE_ARGS[@]}" --out="$OUT/train_step.json" 2>&1 \
   | tee "$OUT/train_step.log"
-timeout "${INFER_LIMIT:-230}" python3 bench/inference.py "${SIZE_ARGS[@]}" --json="$OUT/inference.json" 2>&1 \
+timeout "${INFER_LIMIT:-210}" python3 bench/inference.py "${SIZE_ARGS[@]}" --json="$OUT/inference.json" 2>&1 \
   | tee "$OUT/inference.log"
+# Ablation: the same J step with XLA's select-and-scatter pooling gradient
+# (bit-identical results; does the elementwise gradient in the code pay off?).
+timeout "${ABLATION_LIMIT:-80}" python3 -m bench.train_step "${SIZE_ARGS[@]}" --pool=window \
+  --dtypes=bfloat16 --batches=1 --steps=10 --out="$OUT/train_step_pool_window.json" 2>&1 \
+  | tee "$OUT/train_step_pool_window.log"

@@ -38,6 +38,11 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _SIZE = flags.DEFINE_integer("size", 0, "Slice side (default 512; --small: 64).")
 _CROP = flags.DEFINE_enum("crop", "label", ["label", "full"], "Fine crop (see above).")
 _VARIANT = flags.DEFINE_string("variant", "reference", "FCN-8s variant: reference or pad32.")
+_POOL = flags.DEFINE_enum(
+    "pool", "reshape", ["reshape", "window"],
+    "Max pooling: reshape + max with an elementwise gradient (the code's) or the "
+    "reduce_window form whose gradient is XLA's select-and-scatter (an ablation; the "
+    "results are bit-identical).")
 
 PYTORCH_MS = {"float32": 32.1, "bfloat16": 27.2}  # official RSTN, H100, batch 1
 
@@ -105,6 +110,9 @@ def main(argv):
     from stnjax.models.rstn import RSTN
     from stnjax.train import steps as stp
 
+    if _POOL.value == "window":
+        from stnjax.models import fcn8s
+        fcn8s.max_pool_ceil = fcn8s.max_pool_ceil_window  # read when the step is traced
     small = _SMALL.value
     size = _SIZE.value or (64 if small else 512)
     batches = [int(b) for b in _BATCHES.value] or ([1, 2] if small else [1, 4, 8])
@@ -134,7 +142,7 @@ def main(argv):
                   f"{rows[-1]['examples_per_s']:8.2f} ex/s (compile {rows[-1]['compile_s']:.1f} s)",
                   flush=True)
     print(f"\nJ step, {size} x {size}, width {c.model.width:g}, variant {c.model.variant}, "
-          f"crop {_CROP.value}, device {device.device_kind} ({jax.default_backend()})")
+          f"pool {_POOL.value}, crop {_CROP.value}, device {device.device_kind} ({jax.default_backend()})")
     print(f"{'dtype':9s} {'batch':>5s} {'ms/step':>9s} {'ex/s':>9s} {'vs PyTorch':>10s}")
     best = {}
     for r in rows:
@@ -150,7 +158,7 @@ def main(argv):
         if r["examples_per_s"] > best.get(r["dtype"], {}).get("examples_per_s", 0):
             best[r["dtype"]] = r
     out = {"bench": "train_step", "mode": "J", "size": size, "width": c.model.width,
-           "variant": c.model.variant, "crop": _CROP.value, "steps": steps,
+           "variant": c.model.variant, "pool": _POOL.value, "crop": _CROP.value, "steps": steps,
            "warmup": _WARMUP.value, "device": device.device_kind,
            "backend": jax.default_backend(), "jax": jax.__version__,
            "pytorch_ms_per_step_batch1": PYTORCH_MS, "rows": rows,

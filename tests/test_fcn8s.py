@@ -16,7 +16,8 @@ import pytest
 
 from stnjax.checks import InputError
 from stnjax.models.fcn8s import (BODY_LAYERS, HEAD_LAYERS, FCN8s, bilinear_kernel,
-                                 fcn8s_layer_shapes, max_pool_ceil, upsample_bilinear)
+                                 fcn8s_layer_shapes, max_pool_ceil, max_pool_ceil_window,
+                                 upsample_bilinear)
 
 SMALL = 1 / 16
 REFERENCE_COUNTS = {  # trainable values per layer group, reference section 2.1
@@ -239,6 +240,42 @@ def test_ceil_pooling_matches_numpy():
         np.testing.assert_array_equal(got, want)
     neg = -np.ones((1, 3, 3, 1), np.float32)  # edge windows take the valid max, not 0
     assert np.all(np.asarray(max_pool_ceil(jnp.asarray(neg))) == -1)
+
+
+def np_pool_grad_first_max(x, g):
+    """Caffe's max-pooling backward: each window's gradient goes to its first
+    maximal element in row-major order (NHWC, 2x2 / 2, ceil mode)."""
+    n, h, w, c = x.shape
+    dx = np.zeros_like(x)
+    for i in range(n):
+        for k in range(c):
+            for r in range(0, h, 2):
+                for q in range(0, w, 2):
+                    win = x[i, r:r + 2, q:q + 2, k]
+                    a, b = np.unravel_index(np.argmax(win), win.shape)  # argmax: first max
+                    dx[i, r + a, q + b, k] += g[i, r // 2, q // 2, k]
+    return dx
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pooling_gradient_is_first_max_ties_included(dtype):
+    """The reshape pooling's custom gradient equals Caffe's rule (NumPy) and
+    XLA's select-and-scatter (the reduce_window form), bit for bit, on
+    inputs full of ties (post-ReLU zeros, repeated integers) and odd sizes."""
+    rng = np.random.default_rng(5)
+    for h, w in [(1, 1), (5, 4), (6, 7), (9, 9), (2, 3)]:
+        x = np.maximum(rng.integers(-3, 4, size=(2, h, w, 3)), 0).astype(np.float32)
+        g = rng.normal(size=(2, (h + 1) // 2, (w + 1) // 2, 3)).astype(np.float32)
+        xd, gd = jnp.asarray(x, dtype), jnp.asarray(g, dtype)
+        got = jax.jit(lambda v, t: jax.vjp(max_pool_ceil, v)[1](t)[0])(xd, gd)
+        window = jax.vjp(max_pool_ceil_window, xd)[1](gd)[0]
+        want = np_pool_grad_first_max(x, np.asarray(gd, np.float32))
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+        np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                      np.asarray(window, np.float32))
+        np.testing.assert_array_equal(np.asarray(max_pool_ceil(xd), np.float32),
+                                      np.asarray(max_pool_ceil_window(xd), np.float32))
 
 
 # ---------------------------------------------------------------- init, dropout, dtype, jit

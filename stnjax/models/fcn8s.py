@@ -194,11 +194,36 @@ def upsample_bilinear(x: jax.Array, kernel_size: int, stride: int,
                       precision=lax.Precision.HIGHEST)
 
 
+def max_pool_ceil_window(x: jax.Array) -> jax.Array:
+    """`max_pool_ceil` as one `lax.reduce_window` (the textbook form, whose
+    gradient is XLA's select-and-scatter); kept as the reference the tests
+    and `bench/train_step.py --pool=window` compare against."""
+    _, h, w, _ = x.shape
+    return lax.reduce_window(
+        x, np.array(-np.inf, x.dtype), lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+        ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+
+
+def _pool_windows(x: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, ceil(H/2), 2, ceil(W/2), 2, C): the 2x2 windows,
+    an odd edge padded with -inf."""
+    n, h, w, c = x.shape
+    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+    return x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, c)
+
+
+@jax.custom_vjp
 def max_pool_ceil(x: jax.Array) -> jax.Array:
     """2x2 / stride-2 max pooling in ceil mode (Caffe / PyTorch ceil_mode=True).
 
     An odd edge gets a last window that runs past the border; it takes the
     max of its valid part (the border is padded with -inf).
+
+    The windows do not overlap, so the pooling is a reshape and a max, and
+    its gradient goes to the first maximal element of each window in
+    row-major order, as Caffe's pooling and XLA's select-and-scatter (the
+    gradient of `max_pool_ceil_window`) do, bit for bit, ties included; but
+    as elementwise operations that fuse, not a scatter.
 
     Args:
       x: (N, H, W, C) float array, H, W >= 1.
@@ -206,10 +231,32 @@ def max_pool_ceil(x: jax.Array) -> jax.Array:
     Returns:
       (N, ceil(H / 2), ceil(W / 2), C), dtype of x.
     """
-    _, h, w, _ = x.shape
-    return lax.reduce_window(
-        x, np.array(-np.inf, x.dtype), lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
-        ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    return jnp.max(_pool_windows(x), axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+    return max_pool_ceil(x), x
+
+
+def _max_pool_bwd(x, g):
+    n, h, w, c = x.shape
+    win = _pool_windows(x)
+    hit = win == jnp.max(win, axis=(2, 4), keepdims=True)
+    # Keep the first hit in the order (0,0), (0,1), (1,0), (1,1).
+    taken = jnp.zeros_like(hit[:, :, 0, :, 0])
+    first = []
+    for a in (0, 1):
+        for b in (0, 1):
+            e = hit[:, :, a, :, b] & ~taken
+            first.append(e)
+            taken = taken | e
+    sel = jnp.stack([jnp.stack(first[0:2], axis=3), jnp.stack(first[2:4], axis=3)], axis=2)
+    dx = jnp.where(sel, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+    dx = dx.reshape(n, 2 * ((h + 1) // 2), 2 * ((w + 1) // 2), c)[:, :h, :w]
+    return (dx,)
+
+
+max_pool_ceil.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def fcn8s_extents(hw: Any, variant: str) -> dict[str, Any]:
