@@ -194,7 +194,8 @@ def test_segment_real_ct_nifti_and_dicom(trained, tmp_path):
     read back through world coordinates, the NIfTI's equals what the
     Segmenter computes in the canonical orientation."""
     config, work = trained
-    config = experiment.with_inference(config, max_rounds=2)  # geometry, not rounds
+    # Geometry, not rounds: 2 rounds, exact volume sizes (no padding to buckets).
+    config = experiment.with_inference(config, max_rounds=2, volume_buckets=())
     srcs = [DATA / "ct_example_3mm" / "ct.nii.gz", DATA / "ct_dicom_slab" / "dicom"]
     written = experiment.segment_files(config, work, [str(p) for p in srcs], out_dir=tmp_path)
     assert [p.name for p in written] == ["ct_mask.nii.gz", "dicom_mask.nii.gz"]
