@@ -159,6 +159,32 @@ def test_interrupted_evaluation_resumes(trained, tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+def test_main_job_evaluates_and_compares_saliency_inputs(trained):
+    """`launch.main` on a finished workdir: training resumes as complete,
+    both inference settings are evaluated into their folders, and the
+    printed summary holds both methods and their paired comparison."""
+    config, work = trained
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.main", f"--config={ROOT / 'launch/configs/smoke.py'}",
+         f"--workdir={work}"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already complete" in proc.stderr
+    assert "== RSTN (rstn)" in proc.stdout
+    assert "(rstn-sal-coarse)" in proc.stdout and "RSTN vs RSTN, saliency of" in proc.stdout
+    main = records.read_records(work / "eval" / "fold0")
+    variant = records.read_records(work / "eval" / "fold0-rstn-sal-coarse")
+    assert [r.case_id for r in main] == [r.case_id for r in variant]
+    assert {r.method for r in main} == {"rstn"} and {r.method for r in variant} == {
+        "rstn-sal-coarse"}
+    # Round 1 is the same map either way (round 0's map is the previous one).
+    assert all(abs(a.dsc_rounds[1] - b.dsc_rounds[1]) < 1e-6 for a, b in zip(main, variant))
+    assert (work / "eval" / "fold0" / "predictions").is_dir()
+    assert not (work / "eval" / "fold0-rstn-sal-coarse" / "predictions").exists()
+    assert json.loads((work / "eval" / "config.json").read_text())["name"] == "smoke"
+
+
 def test_inference_variant_copies_are_checked(trained):
     config, _ = trained
     v = experiment.with_inference(config, saliency_input="coarse")
