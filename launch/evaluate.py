@@ -44,7 +44,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from stnjax import experiment  # imports jax: after flag parsing
     from stnjax.checks import InputError
-    from stnjax.train import inputs
 
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     out = Path(_OUT.value) if _OUT.value else workdir / "eval"
@@ -55,14 +54,9 @@ def main(argv):
         raise SystemExit(f"error: {e}") from None
     log = setup_logging(out / "evaluate.log")
     try:
-        records = []
-        for fold in inputs.resolve_folds(config.data.folds, int(config.data.n_folds)):
-            records += experiment.evaluate_fold(config, workdir, fold,
-                                                out_dir=out / f"fold{int(fold)}",
-                                                write_predictions=not _NO_PREDICTIONS.value,
-                                                resume=_RESUME.value)
-        text = experiment.report(records, out, thresholds=config.infer.report_thresholds,
-                                 main_threshold=config.infer.threshold, config=config)
+        text = experiment.evaluate_and_report(config, workdir, out_dir=out,
+                                              write_predictions=not _NO_PREDICTIONS.value,
+                                              resume=_RESUME.value)
     except InputError as e:
         log.error("%s", e)
         raise SystemExit(f"error: {e}") from None

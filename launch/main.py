@@ -38,24 +38,15 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from stnjax import experiment  # imports jax: after flag parsing
     from stnjax.checks import InputError
-    from stnjax.train import inputs, loop
+    from stnjax.train import loop
 
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     log = setup_logging(workdir / "main.log")
     try:
-        variants = [experiment.with_inference(config, saliency_input=v) for v in _ALSO.value
-                    if v != config.infer.saliency_input]  # bad values: before training
+        # Bad names fail here, before any training.
+        variants = experiment.saliency_variants(config, _ALSO.value)
         loop.train(config, workdir)
-        records = []
-        for fold in inputs.resolve_folds(config.data.folds, int(config.data.n_folds)):
-            records += experiment.evaluate_fold(config, workdir, fold)
-            for vc in variants:
-                out = workdir / "eval" / f"fold{fold}-{experiment.method_label(vc)}"
-                records += experiment.evaluate_fold(vc, workdir, fold, out_dir=out,
-                                                    write_predictions=False)
-        text = experiment.report(records, workdir / "eval",
-                                 thresholds=config.infer.report_thresholds,
-                                 main_threshold=config.infer.threshold, config=config)
+        text = experiment.evaluate_and_report(config, workdir, variants=variants)
     except (InputError, loop.TrainingDivergedError) as e:
         log.error("%s", e)
         raise SystemExit(f"error: {e}") from None

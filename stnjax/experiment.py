@@ -255,6 +255,38 @@ def report(records: Sequence[CaseRecord], out_dir: str | os.PathLike, *,
     return evaluate.format_summary(summary)
 
 
+def saliency_variants(config: Any, names: Sequence[str]) -> list[Any]:
+    """Copies of `config` with each other infer.saliency_input in `names`
+    (the config's own is skipped); bad names raise InputError."""
+    return [with_inference(config, saliency_input=v) for v in names
+            if v != config.infer.saliency_input]
+
+
+def evaluate_and_report(config: Any, workdir: str | os.PathLike, *,
+                        out_dir: str | os.PathLike | None = None,
+                        variants: Sequence[Any] = (), write_predictions: bool = True,
+                        resume: bool = True) -> str:
+    """Evaluates every fold of config.data.folds and reports over them.
+
+    Per fold, the records go to `<out>/fold<f>` and, for each config in
+    `variants` (other inference settings of the same models, e.g. from
+    `saliency_variants`), to `<out>/fold<f>-<method>` without predictions;
+    then `report` writes the summary of all of them to `<out>` (default
+    `<workdir>/eval`) and its text is returned.
+    """
+    out = Path(out_dir) if out_dir else Path(workdir) / "eval"
+    records = []
+    for fold in inputs.resolve_folds(config.data.folds, int(config.data.n_folds)):
+        records += evaluate_fold(config, workdir, fold, out_dir=out / f"fold{int(fold)}",
+                                 write_predictions=write_predictions, resume=resume)
+        for vc in variants:
+            records += evaluate_fold(vc, workdir, fold,
+                                     out_dir=out / f"fold{int(fold)}-{method_label(vc)}",
+                                     write_predictions=False, resume=resume)
+    return report(records, out, thresholds=config.infer.report_thresholds,
+                  main_threshold=config.infer.threshold, config=config)
+
+
 def write_provenance(config: Any, out_dir: str | os.PathLike) -> None:
     """Writes config.json, config.txt and versions.json beside results.
 
