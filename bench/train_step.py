@@ -24,10 +24,14 @@ float32 (TF32 convolutions) and 27.2 ms/step with bfloat16 autocast, batch 1,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 from absl import app, flags
+
+from bench.synthetic import init_params as _init_params
+from bench.synthetic import j_batch as _batch
 
 _SMALL = flags.DEFINE_bool("small", False, "Tiny sizes for a CPU run.")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
@@ -44,32 +48,12 @@ _POOL = flags.DEFINE_enum(
     "reduce_window form whose gradient is XLA's select-and-scatter (an ablation; the "
     "results are bit-identical).")
 
+_CONV_GRAD = flags.DEFINE_enum(
+    "conv_grad", "custom", ["custom", "xla"],
+    "Convolution gradients: written out (stnjax.models.layers.conv2d, the code's) or XLA's "
+    "own (the formulation before the fix; 10-100x slower inside the canvas switch on CPU).")
+
 PYTORCH_MS = {"float32": 32.1, "bfloat16": 27.2}  # official RSTN, H100, batch 1
-
-
-def _batch(b: int, size: int, crop: str, small: bool):
-    import numpy as np
-    rng = np.random.default_rng(0)
-    image = rng.random((b, size, size, 3), dtype=np.float32)
-    label = np.zeros((b, size, size, 3), np.float32)
-    if crop == "full":
-        label[:] = 1.0
-    else:
-        bh, bw = (size * 100) // 512, (size * 80) // 512
-        r0, c0 = size // 2 - bh // 2, size // 2 - bw // 2
-        label[:, r0:r0 + bh, c0:c0 + bw, :] = 1.0
-    return {"image": image, "label": label, "valid": np.ones((b, size, size), bool),
-            "weight": np.ones((b,), np.float32)}
-
-
-def _init_params(rstn):
-    """Float32 params on the host (the same for every dtype and batch)."""
-    import jax
-    from stnjax.train import state as st
-    params = jax.device_get(jax.jit(rstn.init_params, static_argnums=1)(st.init_key(0), (32, 32)))
-    # An empty coarse map: J crops by the label box (see the module doc).
-    params["coarse"]["score_fr"]["bias"] = params["coarse"]["score_fr"]["bias"] - 20.0
-    return params
 
 
 def _measure(rstn, params, spec, dtype, b, size, crop, small, steps, warmup):
@@ -128,6 +112,7 @@ def main(argv):
     for dtype in _DTYPES.value:
         c.model.dtype = dtype
         rstn = RSTN.from_config(c.model)
+        rstn = dataclasses.replace(rstn, fcn=rstn.fcn.clone(conv_grad=_CONV_GRAD.value))
         params = params if params is not None else _init_params(rstn)
         for b in batches:
             try:
@@ -142,7 +127,7 @@ def main(argv):
                   f"{rows[-1]['examples_per_s']:8.2f} ex/s (compile {rows[-1]['compile_s']:.1f} s)",
                   flush=True)
     print(f"\nJ step, {size} x {size}, width {c.model.width:g}, variant {c.model.variant}, "
-          f"pool {_POOL.value}, crop {_CROP.value}, device {device.device_kind} ({jax.default_backend()})")
+          f"pool {_POOL.value}, conv_grad {_CONV_GRAD.value}, crop {_CROP.value}, device {device.device_kind} ({jax.default_backend()})")
     print(f"{'dtype':9s} {'batch':>5s} {'ms/step':>9s} {'ex/s':>9s} {'vs PyTorch':>10s}")
     best = {}
     for r in rows:
@@ -158,7 +143,8 @@ def main(argv):
         if r["examples_per_s"] > best.get(r["dtype"], {}).get("examples_per_s", 0):
             best[r["dtype"]] = r
     out = {"bench": "train_step", "mode": "J", "size": size, "width": c.model.width,
-           "variant": c.model.variant, "pool": _POOL.value, "crop": _CROP.value, "steps": steps,
+           "variant": c.model.variant, "pool": _POOL.value, "conv_grad": _CONV_GRAD.value,
+           "crop": _CROP.value, "steps": steps,
            "warmup": _WARMUP.value, "device": device.device_kind,
            "backend": jax.default_backend(), "jax": jax.__version__,
            "pytorch_ms_per_step_batch1": PYTORCH_MS, "rows": rows,

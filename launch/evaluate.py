@@ -25,6 +25,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import compile_cache
 from launch.logs import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
@@ -53,6 +54,7 @@ def main(argv):
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
     log = setup_logging(out / "evaluate.log")
+    compile_cache.enable(out)  # not in the training workdir, which evaluate leaves alone
     try:
         text = experiment.evaluate_and_report(config, workdir, out_dir=out,
                                               write_predictions=not _NO_PREDICTIONS.value,

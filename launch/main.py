@@ -23,6 +23,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import compile_cache
 from launch.logs import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,6 +43,7 @@ def main(argv):
 
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     log = setup_logging(workdir / "main.log")
+    compile_cache.enable(workdir)
     try:
         # Bad names fail here, before any training.
         variants = experiment.saliency_variants(config, _ALSO.value)

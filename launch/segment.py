@@ -12,6 +12,7 @@ input is read and checked before anything is written. Runs on CPU too.
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import compile_cache
 from launch.logs import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
@@ -27,6 +28,7 @@ def main(argv):
     from stnjax.checks import InputError
 
     log = setup_logging(None)  # no file: nothing is written before the checks
+    compile_cache.enable(_WORKDIR.value)  # the trained workdir's cache, shared with evaluate
     try:
         written = experiment.segment_files(_CONFIG.value, _WORKDIR.value, argv[1:],
                                            out_dir=_OUT.value, fold=_FOLD.value)

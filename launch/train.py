@@ -23,6 +23,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import compile_cache
 from launch.logs import setup_logging
 from stnjax.checks import InputError
 
@@ -36,9 +37,6 @@ _COORD = flags.DEFINE_string("coordinator", "", "Multi-host without cluster auto
                              "host:port of process 0 (with --num_processes, --process_id).")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-_CACHE = flags.DEFINE_string(
-    "compilation_cache", "auto", "Persistent XLA compilation cache folder, so that a resumed "
-    "or repeated run does not compile again: 'auto' = <workdir>/jax_cache, 'none' = off.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -67,11 +65,8 @@ def main(argv):
                                 coordinator=_COORD.value, num_processes=_NPROC.value,
                                 process_id=_PID.value)
     workdir = Path(_WORKDIR.value)
-    if _CACHE.value != "none":
-        cache = workdir / "jax_cache" if _CACHE.value == "auto" else Path(_CACHE.value)
-        jax.config.update("jax_compilation_cache_dir", str(cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     setup_logging(workdir / "train.log", primary=jax.process_index() == 0)
+    compile_cache.enable(workdir)
     try:
         summaries = loop.train(config, workdir, overwrite=_OVERWRITE.value)
     except (InputError, loop.TrainingDivergedError, CheckpointError) as e:

@@ -20,6 +20,8 @@ Two variants share one parameter tree (the layer names of the reference,
   count of every tap, which is what the hardware executes):
   96x96: 55.9 vs 5.87 GFLOP, 9.5x (57.5 vs 7.8, 7.4x);
   512x512: 375.7 vs 208.9 GFLOP, 1.8x (379.3 vs 221.6, 1.7x).
+  (The default `conv_grad="custom"` computes fc6 as an im2col product,
+  which the cost analysis counts densely: 7.4 GFLOP for pad32 at 96x96.)
   The saving comes from the 100-pixel border, which the reference convolves
   through the whole VGG body, so it shrinks as the image grows. Border
   behaviour differs from the reference, so pretrained PASCAL weights see a
@@ -58,8 +60,7 @@ the FLOPs); on CPU at width 1/16 and 1/4 the time is within noise (+-6 %).
 
 from __future__ import annotations
 
-import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -68,8 +69,12 @@ import numpy as np
 from jax import lax
 
 from stnjax.checks import InputError, check_array, is_concrete
+# Re-exported: the layer primitives were defined here before layers.py.
+from stnjax.models.layers import (Conv2D, bilinear_kernel, max_pool_ceil,  # noqa: F401
+                                  max_pool_ceil_window, upsample_bilinear)
 
 VARIANTS = ("reference", "pad32")
+FCN_CONV_GRADS = ("custom", "xla")
 INIT_SCHEMES = ("he", "reference")
 DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -79,9 +84,6 @@ FC_CHANNELS = 4096
 BODY_LAYERS = tuple(f"conv{b + 1}_{j + 1}" for b, (n, _) in enumerate(VGG16_BLOCKS)
                     for j in range(n)) + ("fc6", "fc7")
 HEAD_LAYERS = ("score_fr", "score_pool4", "score_pool3")
-
-_DIMS = ("NHWC", "HWIO", "NHWC")
-
 
 def scaled_width(channels: int, width: float) -> int:
     """Channel count of a layer under the width multiplier: max(1, round(c * width))."""
@@ -117,147 +119,6 @@ def fcn8s_layer_shapes(width: float = 1.0, num_outputs: int = 3,
     shapes["score_pool4"] = ((1, 1, pool_channels[3], num_outputs), (num_outputs,))
     shapes["score_pool3"] = ((1, 1, pool_channels[2], num_outputs), (num_outputs,))
     return shapes
-
-
-def _bilinear_1d(k: int) -> np.ndarray:
-    """The 1-D factor of the bilinear kernel: (k,) float64."""
-    if k < 1:
-        raise InputError(f"bilinear_kernel: k must be >= 1, got {k}")
-    f = math.ceil(k / 2)
-    c = f - 0.5 if k % 2 == 0 else f - 1
-    return 1.0 - np.abs(np.arange(k, dtype=np.float64) - c) / f
-
-
-def bilinear_kernel(k: int) -> np.ndarray:
-    """The reference's bilinear upsampling kernel (reference 2.2) as (k, k) float32.
-
-    f = ceil(k / 2), c = f - 0.5 for even k else f - 1,
-    w[i, j] = (1 - |i - c| / f) * (1 - |j - c| / f).
-    """
-    w1 = _bilinear_1d(k)
-    return np.outer(w1, w1).astype(np.float32)
-
-
-def _interp_matrix(n: int, k: int, s: int, lo: int, hi: int) -> np.ndarray:
-    """1-D transposed conv with the bilinear factor as a matrix: (out, n) float32.
-
-    Row o, column i holds w1[o - s * i] (0 outside the kernel), for the full
-    (n - 1) * s + k outputs with `lo` rows removed at the start and `hi` at the end.
-    """
-    w1 = _bilinear_1d(k)
-    full = (n - 1) * s + k
-    a = np.zeros((full, n), np.float64)
-    for i in range(n):
-        a[s * i:s * i + k, i] = w1
-    return a[lo:full - hi].astype(np.float32)
-
-
-def upsample_bilinear(x: jax.Array, kernel_size: int, stride: int,
-                      crop: Sequence[int] = (0, 0, 0, 0)) -> jax.Array:
-    """Per-channel bilinear transposed convolution (no bias), optionally cropped.
-
-    Equals a transposed conv with the `bilinear_kernel` on the channel
-    diagonal and zeros across channels: output size (n - 1) * stride + k per
-    spatial axis, minus the crop. The kernel is separable (outer product of
-    one 1-D factor), so the transposed conv is A_h @ x @ A_w^T per image and
-    channel, with A the (out, n) matrix of the 1-D transposed conv; the crop
-    removes rows of A, so cropped outputs are never computed. One einsum at
-    HIGHEST precision (no TF32): exact to float32 rounding and, for the x8
-    layer at 512x512 on an H200, 10x faster than the equivalent depthwise
-    conv with lhs_dilation (0.29 vs 2.9 ms, batch 16). The matrices are NumPy
-    constants: no parameter, no gradient.
-
-    Args:
-      x: (N, h, w, C) float array.
-      kernel_size: k.
-      stride: s.
-      crop: (top, bottom, left, right) rows / columns removed from the full
-        (n - 1) * s + k output.
-
-    Returns:
-      (N, (h - 1) * s + k - top - bottom, (w - 1) * s + k - left - right, C),
-      dtype of x.
-    """
-    check_array(x, "upsample_bilinear: x", rank=4, dtype_kind="f")
-    k, s = int(kernel_size), int(stride)
-    top, bottom, left, right = (int(v) for v in crop)
-    _, h, w, _ = x.shape
-    out_h = (h - 1) * s + k - top - bottom
-    out_w = (w - 1) * s + k - left - right
-    if min(top, bottom, left, right) < 0 or out_h < 1 or out_w < 1:
-        raise InputError(
-            f"upsample_bilinear: crop {tuple(crop)} does not fit the "
-            f"{(h - 1) * s + k}x{(w - 1) * s + k} output of a {h}x{w} input")
-    a_h = jnp.asarray(_interp_matrix(h, k, s, top, bottom), x.dtype)
-    a_w = jnp.asarray(_interp_matrix(w, k, s, left, right), x.dtype)
-    return jnp.einsum("oh,nhwc,pw->nopc", a_h, x, a_w,
-                      precision=lax.Precision.HIGHEST)
-
-
-def max_pool_ceil_window(x: jax.Array) -> jax.Array:
-    """`max_pool_ceil` as one `lax.reduce_window` (the textbook form, whose
-    gradient is XLA's select-and-scatter); kept as the reference the tests
-    and `bench/train_step.py --pool=window` compare against."""
-    _, h, w, _ = x.shape
-    return lax.reduce_window(
-        x, np.array(-np.inf, x.dtype), lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
-        ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-
-
-def _pool_windows(x: jax.Array) -> jax.Array:
-    """(N, H, W, C) -> (N, ceil(H/2), 2, ceil(W/2), 2, C): the 2x2 windows,
-    an odd edge padded with -inf."""
-    n, h, w, c = x.shape
-    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
-    return x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, c)
-
-
-@jax.custom_vjp
-def max_pool_ceil(x: jax.Array) -> jax.Array:
-    """2x2 / stride-2 max pooling in ceil mode (Caffe / PyTorch ceil_mode=True).
-
-    An odd edge gets a last window that runs past the border; it takes the
-    max of its valid part (the border is padded with -inf).
-
-    The windows do not overlap, so the pooling is a reshape and a max, and
-    its gradient goes to the first maximal element of each window in
-    row-major order, as Caffe's pooling and XLA's select-and-scatter (the
-    gradient of `max_pool_ceil_window`) do, bit for bit, ties included; but
-    as elementwise operations that fuse, not a scatter.
-
-    Args:
-      x: (N, H, W, C) float array, H, W >= 1.
-
-    Returns:
-      (N, ceil(H / 2), ceil(W / 2), C), dtype of x.
-    """
-    return jnp.max(_pool_windows(x), axis=(2, 4))
-
-
-def _max_pool_fwd(x):
-    y = max_pool_ceil(x)
-    return y, (x, y)
-
-
-def _max_pool_bwd(res, g):
-    x, y = res
-    n, h, w, c = x.shape
-    hit = _pool_windows(x) == y[:, :, None, :, None, :]
-    # Keep the first hit in the order (0,0), (0,1), (1,0), (1,1).
-    taken = jnp.zeros_like(hit[:, :, 0, :, 0])
-    first = []
-    for a in (0, 1):
-        for b in (0, 1):
-            e = hit[:, :, a, :, b] & ~taken
-            first.append(e)
-            taken = taken | e
-    sel = jnp.stack([jnp.stack(first[0:2], axis=3), jnp.stack(first[2:4], axis=3)], axis=2)
-    dx = jnp.where(sel, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
-    dx = dx.reshape(n, 2 * ((h + 1) // 2), 2 * ((w + 1) // 2), c)[:, :h, :w]
-    return (dx,)
-
-
-max_pool_ceil.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def fcn8s_extents(hw: Any, variant: str) -> dict[str, Any]:
@@ -342,32 +203,6 @@ def _check_valid_hw(valid_hw: Any, n: int, height: int, width: int) -> jax.Array
                     jnp.array([height, width], jnp.int32))
 
 
-class Conv2D(nn.Module):
-    """NHWC convolution with float32 params cast to the compute dtype at use.
-
-    Params: `kernel` (kh, kw, in, out) HWIO float32 and `bias` (out,) float32.
-    Input (N, H, W, in) is cast to `dtype`; output (N, H', W', out) in `dtype`.
-    """
-    features: int
-    kernel_size: int
-    padding: Any  # 'SAME', 'VALID' or ((top, bottom), (left, right))
-    dtype: Any = jnp.float32
-    kernel_init: Any = nn.initializers.he_normal()
-    bias_init: Any = nn.initializers.zeros_init()
-    precision: Any = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init,
-                            (k, k, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        y = lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), (1, 1), self.padding,
-            dimension_numbers=_DIMS, precision=self.precision)
-        return y + bias.astype(self.dtype)
-
-
 class FCN8s(nn.Module):
     """FCN-8s on NHWC images, logits of the input size.
 
@@ -388,6 +223,12 @@ class FCN8s(nn.Module):
         all-zero network gets no gradient). (Named `init_scheme` because
         `init` is the Flax method.)
       in_channels: if set, the required channel count of the input.
+      conv_grad: "custom" (the default: every convolution's gradient written
+        out by `layers.conv2d`, "im2col" for fc6 and "taps" for the rest) or
+        "xla" (XLA's own convolution gradients). The forward is identical
+        and the gradients equal to float32 rounding; "custom" exists because
+        XLA:CPU runs its own convolution gradients 10-100x slower inside a
+        `lax.switch` branch, where the fine network trains (layers.py).
     """
     num_outputs: int = 3
     width: float = 1.0
@@ -396,6 +237,7 @@ class FCN8s(nn.Module):
     dtype: Any = jnp.float32
     init_scheme: str = "he"
     in_channels: int | None = None
+    conv_grad: str = "custom"
 
     def _check_config(self) -> None:
         if self.variant not in VARIANTS:
@@ -409,6 +251,9 @@ class FCN8s(nn.Module):
             raise InputError(f"FCN8s.num_outputs: expected >= 1, got {self.num_outputs}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise InputError(f"FCN8s.dropout_rate: expected in [0, 1), got {self.dropout_rate}")
+        if self.conv_grad not in FCN_CONV_GRADS:
+            raise InputError(
+                f"FCN8s.conv_grad: expected one of {FCN_CONV_GRADS}, got {self.conv_grad!r}")
         if jnp.dtype(self.dtype) not in [jnp.dtype(d) for d in DTYPES]:
             raise InputError(f"FCN8s.dtype: expected float32 or bfloat16, got {self.dtype}")
 
@@ -460,8 +305,11 @@ class FCN8s(nn.Module):
 
         def conv(name: str, h: jax.Array, padding: Any) -> jax.Array:
             kshape = shapes[name][0]
+            grad = "xla"
+            if self.conv_grad == "custom":
+                grad = "im2col" if name == "fc6" else "taps"
             return Conv2D(kshape[-1], kshape[0], padding, self.dtype, kinit, zero,
-                          name=name)(h)
+                          grad=grad, name=name)(h)
 
         # Masking the input makes the result independent of what the padded
         # area holds (the lone run sees zeros there: its conv padding).
@@ -484,13 +332,13 @@ class FCN8s(nn.Module):
             h = max_pool_ceil(h)
             pools.append(h)
         pool3, pool4 = pools[2], pools[3]
-        # fc6 as one 7x7 conv (implicit GEMM), not an unfolded matmul.
+        # fc6: a 7x7 conv on the small pool5 map; its gradients go through
+        # im2col (`conv_grad`): XLA:CPU's own input gradient of it is 30-60x
+        # its forward when the map is barely larger than the kernel.
         # Known issue (H200, bf16, batch 16, 512x512): in pad32 *inference* the
         # fc6 -> ReLU -> fc7 chain on the 16x16 map takes ~40 ms of a 46 ms
         # forward (the same convs alone: ~2.5 ms; with dropout between them, as
-        # in training, the whole fwd+bwd takes 17 ms). An explicit jnp.pad plus
-        # VALID did not help. Cause not established (XLA / cuDNN fusion or
-        # algorithm choice); the reference variant is unaffected.
+        # in training, the whole fwd+bwd takes 17 ms). Cause not established.
         h = nn.relu(conv("fc6", h, "VALID" if ref else ((3, 3), (3, 3))))
         h = self._dropout(h, train)
         h = nn.relu(conv("fc7", h, "VALID"))

@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from stnjax.checks import InputError, check_array
-from stnjax.models.fcn8s import Conv2D
+from stnjax.models.layers import Conv2D
 
 ALLOWED_KERNELS = (1, 3, 5, 7)
 

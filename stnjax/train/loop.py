@@ -317,6 +317,7 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
         last["t"] = time.time()
 
     batches = batches_from(step, attempt)
+    compile_s: dict[str, float] = {}  # first call per (mode, bucket) in this process
     try:
         while step < total:
             stage = stage_at(stages, step)
@@ -328,8 +329,15 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
             if new:  # pmap compiles on the first call with these shapes
                 _COMPILED.add(key)
                 log.info("%s: compiling step %s for bucket %dx%d", tag, stage.mode, *hw)
+                t_compile = time.time()
             dev_batch = shard_batch(host_batch, len(devices), global_offset=pid * per_host)
             state, metrics = step_fns[stage.mode](state, dev_batch)
+            if new:  # compile time reported apart (rates and the ETA exclude it)
+                jax.block_until_ready(metrics)
+                secs = time.time() - t_compile
+                log.info("%s: step %s for bucket %dx%d compiled and ran once in %.1f s",
+                         tag, stage.mode, *hw, secs)
+                compile_s[f"{stage.mode} {hw[0]}x{hw[1]}"] = round(secs, 2)
             pending.append((iteration, step, stage.mode, metrics, new))
             step += 1
             iteration += 1
@@ -378,7 +386,7 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
     rec = last["record"] or {}
     out = dict(summary, steps=step, iterations=iteration, restarts=restarts, complete=True,
                wall_s=round(wall, 2), loss=rec.get("loss"), loss_coarse=rec.get("loss_coarse"),
-               loss_fine=rec.get("loss_fine"), config_hash=chash)
+               loss_fine=rec.get("loss_fine"), config_hash=chash, compile_s=compile_s)
     if primary:
         atomic_write_text(rdir / "run.json", json.dumps(out, indent=2, default=str) + "\n")
     log.info("%s: done in %s (%d steps, %d restarts); final loss %.4f", tag, fmt_duration(wall),

@@ -1,0 +1,371 @@
+"""Layer primitives of the FCN-8s: convolutions, bilinear upsampling, max pooling.
+
+Each has a reason to exist beside the textbook `lax` call:
+
+* `conv2d`: a stride-1 convolution with its gradients written out as
+  matrix products and canonical forward convolutions, used for every
+  convolution of the FCN-8s (`FCN8s.conv_grad="custom"`). Why, measured on
+  2 CPU cores (jax 0.10.2; bench/RESULTS.md has the whole story):
+  - inside a `lax.switch` branch (the fine network trains in the canvas
+    switch) XLA:CPU runs its own convolution gradients outside its fast
+    convolution library: a 3 x 3 kernel gradient at 82 x 82 x 256 took
+    15.8 s instead of 0.19 s, an input gradient 0.36 s instead of 0.04 s;
+    matrix products and forward convolutions keep their speed there. This
+    made the full-width J step at 256 x 256 take 146 s, 24x the official
+    PyTorch step;
+  - even outside a switch, fc6's input gradient (a 7 x 7 kernel on a map
+    hardly larger than it) becomes a convolution with kernel and cotangent
+    swapped, 30-60x its forward at width 1/4, and its kernel gradient and
+    forward are 2-3x slower than the same products written as im2col GEMMs;
+  - the operand orders below avoid transposed copies of whole kernels and
+    of every shifted activation, which XLA:CPU otherwise inserts.
+  Gradients equal XLA's to float32 rounding (tests/test_layers.py,
+  tests/test_train_compile.py).
+* `upsample_bilinear`: the frozen per-channel bilinear transposed convolution
+  as two small matrix products (separable kernel).
+* `max_pool_ceil`: ceil-mode 2 x 2 pooling as a reshape and a max, with the
+  Caffe first-maximum gradient written elementwise.
+
+All take and return NHWC arrays; kernels are HWIO.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from stnjax.checks import InputError, check_array
+
+DIMS = ("NHWC", "HWIO", "NHWC")
+CONV_GRADS = ("xla", "taps", "im2col")
+
+
+def _explicit_padding(padding: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((top, bottom), (left, right)) of 'VALID' or explicit int pairs."""
+    if padding == "VALID":
+        return (0, 0), (0, 0)
+    if isinstance(padding, str):
+        raise InputError(f"Conv2D: a custom gradient needs 'VALID' or explicit padding, "
+                         f"got {padding!r}")
+    (t, b), (l, r) = padding
+    return (int(t), int(b)), (int(l), int(r))
+
+
+def _conv(x: jax.Array, w: jax.Array, padding: Any, precision: Any) -> jax.Array:
+    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=DIMS,
+                                    precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x: jax.Array, w: jax.Array, padding: Any = "VALID", precision: Any = None,
+           grad: str = "taps") -> jax.Array:
+    """Stride-1 NHWC convolution with its gradients written out (see the module doc).
+
+    * "taps": the forward is `lax.conv_general_dilated` itself (bit for bit
+      XLA's); kernel gradient as one matrix product per kernel tap (the
+      cotangent contracted over N H W with x shifted by the tap); input
+      gradient as a forward convolution of the cotangent with the flipped,
+      in/out-swapped kernel (canonical dimension numbers). For the 3 x 3 and
+      1 x 1 layers.
+    * "im2col": forward, kernel gradient and input gradient as products with
+      the im2col matrix (the kh kw shifted views of x stacked), and the input
+      gradient added back at each tap's offset (col2im). For fc6: 7 x 7 on a
+      map hardly larger than the kernel, where that matrix is small and
+      XLA:CPU's convolution is slow in both directions. The forward equals
+      XLA's convolution to float32 rounding (another summation order).
+
+    Args:
+      x: (N, H, W, Cin) float.
+      w: (kh, kw, Cin, Cout) float, the dtype of x.
+      padding: 'VALID' or ((top, bottom), (left, right)) zero padding, a
+        hashable tuple of int pairs.
+      precision: a `lax.Precision` or None, for every product.
+      grad: "taps" or "im2col".
+
+    Returns:
+      (N, H + top + bottom - kh + 1, W + left + right - kw + 1, Cout), dtype of x.
+    """
+    return _conv2d_fwd(x, w, padding, precision, grad)[0]
+
+
+def _pad(x: jax.Array, padding: Any) -> jax.Array:
+    (t, b), (l, r) = _explicit_padding(padding)
+    return jnp.pad(x, ((0, 0), (t, b), (l, r), (0, 0)))
+
+
+def _im2col(xp: jax.Array, kh: int, kw: int) -> jax.Array:
+    """(N, Ho, Wo, kh kw, Cin): the shifted views of the padded input, tap-major."""
+    ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    return jnp.stack([xp[:, i:i + ho, j:j + wo] for i, j in _taps(kh, kw)], axis=3)
+
+
+def _conv2d_fwd(x, w, padding, precision, grad):
+    if grad == "im2col":
+        kh, kw, cin, cout = w.shape
+        cols = _im2col(_pad(x, padding), kh, kw)
+        # Two-dimensional operands: the kernel's reshape is then free (with a
+        # (taps, Cin) contraction XLA:CPU copied the whole kernel first).
+        y = jnp.matmul(cols.reshape(-1, kh * kw * cin), w.reshape(kh * kw * cin, cout),
+                       precision=precision, preferred_element_type=jnp.float32)
+        return y.reshape(cols.shape[:3] + (cout,)).astype(x.dtype), (x, w)
+    return _conv(x, w, padding, precision), (x, w)
+
+
+def _taps(kh: int, kw: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(kh) for j in range(kw)]
+
+
+def _dw_taps(xp, g, kh, kw, precision):
+    """(kh, kw, Cin, Cout) float32: sum over N, Ho, Wo of x[tap] g, one product a tap.
+
+    Each product is written (Cout, Cin) = g^T x[tap], with g^T formed once:
+    XLA:CPU otherwise copies every shifted view of x transposed (at full
+    width conv1_2's kernel gradient took 1.2 s that way, half of it in those
+    copies). Plain 2-D matmuls, not einsums: they trace several times faster
+    (kh x kw products a layer)."""
+    n, ho, wo, cout = g.shape
+    cin = xp.shape[-1]
+    gt = g.reshape(n * ho * wo, cout).T
+    rows = [jnp.stack([jnp.matmul(gt, xp[:, i:i + ho, j:j + wo].reshape(-1, cin),
+                                  precision=precision, preferred_element_type=jnp.float32)
+                       for j in range(kw)]) for i in range(kh)]
+    return jnp.stack(rows).transpose(0, 1, 3, 2)
+
+
+def _dx_conv(g, w, precision):
+    """Full correlation of g with the flipped kernel: the gradient wrt the padded x."""
+    kh, kw = w.shape[:2]
+    wt = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    return lax.conv_general_dilated(
+        g, wt, (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)), dimension_numbers=DIMS,
+        precision=precision, preferred_element_type=jnp.float32)
+
+
+def _dw_im2col(xp, g, kh, kw, precision):
+    cols = _im2col(xp, kh, kw)
+    m = cols.shape[0] * cols.shape[1] * cols.shape[2]
+    dw = jnp.matmul(cols.reshape(m, -1).T, g.reshape(m, -1), precision=precision,
+                    preferred_element_type=jnp.float32)
+    return dw.reshape((kh, kw, xp.shape[-1], g.shape[-1]))
+
+
+def _dx_col2im(g, w, padded_hw, precision):
+    kh, kw = w.shape[:2]
+    _, ho, wo, _ = g.shape
+    height, width = padded_hw
+    # The product's output is (taps x Cin, N Ho Wo), kernel rows first: it then
+    # reads w as stored. With the output ordered (N Ho Wo, taps x Cin) XLA:CPU
+    # copies the whole fc6 kernel transposed first (0.45 s a network at full
+    # width); here only the small result is transposed.
+    n, cin, cout = g.shape[0], w.shape[2], w.shape[3]
+    per_tap = jnp.matmul(w.reshape(-1, cout), g.reshape(-1, cout).T, precision=precision,
+                         preferred_element_type=jnp.float32).reshape(kh, kw, cin, n, ho, wo)
+    dx = 0.0
+    for i, j in _taps(kh, kw):
+        dx = dx + jnp.pad(per_tap[i, j].transpose(1, 2, 3, 0),
+                          ((0, 0), (i, height - ho - i), (j, width - wo - j), (0, 0)))
+    return dx
+
+
+def _conv2d_bwd(padding, precision, grad, res, g):
+    x, w = res
+    (t, b), (l, r) = _explicit_padding(padding)
+    xp = _pad(x, padding)
+    kh, kw = w.shape[:2]
+    if grad == "im2col":
+        dw = _dw_im2col(xp, g, kh, kw, precision)
+        dxp = _dx_col2im(g, w, xp.shape[1:3], precision)
+    else:
+        dw = _dw_taps(xp, g, kh, kw, precision)
+        dxp = _dx_conv(g, w, precision)
+    # The padded border's gradient belongs to the zeros, not to x.
+    dx = dxp[:, t:xp.shape[1] - b, l:xp.shape[2] - r]
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+class Conv2D(nn.Module):
+    """NHWC stride-1 convolution with float32 params cast to the compute dtype at use.
+
+    Params: `kernel` (kh, kw, in, out) HWIO float32 and `bias` (out,) float32.
+    Input (N, H, W, in) is cast to `dtype`; output (N, H', W', out) in `dtype`.
+    `grad`: "xla" (XLA's own convolution gradients) or a `conv2d` form,
+    "taps" or "im2col" (the same forward; padding must then be 'VALID' or
+    explicit).
+    """
+    features: int
+    kernel_size: int
+    padding: Any  # 'SAME', 'VALID' or ((top, bottom), (left, right))
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.he_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+    precision: Any = None
+    grad: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.grad not in CONV_GRADS:
+            raise InputError(f"Conv2D.grad: expected one of {CONV_GRADS}, got {self.grad!r}")
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init,
+                            (k, k, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.grad == "xla":
+            y = _conv(x, kernel, self.padding, self.precision)
+        else:
+            pad = "VALID" if self.padding == "VALID" else _explicit_padding(self.padding)
+            y = conv2d(x, kernel, pad, self.precision, self.grad)
+        return y + bias.astype(self.dtype)
+
+
+def _bilinear_1d(k: int) -> np.ndarray:
+    """The 1-D factor of the bilinear kernel: (k,) float64."""
+    if k < 1:
+        raise InputError(f"bilinear_kernel: k must be >= 1, got {k}")
+    f = math.ceil(k / 2)
+    c = f - 0.5 if k % 2 == 0 else f - 1
+    return 1.0 - np.abs(np.arange(k, dtype=np.float64) - c) / f
+
+
+def bilinear_kernel(k: int) -> np.ndarray:
+    """The reference's bilinear upsampling kernel (reference 2.2) as (k, k) float32.
+
+    f = ceil(k / 2), c = f - 0.5 for even k else f - 1,
+    w[i, j] = (1 - |i - c| / f) * (1 - |j - c| / f).
+    """
+    w1 = _bilinear_1d(k)
+    return np.outer(w1, w1).astype(np.float32)
+
+
+def _interp_matrix(n: int, k: int, s: int, lo: int, hi: int) -> np.ndarray:
+    """1-D transposed conv with the bilinear factor as a matrix: (out, n) float32.
+
+    Row o, column i holds w1[o - s * i] (0 outside the kernel), for the full
+    (n - 1) * s + k outputs with `lo` rows removed at the start and `hi` at the end.
+    """
+    w1 = _bilinear_1d(k)
+    full = (n - 1) * s + k
+    a = np.zeros((full, n), np.float64)
+    for i in range(n):
+        a[s * i:s * i + k, i] = w1
+    return a[lo:full - hi].astype(np.float32)
+
+
+def upsample_bilinear(x: jax.Array, kernel_size: int, stride: int,
+                      crop: Sequence[int] = (0, 0, 0, 0)) -> jax.Array:
+    """Per-channel bilinear transposed convolution (no bias), optionally cropped.
+
+    Equals a transposed conv with the `bilinear_kernel` on the channel
+    diagonal and zeros across channels: output size (n - 1) * stride + k per
+    spatial axis, minus the crop. The kernel is separable (outer product of
+    one 1-D factor), so the transposed conv is A_h @ x @ A_w^T per image and
+    channel, with A the (out, n) matrix of the 1-D transposed conv; the crop
+    removes rows of A, so cropped outputs are never computed. One einsum at
+    HIGHEST precision (no TF32): exact to float32 rounding and, for the x8
+    layer at 512x512 on an H200, 10x faster than the equivalent depthwise
+    conv with lhs_dilation (0.29 vs 2.9 ms, batch 16). The matrices are NumPy
+    constants: no parameter, no gradient.
+
+    Args:
+      x: (N, h, w, C) float array.
+      kernel_size: k.
+      stride: s.
+      crop: (top, bottom, left, right) rows / columns removed from the full
+        (n - 1) * s + k output.
+
+    Returns:
+      (N, (h - 1) * s + k - top - bottom, (w - 1) * s + k - left - right, C),
+      dtype of x.
+    """
+    check_array(x, "upsample_bilinear: x", rank=4, dtype_kind="f")
+    k, s = int(kernel_size), int(stride)
+    top, bottom, left, right = (int(v) for v in crop)
+    _, h, w, _ = x.shape
+    out_h = (h - 1) * s + k - top - bottom
+    out_w = (w - 1) * s + k - left - right
+    if min(top, bottom, left, right) < 0 or out_h < 1 or out_w < 1:
+        raise InputError(
+            f"upsample_bilinear: crop {tuple(crop)} does not fit the "
+            f"{(h - 1) * s + k}x{(w - 1) * s + k} output of a {h}x{w} input")
+    a_h = jnp.asarray(_interp_matrix(h, k, s, top, bottom), x.dtype)
+    a_w = jnp.asarray(_interp_matrix(w, k, s, left, right), x.dtype)
+    return jnp.einsum("oh,nhwc,pw->nopc", a_h, x, a_w,
+                      precision=lax.Precision.HIGHEST)
+
+
+def max_pool_ceil_window(x: jax.Array) -> jax.Array:
+    """`max_pool_ceil` as one `lax.reduce_window` (the textbook form, whose
+    gradient is XLA's select-and-scatter); kept as the reference the tests
+    and `bench/train_step.py --pool=window` compare against."""
+    _, h, w, _ = x.shape
+    return lax.reduce_window(
+        x, np.array(-np.inf, x.dtype), lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+        ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+
+
+def _pool_windows(x: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, ceil(H/2), 2, ceil(W/2), 2, C): the 2x2 windows,
+    an odd edge padded with -inf."""
+    n, h, w, c = x.shape
+    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+    return x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, c)
+
+
+@jax.custom_vjp
+def max_pool_ceil(x: jax.Array) -> jax.Array:
+    """2x2 / stride-2 max pooling in ceil mode (Caffe / PyTorch ceil_mode=True).
+
+    An odd edge gets a last window that runs past the border; it takes the
+    max of its valid part (the border is padded with -inf).
+
+    The windows do not overlap, so the pooling is a reshape and a max, and
+    its gradient goes to the first maximal element of each window in
+    row-major order, as Caffe's pooling and XLA's select-and-scatter (the
+    gradient of `max_pool_ceil_window`) do, bit for bit, ties included; but
+    as elementwise operations that fuse, not a scatter.
+
+    Args:
+      x: (N, H, W, C) float array, H, W >= 1.
+
+    Returns:
+      (N, ceil(H / 2), ceil(W / 2), C), dtype of x.
+    """
+    return jnp.max(_pool_windows(x), axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+    y = max_pool_ceil(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(res, g):
+    x, y = res
+    n, h, w, c = x.shape
+    hit = _pool_windows(x) == y[:, :, None, :, None, :]
+    # Keep the first hit in the order (0,0), (0,1), (1,0), (1,1).
+    taken = jnp.zeros_like(hit[:, :, 0, :, 0])
+    first = []
+    for a in (0, 1):
+        for b in (0, 1):
+            e = hit[:, :, a, :, b] & ~taken
+            first.append(e)
+            taken = taken | e
+    sel = jnp.stack([jnp.stack(first[0:2], axis=3), jnp.stack(first[2:4], axis=3)], axis=2)
+    dx = jnp.where(sel, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+    dx = dx.reshape(n, 2 * ((h + 1) // 2), 2 * ((w + 1) // 2), c)[:, :h, :w]
+    return (dx,)
+
+
+max_pool_ceil.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
