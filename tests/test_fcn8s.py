@@ -149,10 +149,9 @@ def test_pad32_flop_saving_at_96():
     # With XLA's convolutions the count skips taps that fall on padding.
     assert 55e9 < flops["reference", "xla"] < 57e9
     assert 9.0 < flops["reference", "xla"] / flops["pad32", "xla"] < 10.0
-    # The default fc6 is an im2col product, counted densely (every tap), the
-    # docstring's bracketed figure; the rest is the same.
-    assert 55e9 < flops["reference", "custom"] < 57.6e9
-    assert 7.0e9 < flops["pad32", "custom"] < 7.9e9
+    # Without differentiation the custom-gradient convolutions are XLA's own.
+    assert flops["reference", "custom"] == flops["reference", "xla"]
+    assert flops["pad32", "custom"] == flops["pad32", "xla"]
 
 
 def test_layer_shapes_follow_width_rule():

@@ -17,7 +17,8 @@ each a config field (the reference values are the defaults in common.py):
   channels die at p = 0 and the 3-window average then never reaches 0.5;
 - model.init_prior = 0.05 (initial organ probability) and no dropout.
 Schedule S 400 -> I 400 -> J 400 (J halves the rate every 200 steps), batch
-2. About 1.5 minutes per plane on 2 CPU cores, compilation included.
+2. About 2 minutes per plane on 2 CPU cores (plane Y: 0.6, it reuses X's compiled
+steps), most of it compiling the S, I and J steps (about 22 s each).
 
 Crop margin K = 10 pixels (33 mm; training draws margins in [0, 20]). The
 reference's 20 pixels at ~0.8 mm rescaled to the phantom's 3.3 mm pixels

@@ -20,8 +20,6 @@ Two variants share one parameter tree (the layer names of the reference,
   count of every tap, which is what the hardware executes):
   96x96: 55.9 vs 5.87 GFLOP, 9.5x (57.5 vs 7.8, 7.4x);
   512x512: 375.7 vs 208.9 GFLOP, 1.8x (379.3 vs 221.6, 1.7x).
-  (The default `conv_grad="custom"` computes fc6 as an im2col product,
-  which the cost analysis counts densely: 7.4 GFLOP for pad32 at 96x96.)
   The saving comes from the 100-pixel border, which the reference convolves
   through the whole VGG body, so it shrinks as the image grows. Border
   behaviour differs from the reference, so pretrained PASCAL weights see a
