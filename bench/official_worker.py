@@ -67,13 +67,12 @@ def _setup(args):
         {"params": groups(model, coarse=False, bias=True), "lr": lr * 20, "weight_decay": 0},
     ], lr=lr, momentum=0.99, weight_decay=0.0005)
     criterion = official.DSC_loss()
-    rng = np.random.default_rng(0)
-    s = args.size
-    image = torch.from_numpy(rng.random((args.batch, 3, s, s), dtype=np.float32))
-    label = torch.zeros((args.batch, 3, s, s))
-    bh, bw = (s * 100) // 512, (s * 80) // 512
-    r0, c0 = s // 2 - bh // 2, s // 2 - bw // 2
-    label[:, :, r0:r0 + bh, c0:c0 + bw] = 1.0
+    # stnjax's benchmark batch itself (bench/synthetic.py, NumPy only), as NCHW.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.synthetic import j_batch
+    batch = j_batch(args.batch, args.size, "label")
+    image = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+    label = torch.from_numpy(np.ascontiguousarray(batch["label"].transpose(0, 3, 1, 2)))
     return torch, model, optimizer, criterion, image, label
 
 

@@ -8,10 +8,11 @@ by the label box) are what `bench/train_step.py` and `bench/vs_official.py`
 from __future__ import annotations
 
 
-def j_batch(b: int, size: int, crop: str, small: bool = False) -> dict:
-    """A host batch of b random slices (size x size x 3) and a label box
-    (100 x 80 at 512, scaled; crop="full": the whole slice), valid everywhere."""
-    del small
+def j_batch(b: int, size: int, crop: str) -> dict:
+    """A host batch of b random slices (size x size x 3, NHWC float32) and a
+    label box (100 x 80 at 512, scaled; crop="full": the whole slice), valid
+    everywhere. NumPy only, so the official worker's torch environment can
+    use it too."""
     import numpy as np
     rng = np.random.default_rng(0)
     image = rng.random((b, size, size, 3), dtype=np.float32)

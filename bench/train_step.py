@@ -56,7 +56,7 @@ _CONV_GRAD = flags.DEFINE_enum(
 PYTORCH_MS = {"float32": 32.1, "bfloat16": 27.2}  # official RSTN, H100, batch 1
 
 
-def _measure(rstn, params, spec, dtype, b, size, crop, small, steps, warmup):
+def _measure(rstn, params, spec, dtype, b, size, crop, steps, warmup):
     import jax
     import numpy as np
     from stnjax.train import state as st
@@ -64,7 +64,7 @@ def _measure(rstn, params, spec, dtype, b, size, crop, small, steps, warmup):
 
     dev = jax.local_devices()[0]
     state = st.replicate(st.init_train_state(params, spec.optimizer(), seed=0), [dev])
-    batch = jax.device_put(stp.shard_batch(_batch(b, size, crop, small), 1))
+    batch = jax.device_put(stp.shard_batch(_batch(b, size, crop), 1))
     fn = stp.pmapped_step(rstn, "J", spec, 1.0 / 3.0, (dev,))
     t0 = time.perf_counter()
     state, metrics = fn(state, batch)
@@ -116,8 +116,8 @@ def main(argv):
         params = params if params is not None else _init_params(rstn)
         for b in batches:
             try:
-                rows.append(_measure(rstn, params, spec, dtype, b, size, _CROP.value, small,
-                                     steps, _WARMUP.value))
+                rows.append(_measure(rstn, params, spec, dtype, b, size, _CROP.value, steps,
+                                     _WARMUP.value))
             except Exception as e:  # noqa: BLE001 - out of memory: report and skip larger
                 if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                     raise

@@ -223,8 +223,9 @@ class FCN8s(nn.Module):
       in_channels: if set, the required channel count of the input.
       conv_grad: "custom" (the default: every convolution's gradient written
         out by `layers.conv2d`, "im2col" for fc6 and "taps" for the rest) or
-        "xla" (XLA's own convolution gradients). The forward is identical
-        and the gradients equal to float32 rounding; "custom" exists because
+        "xla" (XLA's own convolution gradients). Inference is identical;
+        under differentiation fc6's forward (an im2col product) and all
+        gradients equal XLA's to float32 rounding; "custom" exists because
         XLA:CPU runs its own convolution gradients 10-100x slower inside a
         `lax.switch` branch, where the fine network trains (layers.py).
     """

@@ -119,7 +119,9 @@ def _conv2d_fwd(x, w, padding, precision, grad):
         # (taps, Cin) contraction XLA:CPU copied the whole kernel first).
         y = jnp.matmul(cols.reshape(-1, kh * kw * cin), w.reshape(kh * kw * cin, cout),
                        precision=precision, preferred_element_type=jnp.float32)
-        return y.reshape(cols.shape[:3] + (cout,)).astype(x.dtype), (x, w)
+        # The im2col matrix is small for fc6 and the kernel gradient needs it
+        # again: kept as the residual instead of x.
+        return y.reshape(cols.shape[:3] + (cout,)).astype(x.dtype), (cols, w)
     return _conv(x, w, padding, precision), (x, w)
 
 
@@ -153,23 +155,21 @@ def _dx_conv(g, w, precision):
         precision=precision, preferred_element_type=jnp.float32)
 
 
-def _dw_im2col(xp, g, kh, kw, precision):
-    cols = _im2col(xp, kh, kw)
+def _dw_im2col(cols, g, precision):
+    """(kh kw Cin, Cout) float32: the im2col matrix transposed times the cotangent."""
     m = cols.shape[0] * cols.shape[1] * cols.shape[2]
-    dw = jnp.matmul(cols.reshape(m, -1).T, g.reshape(m, -1), precision=precision,
-                    preferred_element_type=jnp.float32)
-    return dw.reshape((kh, kw, xp.shape[-1], g.shape[-1]))
+    return jnp.matmul(cols.reshape(m, -1).T, g.reshape(m, -1), precision=precision,
+                      preferred_element_type=jnp.float32)
 
 
 def _dx_col2im(g, w, padded_hw, precision):
-    kh, kw = w.shape[:2]
-    _, ho, wo, _ = g.shape
+    kh, kw, cin, cout = w.shape
+    n, ho, wo, _ = g.shape
     height, width = padded_hw
     # The product's output is (taps x Cin, N Ho Wo), kernel rows first: it then
     # reads w as stored. With the output ordered (N Ho Wo, taps x Cin) XLA:CPU
     # copies the whole fc6 kernel transposed first (0.45 s a network at full
     # width); here only the small result is transposed.
-    n, cin, cout = g.shape[0], w.shape[2], w.shape[3]
     per_tap = jnp.matmul(w.reshape(-1, cout), g.reshape(-1, cout).T, precision=precision,
                          preferred_element_type=jnp.float32).reshape(kh, kw, cin, n, ho, wo)
     dx = 0.0
@@ -180,19 +180,19 @@ def _dx_col2im(g, w, padded_hw, precision):
 
 
 def _conv2d_bwd(padding, precision, grad, res, g):
-    x, w = res
+    xres, w = res  # x ("taps") or its im2col matrix ("im2col")
     (t, b), (l, r) = _explicit_padding(padding)
-    xp = _pad(x, padding)
     kh, kw = w.shape[:2]
+    padded_hw = (g.shape[1] + kh - 1, g.shape[2] + kw - 1)  # stride 1, VALID on padded x
     if grad == "im2col":
-        dw = _dw_im2col(xp, g, kh, kw, precision)
-        dxp = _dx_col2im(g, w, xp.shape[1:3], precision)
+        dw = _dw_im2col(xres, g, precision).reshape(w.shape)
+        dxp = _dx_col2im(g, w, padded_hw, precision)
     else:
-        dw = _dw_taps(xp, g, kh, kw, precision)
+        dw = _dw_taps(_pad(xres, padding), g, kh, kw, precision)
         dxp = _dx_conv(g, w, precision)
     # The padded border's gradient belongs to the zeros, not to x.
-    dx = dxp[:, t:xp.shape[1] - b, l:xp.shape[2] - r]
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    dx = dxp[:, t:padded_hw[0] - b, l:padded_hw[1] - r]
+    return dx.astype(w.dtype), dw.astype(w.dtype)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
@@ -204,8 +204,7 @@ class Conv2D(nn.Module):
     Params: `kernel` (kh, kw, in, out) HWIO float32 and `bias` (out,) float32.
     Input (N, H, W, in) is cast to `dtype`; output (N, H', W', out) in `dtype`.
     `grad`: "xla" (XLA's own convolution gradients) or a `conv2d` form,
-    "taps" or "im2col" (the same forward; padding must then be 'VALID' or
-    explicit).
+    "taps" or "im2col" (padding must then be 'VALID' or explicit).
     """
     features: int
     kernel_size: int
