@@ -3,8 +3,8 @@
   python -m bench.train_step --out=bench/train_step.json          # 512 x 512, full width
   python -m bench.train_step --small --out=/tmp/train_step.json   # tiny, on CPU
 
-Measures the step the training loop runs (`stnjax.train.steps.pmapped_step`,
-pmapped over one device, state donated, Caffe SGD update included) on a
+Measures the step the training loop runs on one device
+(`stnjax.train.placement.OneDevice`: the jitted step, state donated, Caffe SGD update included) on a
 synthetic batch already on the device, for each compute dtype and batch size:
 compile, `--warmup` steps, then `--steps` timed steps closed by
 `block_until_ready`. Batch sizes that run out of memory are reported and
@@ -53,6 +53,9 @@ _CONV_GRAD = flags.DEFINE_enum(
     "Convolution gradients: written out (stnjax.models.layers.conv2d, the code's) or XLA's "
     "own (the formulation before the fix; 10-100x slower inside the canvas switch on CPU).")
 
+_PMAP = flags.DEFINE_bool("pmap", False, "A one-device pmap instead of the jitted step "
+                          "(what the loop ran before; slower on CPU, see placement.py).")
+
 PYTORCH_MS = {"float32": 32.1, "bfloat16": 27.2}  # official RSTN, H100, batch 1
 
 
@@ -60,12 +63,12 @@ def _measure(rstn, params, spec, dtype, b, size, crop, steps, warmup):
     import jax
     import numpy as np
     from stnjax.train import state as st
-    from stnjax.train import steps as stp
+    from stnjax.train.placement import placement_for
 
-    dev = jax.local_devices()[0]
-    state = st.replicate(st.init_train_state(params, spec.optimizer(), seed=0), [dev])
-    batch = jax.device_put(stp.shard_batch(_batch(b, size, crop), 1))
-    fn = stp.pmapped_step(rstn, "J", spec, 1.0 / 3.0, (dev,))
+    place = placement_for(jax.local_devices()[:1], force_pmap=_PMAP.value)
+    state = place.put_state(st.init_train_state(params, spec.optimizer(), seed=0))
+    batch = jax.device_put(place.put_batch(_batch(b, size, crop)))
+    fn = place.step(rstn, "J", spec, 1.0 / 3.0)
     t0 = time.perf_counter()
     state, metrics = fn(state, batch)
     jax.block_until_ready((state, metrics))
@@ -78,7 +81,7 @@ def _measure(rstn, params, spec, dtype, b, size, crop, steps, warmup):
         state, metrics = fn(state, batch)
     jax.block_until_ready((state, metrics))
     dt = (time.perf_counter() - t0) / steps
-    m = stp.first_replica(metrics)
+    m = place.host_metrics(metrics)
     loss = float(m["loss"][0] / m["loss"][1])
     box = float(m["stat_box_area"][0] / m["stat_box_area"][1])
     return {"dtype": dtype, "batch": b, "ms_per_step": 1e3 * dt, "examples_per_s": b / dt,

@@ -44,6 +44,8 @@ _MODE = flags.DEFINE_enum("mode", "J", ["S", "I", "J"], "Training mode.")
 _CONV_GRAD = flags.DEFINE_enum("conv_grad", "custom", ["custom", "xla"],
                                "stnjax's convolution gradients (FCN8s.conv_grad); 'xla' is "
                                "the formulation before the fix, for an A/B.")
+_PMAP = flags.DEFINE_bool("pmap", False, "stnjax as a one-device pmap instead of the jitted "
+                          "step the loop runs on one device (slower on CPU, see placement.py).")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 
@@ -92,9 +94,10 @@ class OfficialWorker:
             self.proc.wait(timeout=60)
 
 
-def _stnjax_step(size: int, width: float, mode: str, conv_grad: str):
-    """(call, first-call seconds): a zero-argument function running one pmapped,
-    donated step of stnjax and blocking on it."""
+def _stnjax_step(size: int, width: float, mode: str, conv_grad: str, pmap: bool = False):
+    """(call, first-call seconds): a zero-argument function running one step of
+    stnjax as the training loop runs it on one device (jitted, state donated;
+    `pmap`: a one-device pmap) and blocking on it."""
     import dataclasses
 
     import jax
@@ -104,6 +107,7 @@ def _stnjax_step(size: int, width: float, mode: str, conv_grad: str):
     from stnjax.models.rstn import RSTN
     from stnjax.train import state as st
     from stnjax.train import steps as stp
+    from stnjax.train.placement import placement_for
 
     c = base_config()
     c.model.width = width
@@ -111,17 +115,17 @@ def _stnjax_step(size: int, width: float, mode: str, conv_grad: str):
     rstn = RSTN.from_config(c.model)
     rstn = dataclasses.replace(rstn, fcn=rstn.fcn.clone(conv_grad=conv_grad))
     spec = stp.OptimizerSpec.from_config(c.train)
-    dev = jax.local_devices()[0]
+    place = placement_for(jax.local_devices()[:1], force_pmap=pmap)
     params = init_params(rstn)
     tx = spec.optimizer(stp.MODE_TRAINABLE[mode])
-    holder = {"state": st.replicate(st.init_train_state(params, tx, seed=0), [dev])}
-    batch = jax.device_put(stp.shard_batch(j_batch(1, size, "label"), 1))
-    fn = stp.pmapped_step(rstn, mode, spec, 1.0 / 3.0, (dev,))
+    holder = {"state": place.put_state(st.init_train_state(params, tx, seed=0))}
+    batch = jax.device_put(place.put_batch(j_batch(1, size, "label")))
+    fn = place.step(rstn, mode, spec, 1.0 / 3.0)
 
     def call() -> float:
         holder["state"], metrics = fn(holder["state"], batch)
         jax.block_until_ready((holder["state"], metrics))
-        m = stp.first_replica(metrics)
+        m = place.host_metrics(metrics)
         return float(m["loss"][0] / m["loss"][1])
 
     t0 = time.perf_counter()
@@ -143,7 +147,8 @@ def main(argv):
     official = OfficialWorker(_TORCH_PY.value, _OFFICIAL.value, _SIZE.value, _THREADS.value,
                               _MODE.value)
     try:
-        call, first_s = _stnjax_step(_SIZE.value, _WIDTH.value, _MODE.value, _CONV_GRAD.value)
+        call, first_s = _stnjax_step(_SIZE.value, _WIDTH.value, _MODE.value, _CONV_GRAD.value,
+                                     _PMAP.value)
         print(f"stnjax first call (compile + run): {first_s:.1f} s", flush=True)
         for _ in range(_WARMUP.value):
             call()
@@ -159,15 +164,19 @@ def main(argv):
         official.close()
     med_s = statistics.median(r["stnjax_s"] for r in rows)
     med_o = statistics.median(r["official_s"] for r in rows)
+    # The median of the interleaved pairs' ratios: robust to a slow drift of
+    # the machine's speed during the run.
+    pair = statistics.median(r["stnjax_s"] / r["official_s"] for r in rows)
     print(f"\n{_MODE.value} step, batch 1, {_SIZE.value} x {_SIZE.value}, float32, stnjax width "
           f"{_WIDTH.value:g} ({_CONV_GRAD.value} conv gradients), "
           f"{jax.devices()[0].device_kind} ({os.cpu_count()} CPUs)")
     print(f"median: stnjax {med_s:.2f} s, official {med_o:.2f} s, "
-          f"stnjax / official = {med_s / med_o:.2f}")
+          f"stnjax / official = {med_s / med_o:.2f} (median of the pairs' ratios {pair:.2f})")
     out = {"bench": "vs_official", "mode": _MODE.value, "size": _SIZE.value, "batch": 1,
-           "width": _WIDTH.value, "conv_grad": _CONV_GRAD.value, "dtype": "float32",
+           "width": _WIDTH.value, "conv_grad": _CONV_GRAD.value, "pmap": _PMAP.value,
+           "dtype": "float32",
            "stnjax_first_call_s": first_s, "median_stnjax_s": med_s, "median_official_s": med_o,
-           "ratio_stnjax_over_official": med_s / med_o, "rows": rows,
+           "ratio_stnjax_over_official": med_s / med_o, "median_pair_ratio": pair, "rows": rows,
            "official": official.info, "jax": jax.__version__, "cpus": os.cpu_count(),
            "device": jax.devices()[0].device_kind}
     if _OUT.value:

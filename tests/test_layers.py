@@ -46,7 +46,11 @@ CASES = [
     ((2, 7, 10, 4), (7, 7, 4, 3), "VALID"),            # 1 x 4 output, batch 2, not square
     ((2, 12, 11, 3), (3, 5, 3, 8), ((1, 2), (0, 3))),  # uneven padding, non-square kernel
     ((1, 5, 6, 3), (3, 3, 3, 4), ((9, 9), (9, 9))),    # padding >> kernel (conv1_1's 100)
-    ((2, 6, 6, 7), (1, 1, 7, 5), "VALID"),             # 1 x 1 (fc7, score heads)
+    ((2, 6, 6, 7), (1, 1, 7, 5), "VALID"),             # 1 x 1 (score heads)
+    # Fewer rows (N Ho Wo) than output channels: the kernel gradient is
+    # written the other way round (fc7 on pool5-sized maps).
+    ((1, 3, 2, 9), (1, 1, 9, 40), "VALID"),            # 1 x 1, 6 rows < 40 (fc7)
+    ((2, 4, 4, 3), (3, 3, 3, 16), "VALID"),            # 3 x 3, 8 rows < 16
 ]
 
 

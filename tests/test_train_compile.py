@@ -7,7 +7,11 @@
   path S and I have, and the saliency and crop besides; tests/test_layers.py
   checks each convolution form on its own).
 * A step compiles once per (mode, bucket): counted with JAX's own
-  backend-compile events while S runs on one bucket and J on two, twice each.
+  backend-compile events while S runs on one bucket and J on two, twice each
+  (the second time on the first one's output state, as the loop does).
+* The one-device placement (a jitted step, no device axis) gives the update
+  of a one-device pmap and compiles once too; `placement_for` picks it only
+  for one local device on one host.
 """
 
 import dataclasses
@@ -18,9 +22,11 @@ import pytest
 from jax._src import dispatch, monitoring
 
 from launch.configs import smoke
+from stnjax.checks import InputError
 from stnjax.models.rstn import RSTN
 from stnjax.train import state as st
 from stnjax.train import steps
+from stnjax.train.placement import OneDevice, Pmapped, placement_for
 from stnjax.train.schedule import parse_stages
 
 SPEC = steps.OptimizerSpec(parse_stages("S:2,I:2,J:4"), 1e-3, 2, 0.99, 5e-4, (1.0, 2.0, 10.0, 20.0))
@@ -86,6 +92,9 @@ def test_custom_conv_gradients_give_the_same_update(mode, start):
 
 
 def test_one_compilation_per_mode_and_bucket():
+    """Each step runs twice, the second time on the first one's output state
+    (as the loop does), over two devices: a state whose sharding differs from
+    the step's outputs would compile the program a second time."""
     names = []
 
     def listen(event, duration, **kw):
@@ -93,13 +102,74 @@ def test_one_compilation_per_mode_and_bucket():
         if event == dispatch.BACKEND_COMPILE_EVENT and kw.get("fun_name") == "jit(_fun)":
             names.append(kw["fun_name"])
 
+    devs = tuple(jax.local_devices()[:2])
+    assert len(devs) == 2, "conftest fakes 8 CPU devices"
     monitoring.register_event_duration_secs_listener(listen)
     try:
         rstn = dataclasses.replace(_rstn(), margin=2)  # a fresh function object: no reuse
         params = _params(rstn)
         for mode, start, hw in (("S", 0, (32, 32)), ("J", 4, (32, 32)), ("J", 4, (32, 24))):
+            fn = steps.pmapped_step(rstn, mode, SPEC, 1.0 / 3.0, devs)
+            state = st.replicate(
+                dict(st.init_train_state(params, SPEC.optimizer(), seed=0),
+                     step=np.int32(start)), devs)
             for rep in range(2):
-                _step(rstn, mode, params, _batch(*hw, seed=rep), start)
+                state, _ = fn(state, steps.shard_batch(_batch(*hw, seed=rep), len(devs)))
+            assert int(st.unreplicate(state)["step"]) == start + 2
     finally:
         monitoring.unregister_event_duration_listener(listen)
     assert len(names) == 3, names
+
+
+def _run_twice(place, rstn, mode, params, start):
+    state = place.put_state(dict(st.init_train_state(params, SPEC.optimizer(), seed=0),
+                                 step=np.int32(start)))
+    fn = place.step(rstn, mode, SPEC, 1.0 / 3.0)
+    for rep in range(2):
+        state, metrics = fn(state, place.put_batch(_batch(seed=rep)))
+    return place.host_state(state), place.host_metrics(metrics)
+
+
+def test_one_device_jit_equals_one_device_pmap_and_compiles_once():
+    names = []
+
+    def listen(event, duration, **kw):
+        if event == dispatch.BACKEND_COMPILE_EVENT and kw.get("fun_name") == "jit(step)":
+            names.append(kw["fun_name"])
+
+    rstn = dataclasses.replace(_rstn(), margin=3)  # a fresh function object: no reuse
+    params = _params(rstn)
+    dev = jax.local_devices()[:1]
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        one, m_one = _run_twice(placement_for(dev, process_count=1), rstn, "J", params, 4)
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert names == ["jit(step)"], names
+    ref, m_ref = _run_twice(placement_for(dev, process_count=1, force_pmap=True),
+                            rstn, "J", params, 4)
+    assert int(one["step"]) == int(ref["step"]) == 6
+    for k, (s, c) in m_ref.items():
+        np.testing.assert_allclose(m_one[k][0], s, rtol=1e-5, atol=1e-6, err_msg=k)
+        assert float(m_one[k][1]) == float(c), k
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one["params"]),
+                            jax.tree.leaves(ref["params"])):
+        scale = float(np.abs(b).max()) + 1e-6
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_placement_for_picks_jit_only_for_one_local_device_on_one_host():
+    devs = jax.local_devices()
+    assert isinstance(placement_for(devs[:1], process_count=1), OneDevice)
+    two = placement_for(devs[:2], process_count=1)
+    assert isinstance(two, Pmapped) and two.pmap_devices == tuple(devs[:2])
+    assert isinstance(placement_for(devs[:1], process_count=1, force_pmap=True), Pmapped)
+    hosts = placement_for(devs[:1], process_count=2)  # pmap spans every global device
+    assert isinstance(hosts, Pmapped) and hosts.pmap_devices == tuple(jax.devices())
+    with pytest.raises(InputError, match="devices"):
+        placement_for([], process_count=1)
+    batch = _batch()
+    flat, sharded = OneDevice(devs[0]).put_batch(batch, global_offset=4), two.put_batch(batch)
+    np.testing.assert_array_equal(flat["index"], [4, 5])
+    assert sharded["image"].shape == (2, 1, 32, 32, 3) and flat["image"].shape == (2, 32, 32, 3)

@@ -132,17 +132,35 @@ def _taps(kh: int, kw: int) -> list[tuple[int, int]]:
 def _dw_taps(xp, g, kh, kw, precision):
     """(kh, kw, Cin, Cout) float32: sum over N, Ho, Wo of x[tap] g, one product a tap.
 
-    Each product is written (Cout, Cin) = g^T x[tap], with g^T formed once:
-    XLA:CPU otherwise copies every shifted view of x transposed (at full
-    width conv1_2's kernel gradient took 1.2 s that way, half of it in those
-    copies). Plain 2-D matmuls, not einsums: they trace several times faster
+    The operand order depends on which is smaller, the activations (M = N Ho
+    Wo rows) or the kernel, because XLA:CPU copies the transposed operand or
+    result of each product:
+    - M >= Cout (every layer on a large map): each product is written
+      (Cout, Cin) = g^T x[tap] with g^T formed once, and only the small
+      result is transposed; written x[tap]^T g, XLA:CPU copied every shifted
+      view of x transposed (at full width conv1_2's kernel gradient took 1.2 s
+      that way, half of it in those copies);
+    - M < Cout (fc7 on pool5-sized maps: 4096 x 4096 kernel, M <= 289 at
+      512 x 512): written x^T g, so the 64 MB result comes out as stored;
+      transposed, it was read strided by the optimiser and copied in the
+      backward (0.3 s a step for the two networks, full width, 1 x 64 x 64).
+    Plain 2-D matmuls, not einsums: they trace several times faster
     (kh x kw products a layer)."""
     n, ho, wo, cout = g.shape
     cin = xp.shape[-1]
-    gt = g.reshape(n * ho * wo, cout).T
-    rows = [jnp.stack([jnp.matmul(gt, xp[:, i:i + ho, j:j + wo].reshape(-1, cin),
-                                  precision=precision, preferred_element_type=jnp.float32)
-                       for j in range(kw)]) for i in range(kh)]
+    g2 = g.reshape(n * ho * wo, cout)
+
+    def tap(i, j):
+        return xp[:, i:i + ho, j:j + wo].reshape(-1, cin)
+
+    def mm(a, b):
+        return jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32)
+
+    if n * ho * wo < cout:
+        return jnp.stack([jnp.stack([mm(tap(i, j).T, g2) for j in range(kw)])
+                          for i in range(kh)])
+    gt = g2.T
+    rows = [jnp.stack([mm(gt, tap(i, j)) for j in range(kw)]) for i in range(kh)]
     return jnp.stack(rows).transpose(0, 1, 3, 2)
 
 
@@ -189,7 +207,11 @@ def _conv2d_bwd(padding, precision, grad, res, g):
         dxp = _dx_col2im(g, w, padded_hw, precision)
     else:
         dw = _dw_taps(_pad(xres, padding), g, kh, kw, precision)
-        dxp = _dx_conv(g, w, precision)
+        # Fewer rows than output channels (fc7): as col2im, which reads the
+        # kernel as stored; the flipped, transposed kernel of the convolution
+        # form is a copy of the whole 64 MB fc7 kernel a network.
+        small = g.shape[0] * g.shape[1] * g.shape[2] < g.shape[3]
+        dxp = _dx_col2im(g, w, padded_hw, precision) if small else _dx_conv(g, w, precision)
     # The padded border's gradient belongs to the zeros, not to x.
     dx = dxp[:, t:padded_hw[0] - b, l:padded_hw[1] - r]
     return dx.astype(w.dtype), dw.astype(w.dtype)

@@ -6,7 +6,8 @@ Entry points:
   load_trained_params(run_dir)                 params of a finished run (inference)
 
 Modules: schedule (stages, rate), optim (Caffe SGD, rate groups), state (the
-train-state pytree), steps (one pmapped step per mode), checkpoint (orbax),
+train-state pytree), steps (one step per mode), placement (pmap over
+several devices, jit on one), checkpoint (orbax),
 inputs (dataset, slices, samplers, devices), workdir (layout, config identity,
 metrics file), loop (the loop, the convergence guard, resume).
 """

@@ -5,9 +5,10 @@ sequentially, each in `<workdir>/fold<f>/<plane>` (see `workdir.py`), and
 `train_run` trains one of them:
 
 - the stages of `config.train.stages` run one after the other with one
-  optimiser state (reference 3.2 / 3.3); every step is a pmapped step of its
-  mode (`steps.py`), fed by the data sampler, a pure function of
-  (seed, step), through a background prefetch thread;
+  optimiser state (reference 3.2 / 3.3); every step is the step of its mode
+  (`steps.py`), pmapped over several devices or jitted on one
+  (`placement.py`), fed by the data sampler, a pure function of (seed,
+  step), through a background prefetch thread;
 - metrics are fetched from the devices every `log_every` steps (not every
   step, which would stall the device queue), written as one JSON line per
   logged step to `metrics.jsonl` and logged with the progress and an ETA;
@@ -48,16 +49,16 @@ from stnjax.sampler import prefetch
 from stnjax.train import inputs
 from stnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from stnjax.train.schedule import lr_at, parse_stages, stage_at, total_steps
-from stnjax.train.state import (init_key, init_train_state, replicate, sampler_seed,
-                                tree_all_finite, unreplicate)
-from stnjax.train.steps import OptimizerSpec, first_replica, pmapped_step, shard_batch
+from stnjax.train.placement import placement_for
+from stnjax.train.state import init_key, init_train_state, sampler_seed, tree_all_finite
+from stnjax.train.steps import OptimizerSpec
 from stnjax.train.workdir import (MetricsWriter, check_workdir, config_hash, run_dir,
                                   write_workdir_files)
 
 log = logging.getLogger("stnjax.train")
 
 INIT_HW = (32, 32)  # parameter shapes do not depend on the image size
-_COMPILED: set = set()  # (id of a cached pmapped step, bucket) already run in this process
+_COMPILED: set = set()  # (id of a cached step function, bucket) already run in this process
 
 
 class TrainingDivergedError(RuntimeError):
@@ -182,11 +183,10 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
     per_host = batch_size // nproc
 
     spec = OptimizerSpec.from_config(tc)
-    # pmap wants the same device list on every process: all devices of all
-    # hosts (its mapped axis is then the local device count).
-    pmap_devices = tuple(jax.devices()) if nproc > 1 else tuple(devices)
-    step_fns = {m: pmapped_step(rstn, m, spec, float(tc.coarse_weight), pmap_devices,
-                                 float(tc.bce_weight))
+    # pmap over several devices (all devices of all hosts when there are
+    # several), jit on a single one (placement.py says why).
+    place = placement_for(devices, process_count=nproc)
+    step_fns = {m: place.step(rstn, m, spec, float(tc.coarse_weight), float(tc.bce_weight))
                 for m in modes}
 
     def fresh_state(attempt: int):
@@ -225,7 +225,7 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
     log.info("%s: %d training slices, buckets %s, %d device(s), global batch %d, stages %s",
              tag, len(pdata.slices), inputs.make_sampler(config, pdata, seed).buckets(),
              len(devices), batch_size, tc.stages)
-    state = replicate(host_state, devices)
+    state = place.put_state(host_state)
     del host_state
     t_start = time.time()
     pending: list[tuple[int, int, str, Any, bool]] = []
@@ -243,7 +243,7 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
                 "stage": stage_at(stages, min(step, total - 1)).mode,
                 "guard_history": [float(v) for v in guard_hist[-window:]],
                 "restarts": restarts}
-        ck.save(it, unreplicate(state), meta)
+        ck.save(it, place.host_state(state), meta)
 
     def _diverged(what: str) -> TrainingDivergedError:
         try:
@@ -265,7 +265,7 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
         nonlocal guard_hist
         if not pending:
             return
-        host = [first_replica(m) for _, _, _, m, _ in pending]
+        host = [place.host_metrics(m) for _, _, _, m, _ in pending]
         now = time.time()
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
@@ -326,11 +326,11 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
             hw = tuple(host_batch["image"].shape[1:3])
             key = (id(step_fns[stage.mode]), hw)
             new = key not in _COMPILED
-            if new:  # pmap compiles on the first call with these shapes
+            if new:  # the step compiles on the first call with these shapes
                 _COMPILED.add(key)
                 log.info("%s: compiling step %s for bucket %dx%d", tag, stage.mode, *hw)
                 t_compile = time.time()
-            dev_batch = shard_batch(host_batch, len(devices), global_offset=pid * per_host)
+            dev_batch = place.put_batch(host_batch, global_offset=pid * per_host)
             state, metrics = step_fns[stage.mode](state, dev_batch)
             if new:  # compile time reported apart (rates and the ETA exclude it)
                 jax.block_until_ready(metrics)
@@ -358,7 +358,7 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
                     if writer:
                         writer.write(dict(event, event="guard_restart", next_attempt=attempt + 1))
                     attempt, step, guard_hist = attempt + 1, 0, []
-                    state = replicate(fresh_state(attempt), devices)
+                    state = place.put_state(fresh_state(attempt))
                     batches.close()
                     batches = batches_from(0, attempt)
                     save(iteration, state, step)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stnjax.train.steps import AXIS
+
 _INIT_TAG, _TRAIN_TAG = 0, 1
 
 
@@ -90,14 +92,19 @@ def replicate(tree: Any, devices: Sequence[Any]) -> Any:
 
     With several processes the stacked host arrays are returned as NumPy and
     pmap places them (its inputs are per-process there).
+
+    The arrays carry the sharding a pmapped step gives its outputs (a 1-D
+    mesh over `devices` named after the step's axis): pmap caches its
+    compilation by input sharding too, so a state placed any other way makes
+    the second step, fed the first step's output, compile the program again.
     """
     n = len(devices)
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
     if jax.process_count() > 1:
         return jax.tree.map(lambda x: np.ascontiguousarray(np.broadcast_to(x[None], (n,) + x.shape)),
                             host)
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
     return jax.tree.map(
         lambda x: jax.device_put(np.broadcast_to(x[None], (n,) + x.shape), sharding), host)
 

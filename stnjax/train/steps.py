@@ -1,4 +1,4 @@
-"""One training step per mode, data-parallel with `jax.pmap`.
+"""One training step per mode, data-parallel with `jax.pmap` (or jitted on one device).
 
 Modes (reference section 3.4; stage-wise baseline 5.4):
 
@@ -104,7 +104,10 @@ def make_step(rstn: Any, mode: str, tx: optax.GradientTransformation, *,
         count = jnp.sum(w)
         for name, per_sample in sorted(stats.items()):
             metrics[f"stat_{name}"] = (jnp.sum(w * per_sample.astype(jnp.float32)), count)
-        if axis_name is not None:
+        # Over one device the sums are the values: XLA:CPU still runs a 1-way
+        # all-reduce of the whole gradient tree (1 GB at full width, about
+        # 0.5-1 s a step), so it is left out. axis_size is static under pmap.
+        if axis_name is not None and lax.axis_size(axis_name) > 1:
             grads = lax.psum(grads, axis_name)
             metrics = psum_metrics(metrics, axis_name)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -181,6 +184,20 @@ def pmapped_step(rstn: Any, mode: str, spec: OptimizerSpec, lam: float,
     return make_pmapped_steps(rstn, [mode], lambda m: spec.optimizer(MODE_TRAINABLE[m]),
                               lam=float(lam), devices=list(devices),
                               bce_weight=float(bce_weight))[mode]
+
+
+@functools.lru_cache(maxsize=32)
+def jitted_step(rstn: Any, mode: str, spec: OptimizerSpec, lam: float, device: Any,
+                bce_weight: float = 0.0) -> Callable:
+    """The step of one mode on one device: `jax.jit` of `make_step` without
+    collectives, the state donated; cached like `pmapped_step`.
+
+    Takes and returns arrays without a device axis (placement.OneDevice);
+    a one-device pmap is slower on CPU (see placement.py)."""
+    fn = make_step(rstn, mode, spec.optimizer(MODE_TRAINABLE[mode]), lam=float(lam),
+                   axis_name=None, bce_weight=float(bce_weight))
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.jit(fn, donate_argnums=(0,), out_shardings=sharding)
 
 
 def shard_batch(batch: Mapping[str, Any], num_devices: int, *,
