@@ -13,10 +13,11 @@ Why one device is not a one-device pmap (measured on 2 CPU cores, full-width
 J step, bench/RESULTS.md): pmap runs its body on arrays with a leading axis
 of 1, and at the outputs XLA:CPU then fuses the momentum update into both the
 velocity and the parameter outputs, reading every 1 GB tree twice and copying
-the donated velocity and parameters first: 0.35 s a step at 64 x 64 (3.24
-against 2.85 s) and 0.4-0.8 s at 256 x 256. Under jit the same step makes one
-velocity fusion that the parameter update reads. The update is the same
-arithmetic (tests/test_train_placement.py).
+the donated velocity first: 0.35 s of device time a step at 64 x 64 (3.24
+against 2.85 s wall), 0.8 s at 256 x 256 in one process before the 1-way
+all-reduce was dropped (within the machine's noise after it). Under jit the
+same step makes one velocity fusion that the parameter update reads. The
+update is the same arithmetic (tests/test_train_compile.py).
 """
 
 from __future__ import annotations
