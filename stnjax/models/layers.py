@@ -129,6 +129,13 @@ def _taps(kh: int, kw: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(kh) for j in range(kw)]
 
 
+def _few_rows(g: jax.Array) -> bool:
+    """Fewer activation rows (N Ho Wo of the cotangent) than output channels:
+    fc7 on pool5-sized maps, whose gradients are then ordered to read and
+    write the kernel as stored (see `_dw_taps`)."""
+    return g.shape[0] * g.shape[1] * g.shape[2] < g.shape[3]
+
+
 def _dw_taps(xp, g, kh, kw, precision):
     """(kh, kw, Cin, Cout) float32: sum over N, Ho, Wo of x[tap] g, one product a tap.
 
@@ -156,7 +163,7 @@ def _dw_taps(xp, g, kh, kw, precision):
     def mm(a, b):
         return jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32)
 
-    if n * ho * wo < cout:
+    if _few_rows(g):
         return jnp.stack([jnp.stack([mm(tap(i, j).T, g2) for j in range(kw)])
                           for i in range(kh)])
     gt = g2.T
@@ -210,8 +217,8 @@ def _conv2d_bwd(padding, precision, grad, res, g):
         # Fewer rows than output channels (fc7): as col2im, which reads the
         # kernel as stored; the flipped, transposed kernel of the convolution
         # form is a copy of the whole 64 MB fc7 kernel a network.
-        small = g.shape[0] * g.shape[1] * g.shape[2] < g.shape[3]
-        dxp = _dx_col2im(g, w, padded_hw, precision) if small else _dx_conv(g, w, precision)
+        dxp = (_dx_col2im(g, w, padded_hw, precision) if _few_rows(g)
+               else _dx_conv(g, w, precision))
     # The padded border's gradient belongs to the zeros, not to x.
     dx = dxp[:, t:padded_hw[0] - b, l:padded_hw[1] - r]
     return dx.astype(w.dtype), dw.astype(w.dtype)

@@ -28,10 +28,14 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from stnjax.train.state import replicate, unreplicate
 from stnjax.checks import InputError
+from stnjax.train.state import replicate, unreplicate
 from stnjax.train.steps import (OptimizerSpec, first_replica, jitted_step, pmapped_step,
                                 shard_batch)
+
+
+def _on_host(tree: Any) -> Any:
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +45,6 @@ class Pmapped:
 
     devices: tuple
     pmap_devices: tuple
-
-    @property
-    def num_local(self) -> int:
-        return len(self.devices)
 
     def step(self, rstn: Any, mode: str, spec: OptimizerSpec, lam: float,
              bce_weight: float = 0.0) -> Callable:
@@ -69,21 +69,12 @@ class OneDevice:
 
     device: Any
 
-    @property
-    def devices(self) -> tuple:
-        return (self.device,)
-
-    @property
-    def num_local(self) -> int:
-        return 1
-
     def step(self, rstn: Any, mode: str, spec: OptimizerSpec, lam: float,
              bce_weight: float = 0.0) -> Callable:
         return jitted_step(rstn, mode, spec, lam, self.device, bce_weight)
 
     def put_state(self, host_state: Any) -> Any:
-        host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), host_state)
-        return jax.device_put(host, self.device)
+        return jax.device_put(_on_host(host_state), self.device)
 
     def put_batch(self, host_batch: Mapping[str, Any], *, global_offset: int = 0) -> dict:
         """The batch's per-sample arrays as NumPy, plus 'index' int32 (b,)."""
@@ -91,7 +82,7 @@ class OneDevice:
         return {k: v[0] for k, v in one.items()}
 
     def host_state(self, state: Any) -> Any:
-        return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)
+        return _on_host(state)
 
     def host_metrics(self, metrics: Mapping[str, Any]) -> dict:
         return {k: (np.asarray(s), np.asarray(c)) for k, (s, c) in metrics.items()}
