@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launch import hugepages  # noqa: E402
 from launch.configs.common import base_config  # noqa: E402
 from stnjax import infer, phantom  # noqa: E402
 from stnjax.fileio import atomic_write_text  # noqa: E402
@@ -144,4 +145,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()
     main()

@@ -32,6 +32,7 @@ from absl import app, flags
 
 from bench.synthetic import init_params as _init_params
 from bench.synthetic import j_batch as _batch
+from launch import hugepages
 
 _SMALL = flags.DEFINE_bool("small", False, "Tiny sizes for a CPU run.")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
@@ -159,4 +160,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()
     app.run(main)

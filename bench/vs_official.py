@@ -30,6 +30,8 @@ import time
 
 from absl import app, flags
 
+from launch import hugepages
+
 _OFFICIAL = flags.DEFINE_string("official", "../shared/peer/OrganSegRSTN_PyTorch",
                                 "Folder of the official PyTorch RSTN (holds OrganSegRSTN/model.py).")
 _TORCH_PY = flags.DEFINE_string("torch_python", sys.executable,
@@ -186,4 +188,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()
     app.run(main)

@@ -25,7 +25,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch import compile_cache
+from launch import compile_cache, hugepages
 from launch.logs import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
@@ -67,4 +67,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()
     app.run(main)

@@ -12,7 +12,7 @@ input is read and checked before anything is written. Runs on CPU too.
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch import compile_cache
+from launch import compile_cache, hugepages
 from launch.logs import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
@@ -40,4 +40,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()
     app.run(main)

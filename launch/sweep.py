@@ -17,6 +17,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from launch import hugepages
 from stnjax import evaluate, plots
 from stnjax.records import read_records
 from stnjax.checks import InputError
@@ -51,4 +52,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()
     app.run(main)

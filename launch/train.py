@@ -23,7 +23,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch import compile_cache
+from launch import compile_cache, hugepages
 from launch.logs import setup_logging
 from stnjax.checks import InputError
 
@@ -78,4 +78,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()
     app.run(main, flags_parser=_parse_flags)

@@ -73,6 +73,12 @@ from stnjax.models.layers import (Conv2D, bilinear_kernel, max_pool_ceil,  # noq
 
 VARIANTS = ("reference", "pad32")
 FCN_CONV_GRADS = ("custom", "xla")
+# The layers whose gradients (and training forward) go through the im2col
+# matrix (`layers.conv2d`): conv1_1, whose 3 input channels make that matrix
+# 27 columns wide (its kernel gradient as 9 per-tap products with 3 columns
+# each took 148 ms instead of 50 at 256 x 256, full width, 2 CPU cores), and
+# fc6, a 7 x 7 kernel on a map hardly larger than it. The rest: "taps".
+IM2COL_LAYERS = ("conv1_1", "fc6")
 INIT_SCHEMES = ("he", "reference")
 DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -222,9 +228,9 @@ class FCN8s(nn.Module):
         `init` is the Flax method.)
       in_channels: if set, the required channel count of the input.
       conv_grad: "custom" (the default: every convolution's gradient written
-        out by `layers.conv2d`, "im2col" for fc6 and "taps" for the rest) or
+        out by `layers.conv2d`, "im2col" for `IM2COL_LAYERS`, "taps" for the rest) or
         "xla" (XLA's own convolution gradients). Inference is identical;
-        under differentiation fc6's forward (an im2col product) and all
+        under differentiation the im2col layers' forward and all
         gradients equal XLA's to float32 rounding; "custom" exists because
         XLA:CPU runs its own convolution gradients 10-100x slower inside a
         `lax.switch` branch, where the fine network trains (layers.py).
@@ -306,7 +312,7 @@ class FCN8s(nn.Module):
             kshape = shapes[name][0]
             grad = "xla"
             if self.conv_grad == "custom":
-                grad = "im2col" if name == "fc6" else "taps"
+                grad = "im2col" if name in IM2COL_LAYERS else "taps"
             return Conv2D(kshape[-1], kshape[0], padding, self.dtype, kinit, zero,
                           grad=grad, name=name)(h)
 
