@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch import hugepages  # noqa: E402
 from launch.configs.common import base_config  # noqa: E402
-from stnjax import infer, phantom  # noqa: E402
+from stnjax import infer  # noqa: E402
+from stnjax.phantom import volumes as phantom  # noqa: E402
 from stnjax.fileio import atomic_write_text  # noqa: E402
 from stnjax.models.rstn import RSTN  # noqa: E402
-from stnjax.preprocess import window_hu  # noqa: E402
+from stnjax.data.preprocess import window_hu  # noqa: E402
 
 PAPER_MEAN_ROUNDS = 5.22
 

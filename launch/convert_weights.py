@@ -5,7 +5,7 @@
 
 Reading a .pth / .pt file needs torch (optional: `pip install 'stnjax[torch]'`),
 imported only here and only for such files; the .npz written loads without
-torch (`stnjax.weights.load_pretrained`). An input ending in .npz is read as
+torch (`stnjax.models.weights.load_pretrained`). An input ending in .npz is read as
 a state dict saved with NumPy (same key names), which needs no torch.
 The output records the source file's sha256, the style and the key count,
 and a `<output>.sha256` file beside it.
@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from stnjax import weights
+from stnjax.models import weights
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "PyTorch state dict (.pth / .pt) or a NumPy .npz with the same keys.")
-flags.DEFINE_string("output", None, "Output .npz for stnjax.weights.load_pretrained.")
+flags.DEFINE_string("output", None, "Output .npz for stnjax.models.weights.load_pretrained.")
 flags.DEFINE_enum("style", "auto", list(weights.STYLES), "Key naming of the input.")
 flags.DEFINE_float("width", 1.0, "FCN8s width the shapes must match (1.0 for real checkpoints).")
 

@@ -17,7 +17,7 @@ trained with (a different one is refused); inference settings
 (--config.infer.*) may change freely. cases.json is rewritten after every
 case, and a re-run with the same settings resumes where an interrupted one
 stopped (--noresume evaluates every case again). All logic lives in
-stnjax.experiment.
+stnjax.eval.runs.
 """
 
 from pathlib import Path
@@ -43,7 +43,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from stnjax import experiment  # imports jax: after flag parsing
+    from stnjax.eval import runs as experiment  # imports jax: after flag parsing
     from stnjax.checks import InputError
 
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)

@@ -37,7 +37,7 @@ _ALSO = flags.DEFINE_list("also_saliency_inputs", ["coarse"],
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from stnjax import experiment  # imports jax: after flag parsing
+    from stnjax.eval import runs as experiment  # imports jax: after flag parsing
     from stnjax.checks import InputError
     from stnjax.train import loop
 

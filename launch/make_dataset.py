@@ -34,7 +34,8 @@ flags.mark_flags_as_required(["out"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from stnjax import data, io  # after flag parsing
+    from stnjax.data import manifest as data  # after flag parsing
+    from stnjax.data import volume_io as io
     from stnjax.checks import InputError
 
     log = setup_logging(None)

@@ -3,13 +3,14 @@
   python -m launch.make_phantoms --out=/tmp/phantoms --num_cases=8 --seed=0
 
 The folder holds images/ and labels/ (NIfTI), dataset.json (organ_id 7) and
-folds.json; see stnjax.phantom_dataset. Re-running with the same flags keeps
+folds.json; see stnjax.phantom.dataset. Re-running with the same flags keeps
 the existing folder; different flags need --overwrite.
 """
 
 from absl import app, flags
 
-from stnjax import phantom, phantom_dataset
+from stnjax.phantom import volumes as phantom
+from stnjax.phantom import dataset as phantom_dataset
 
 OUT = flags.DEFINE_string("out", None, "Dataset folder to write.", required=True)
 NUM_CASES = flags.DEFINE_integer("num_cases", 8, "Number of cases.")

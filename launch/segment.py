@@ -24,7 +24,7 @@ flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
 def main(argv):
-    from stnjax import experiment  # imports jax: after flag parsing
+    from stnjax.eval import runs as experiment  # imports jax: after flag parsing
     from stnjax.checks import InputError
 
     log = setup_logging(None)  # no file: nothing is written before the checks

@@ -18,8 +18,9 @@ from pathlib import Path
 from absl import app, flags
 
 from launch import hugepages
-from stnjax import evaluate, plots
-from stnjax.records import read_records
+from stnjax.eval import summaries as evaluate
+from stnjax.eval import plots, report
+from stnjax.eval.records import read_records
 from stnjax.checks import InputError
 
 _RECORDS = flags.DEFINE_list(
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"launch.sweep: {e}") from None
     methods = sorted({r.method for r in records})
     print(f"{len(records)} records, methods {', '.join(methods)}")
-    print(evaluate.format_sweep(rows))
+    print(report.format_sweep(rows))
     for p in [csv_path, *pngs]:
         print(f"wrote {p}")
 

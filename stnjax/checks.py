@@ -1,4 +1,4 @@
-"""Argument checks for the public API boundary.
+"""The error classes of stnjax, all of them, and the argument checks of the API boundary.
 
 Shape, rank and dtype checks are static, so they work the same on NumPy
 arrays, concrete JAX arrays and tracers inside `jit`. Value checks (NaN or
@@ -19,6 +19,28 @@ import numpy as np
 
 class InputError(ValueError):
     """Bad input at the API boundary: names the argument and what is wrong."""
+
+
+class VolumeError(InputError):
+    """An unreadable or invalid image / label file; names the file."""
+
+
+class GeometryError(VolumeError):
+    """Image and label grids disagree in world space; names both files."""
+
+
+class DatasetError(InputError):
+    """A bad manifest, fold table or dataset request; names the file or case."""
+
+
+class CheckpointError(RuntimeError):
+    """A save that failed; the message names the folder and the newest
+    complete checkpoint, which stays usable (a rerun resumes from it)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """A non-finite loss or parameter; the message names the run, the step
+    and the last good checkpoint."""
 
 
 def is_concrete(x: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Tests for stnjax.crop: box rule, margins, canvas crop, paste back, buckets.
+"""Tests for stnjax.models.crop: box rule, margins, canvas crop, paste back, buckets.
 
 References are independent: the box rule is a plain NumPy loop over pixels,
 crops are NumPy slices of the same box, the overflow window is computed by
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stnjax import crop as C
+from stnjax.models import crop as C
 from stnjax.checks import InputError
 
 

@@ -1,5 +1,5 @@
 """Datasets (stnjax.data: manifest, fold table, case store) and training
-slices (stnjax.sampler: the training-slice rule, sampler, prefetch)."""
+slices (stnjax.data.sampler: the training-slice rule, sampler, prefetch)."""
 
 import json
 import logging
@@ -10,7 +10,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from stnjax import case_store, data, io, phantom, phantom_dataset, preprocess, sampler
+from stnjax.data import store as case_store
+from stnjax.data import manifest as data
+from stnjax.data import volume_io as io
+from stnjax.phantom import volumes as phantom
+from stnjax.phantom import dataset as phantom_dataset
+from stnjax.data import preprocess
+from stnjax.data import sampler
 from stnjax.checks import InputError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

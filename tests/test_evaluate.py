@@ -1,4 +1,4 @@
-"""Tests of stnjax.evaluate (the stopping rule, summaries) and stnjax.records
+"""Tests of stnjax.eval.summaries (the stopping rule, summaries) and stnjax.eval.records
 (record validation, records on disk).
 
 Independent references: hand-built histories, plain-loop NumPy versions of
@@ -14,8 +14,9 @@ import os
 import numpy as np
 import pytest
 
-from stnjax import evaluate as ev
-from stnjax import records as rec_io
+from stnjax.eval import summaries as ev
+from stnjax.eval import records as rec_io
+from stnjax.eval import report
 from stnjax.checks import InputError
 
 
@@ -65,7 +66,7 @@ HIST_I = [None, 0.80, 0.92, 0.96, 0.995, 0.999]
 ])
 def test_result_at_threshold_hand_built(t, expect):
     r = rec(HIST_D, HIST_I)
-    got = ev.result_at_threshold(r, t)
+    got = rec_io.result_at_threshold(r, t)
     assert tuple(got) == expect
     assert (got.dsc, got.round, got.converged) == expect
 
@@ -74,18 +75,18 @@ def test_result_at_threshold_round_with_zero_dsc_is_kept():
     # The reference's 0 sentinel would overwrite round 2 (DSC 0) with the
     # next crossing round 3; the first crossing must be kept.
     r = rec([0.5, 0.3, 0.0, 0.4, 0.45], [None, 0.5, 0.95, 0.97, 0.99])
-    assert tuple(ev.result_at_threshold(r, 0.9)) == (0.0, 2, True)
+    assert tuple(rec_io.result_at_threshold(r, 0.9)) == (0.0, 2, True)
     # An empty mask: the next round compares empty with empty -> inter 1.
     r = rec([0.3, 0.0, 0.0], [None, 0.0, 1.0])
-    assert tuple(ev.result_at_threshold(r, 0.99)) == (0.0, 2, True)
-    assert tuple(ev.result_at_threshold(r, 1.0)) == (0.0, 2, True)
+    assert tuple(rec_io.result_at_threshold(r, 0.99)) == (0.0, 2, True)
+    assert tuple(rec_io.result_at_threshold(r, 1.0)) == (0.0, 2, True)
 
 
 @pytest.mark.parametrize("bad", [0, -0.5, float("nan"), "abc", None])
 def test_bad_thresholds(bad):
     r = rec(HIST_D, HIST_I)
     with pytest.raises(InputError, match="t"):
-        ev.result_at_threshold(r, bad)
+        rec_io.result_at_threshold(r, bad)
     with pytest.raises(InputError):
         ev.summarize([r], thresholds=(0.9, bad))
 
@@ -93,9 +94,9 @@ def test_bad_thresholds(bad):
 def test_exactness_of_early_stopped_records():
     # Stopped at round 2 (inter 0.96 >= 0.95); rounds 3..5 filled.
     r = rec([0.7, 0.8, 0.82, 0.82, 0.82, 0.82], [None, 0.9, 0.96, 1, 1, 1], rounds_run=2)
-    assert ev.threshold_is_exact(r, 0.95) and ev.threshold_is_exact(r, 0.9)
-    assert not ev.threshold_is_exact(r, 0.99)
-    assert ev.threshold_is_exact(rec(HIST_D, HIST_I), 0.99999)
+    assert rec_io.threshold_is_exact(r, 0.95) and rec_io.threshold_is_exact(r, 0.9)
+    assert not rec_io.threshold_is_exact(r, 0.99)
+    assert rec_io.threshold_is_exact(rec(HIST_D, HIST_I), 0.99999)
 
 
 def test_threshold_key_and_parse():
@@ -187,7 +188,7 @@ def test_reference_fold0_table():
     assert [pct(x.mean) for x in g.per_round] == [75.25, 81.90, 83.96, 84.68]
     assert (pct(g.main.mean), pct(g.main.std), pct(g.main.min)) == (84.68, 6.68, 63.66)
     assert round(g.inter_at[1], 4) == 0.8724
-    text = ev.format_summary(s)
+    text = report.format_summary(s)
     assert "DSC 84.68 +- 6.68 % (max 90.63, min 63.66)" in text
     assert "Coarse (round 0): DSC 75.25 +- 11.62 % (max 87.24, min 42.04)" in text
     assert "population std" in text
@@ -207,7 +208,7 @@ def test_paired_comparison():
     assert c.largest_loss == pytest.approx(-0.04) and c.largest_loss_case == (0, "03")
     assert c.mean_diff == pytest.approx((0.05 + 0.20 - 0.04 + 0) / 4)
     assert 0 < c.p_wilcoxon <= 1
-    assert "better on 2/4 cases" in ev.format_summary(s)
+    assert "better on 2/4 cases" in report.format_summary(s)
 
 
 def test_metrics_oracles_and_nonfinite():
@@ -218,7 +219,7 @@ def test_metrics_oracles_and_nonfinite():
     assert g.metrics["0.99"]["hd95_mm"].n == 2
     assert g.metrics["0.99"]["hd95_mm"].mean == pytest.approx(6.0)
     assert g.oracle["strong"].mean == pytest.approx(0.91)
-    assert "HD95 6.00 +- 1.00 mm (2/3 finite)" in ev.format_summary(ev.summarize(recs))
+    assert "HD95 6.00 +- 1.00 mm (2/3 finite)" in report.format_summary(ev.summarize(recs))
 
 
 # -------------------------------------------------------------- bad input
@@ -293,7 +294,7 @@ def test_json_and_csv_round_trip(tmp_path):
     assert len(rows) == len(recs)
     for row, r in zip(rows, recs):
         for t in ("0.90", "0.99"):
-            res = ev.result_at_threshold(r, float(t))
+            res = rec_io.result_at_threshold(r, float(t))
             assert float(row[f"dsc_t{t}"]) == res.dsc and int(row[f"rounds_t{t}"]) == res.round
             assert row[f"converged_t{t}"] == str(int(res.converged))
         assert [float(row[f"dsc_r{k}"]) for k in range(r.num_rounds + 1)] == r.dsc_rounds
@@ -350,15 +351,15 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
     # An output path that is a file is a clear error naming it.
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="cannot write"):
-        ev.write_summary(ev.summarize(recs), tmp_path / "file" / "sub")
+        report.write_summary(ev.summarize(recs), tmp_path / "file" / "sub")
 
 
 def test_write_summary(tmp_path):
     recs = mixed_records()
     s = ev.summarize(recs)
-    pj, pt = ev.write_summary(s, tmp_path)
+    pj, pt = report.write_summary(s, tmp_path)
     doc = json.loads(pj.read_text())
     assert [g["method"] for g in doc["groups"]][:1] == ["rstn"]
     assert doc["groups"][0]["main"]["mean"] == pytest.approx(s.group("rstn").main.mean)
-    assert pt.read_text() == ev.format_summary(s)
+    assert pt.read_text() == report.format_summary(s)
     assert sorted(os.listdir(tmp_path)) == ["summary.json", "summary.txt"]

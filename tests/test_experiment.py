@@ -20,8 +20,11 @@ import numpy as np
 import pytest
 
 from launch.configs import smoke
-from stnjax import data as stdata
-from stnjax import experiment, io, metrics, records
+from stnjax.data import manifest as stdata
+from stnjax.eval import runs as experiment
+from stnjax.data import volume_io as io
+from stnjax import metrics
+from stnjax.eval import records
 from stnjax.checks import InputError
 from stnjax.train import inputs, loop
 from stnjax.train import workdir as wd

@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 
 from launch.configs.common import base_config
-from stnjax import infer, metrics, preprocess
+from stnjax.infer import rounds as infer
+from stnjax import metrics
+from stnjax.data import preprocess
 from stnjax.checks import InputError
 from stnjax.models.rstn import RSTN
-from stnjax.segmenter import Segmenter
+from stnjax.infer.segmenter import Segmenter
 
 SHAPE = (20, 18, 10)
 SPEC = infer.InferenceSpec(batch_size=4, max_rounds=4, quantize_coarse=False,

@@ -11,7 +11,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from stnjax import fileio, io
+from stnjax import fileio
+from stnjax.data import volume_io as io
 from stnjax.checks import InputError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

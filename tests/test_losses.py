@@ -1,4 +1,4 @@
-"""Tests for stnjax.losses against a NumPy float64 formula and hand cases."""
+"""Tests for stnjax.train.losses against a NumPy float64 formula and hand cases."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stnjax import losses as L
+from stnjax.train import losses as L
 from stnjax.checks import InputError
 
 EPS = 1e-6

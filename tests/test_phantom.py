@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from stnjax import data, io, phantom, phantom_dataset
+from stnjax.data import manifest as data
+from stnjax.data import volume_io as io
+from stnjax.phantom import volumes as phantom
+from stnjax.phantom import dataset as phantom_dataset
 from stnjax.checks import InputError
 
 SMALL = phantom.PhantomConfig(shape=(48, 48, 24))

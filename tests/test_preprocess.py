@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stnjax import preprocess as pp
+from stnjax.data import preprocess as pp
 from stnjax.checks import InputError
 
 

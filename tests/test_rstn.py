@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from launch.configs.common import base_config
-from stnjax import losses
+from stnjax.train import losses
 from stnjax.checks import InputError
 from stnjax.models.rstn import RSTN, count_params
 

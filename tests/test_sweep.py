@@ -1,5 +1,5 @@
-"""Tests of the convergence study: stnjax.evaluate.sweep, stnjax.plots and
-the `python -m launch.sweep` command (records from stnjax.records)."""
+"""Tests of the convergence study: stnjax.eval.summaries.sweep, stnjax.eval.plots and
+the `python -m launch.sweep` command (records from stnjax.eval.records)."""
 
 import csv
 import subprocess
@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stnjax import evaluate as ev
-from stnjax import records as rec_io
-from stnjax import plots
+from stnjax.eval import summaries as ev
+from stnjax.eval import records as rec_io
+from stnjax.eval import report
+from stnjax.eval import plots
 from stnjax.checks import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_sweep_monotone_and_consistent():
         assert last.mean == pytest.approx(np.mean([r.dsc_rounds[-1] for r in mine]))
         # Each row equals the per-case rule averaged by hand.
         for r in rs[::5]:
-            vals = [ev.result_at_threshold(c, r.t) for c in mine]
+            vals = [rec_io.result_at_threshold(c, r.t) for c in mine]
             assert r.mean == pytest.approx(np.mean([v.dsc for v in vals]))
             assert r.std == pytest.approx(np.std([v.dsc for v in vals]))
             assert r.converged == sum(v.converged for v in vals)
@@ -74,7 +75,7 @@ def test_sweep_flags_early_stopped_cases():
     assert (rows[0.9].inexact, rows[0.95].inexact, rows[0.99].inexact) == (0, 0, 1)
     assert rows[0.95].mean_time_s == pytest.approx(((1.2) + (1.3)) / 2)
     assert rows[0.99].mean_time_s is None          # case a never ran round 3
-    assert "*" in ev.format_sweep(list(rows.values()))
+    assert "*" in report.format_sweep(list(rows.values()))
 
 
 def test_sweep_errors():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from launch import convert_weights
-from stnjax import weights
+from stnjax.models import weights
 from stnjax.checks import InputError
 from stnjax.models.fcn8s import BODY_LAYERS, HEAD_LAYERS, FCN8s, fcn8s_layer_shapes
 

@@ -223,7 +223,7 @@ class FCN8s(nn.Module):
       init_scheme: "he": He-normal kernels (heads too), zero biases, a
         from-scratch init that trains. "reference": every kernel and bias
         zero, as PyTorch RSTN's `_initialize_weights`; only meant to be
-        followed by `stnjax.weights.assign_pretrained` (the body of an
+        followed by `stnjax.models.weights.assign_pretrained` (the body of an
         all-zero network gets no gradient). (Named `init_scheme` because
         `init` is the Flax method.)
       in_channels: if set, the required channel count of the input.

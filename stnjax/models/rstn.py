@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stnjax import crop
+from stnjax.models import crop
 from stnjax.checks import InputError, check_array
 from stnjax.models.fcn8s import FCN8s
 from stnjax.models.saliency import Saliency
@@ -136,7 +136,7 @@ class RSTN:
         fine = self.fcn.init({"params": k_fine}, x)["params"]
         sal = self.saliency.init(k_sal, x)["params"]
         if self.init == "pretrained":
-            from stnjax import weights  # host-side file read
+            from stnjax.models import weights  # host-side file read
             body = weights.load_pretrained(self.pretrained)
             coarse = weights.assign_pretrained(coarse, body)
             fine = weights.assign_pretrained(fine, body)

@@ -31,16 +31,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from stnjax.checks import InputError
+from stnjax.checks import CheckpointError, InputError
 
 log = logging.getLogger("stnjax.train")
 
 CHECKPOINT_DIR = "checkpoints"
 
-
-class CheckpointError(RuntimeError):
-    """A save that failed; the message names the folder and the newest
-    complete checkpoint, which stays usable (a rerun resumes from it)."""
 
 
 def _to_numpy(tree: Any) -> Any:

@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from stnjax import data as stdata
-from stnjax.case_store import CaseStore
-from stnjax import sampler
+from stnjax.data import manifest as stdata
+from stnjax.data.store import CaseStore
+from stnjax.data import sampler
 from stnjax.checks import InputError
 
 log = logging.getLogger("stnjax.train")
@@ -53,7 +53,7 @@ def resolve_folds(spec: str, n_folds: int) -> list[int]:
 
 
 def _phantom_config(cfg: Any):
-    from stnjax.phantom import PhantomConfig
+    from stnjax.phantom.volumes import PhantomConfig
     return PhantomConfig(shape=tuple(int(s) for s in cfg.shape),
                          spacing=None if cfg.spacing is None else
                          tuple(float(s) for s in cfg.spacing))
@@ -71,7 +71,7 @@ def dataset_dir(config: Any, workdir: str | os.PathLike) -> Path:
         if not (d / stdata.MANIFEST_FILE).is_file():
             raise InputError(f"data.dir: {d} holds no {stdata.MANIFEST_FILE}")
         return d
-    from stnjax.phantom_dataset import write_phantom_dataset
+    from stnjax.phantom.dataset import write_phantom_dataset
     ph = config.data.phantom
     spec = json.dumps({"phantom": ph.to_dict(), "n_folds": int(config.data.n_folds)},
                       sort_keys=True, default=list)

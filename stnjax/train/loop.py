@@ -41,11 +41,11 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from stnjax.case_store import CaseStore
-from stnjax.checks import InputError
+from stnjax.data.store import CaseStore
+from stnjax.checks import InputError, TrainingDivergedError
 from stnjax.fileio import atomic_write_text
 from stnjax.models.rstn import RSTN
-from stnjax.sampler import prefetch
+from stnjax.data.sampler import prefetch
 from stnjax.train import inputs
 from stnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from stnjax.train.schedule import lr_at, parse_stages, stage_at, total_steps
@@ -59,11 +59,6 @@ log = logging.getLogger("stnjax.train")
 
 INIT_HW = (32, 32)  # parameter shapes do not depend on the image size
 _COMPILED: set = set()  # (id of a cached step function, bucket) already run in this process
-
-
-class TrainingDivergedError(RuntimeError):
-    """A non-finite loss or parameter; the message names the run, the step
-    and the last good checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)

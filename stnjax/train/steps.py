@@ -44,7 +44,7 @@ import optax
 from jax import lax
 
 from stnjax.checks import InputError
-from stnjax.losses import joint_loss, psum_metrics
+from stnjax.train.losses import joint_loss, psum_metrics
 from stnjax.train.optim import OPTIMIZERS, caffe_sgd, grouped_adam
 from stnjax.train.schedule import Stage, make_lr_schedule, parse_stages
 

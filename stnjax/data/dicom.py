@@ -1,6 +1,6 @@
 """Reading one DICOM CT series (a folder of single-frame slices) into HU.
 
-`stnjax.io.load_image` calls `read_series` for a folder; most users never
+`stnjax.data.volume_io.load_image` calls `read_series` for a folder; most users never
 import this module directly. Every header is read and checked before any
 pixel data is decoded, so a bad series fails fast and names the files.
 
@@ -22,7 +22,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from stnjax.io import VolumeError
+from stnjax.checks import VolumeError
 
 # Relative tolerance on the slice step, as a fraction of the median step.
 STEP_TOLERANCE = 0.01

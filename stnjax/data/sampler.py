@@ -17,10 +17,10 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from stnjax import preprocess
+from stnjax.data import preprocess
 from stnjax.checks import InputError, check_int
-from stnjax.case_store import IMAGE_LEVELS, CaseStore
-from stnjax.data import DatasetError
+from stnjax.data.store import IMAGE_LEVELS, CaseStore
+from stnjax.data.manifest import DatasetError
 
 
 # ------------------------------------------------------------------ training slices

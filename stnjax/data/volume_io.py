@@ -25,7 +25,7 @@ import numpy as np
 from nibabel import orientations as ornt_lib
 
 from stnjax import fileio
-from stnjax.checks import InputError
+from stnjax.checks import GeometryError, InputError, VolumeError
 
 CANONICAL_AXCODES = ("P", "L", "S")
 _CANONICAL_ORNT = ornt_lib.axcodes2ornt(CANONICAL_AXCODES)
@@ -33,14 +33,6 @@ _CANONICAL_ORNT = ornt_lib.axcodes2ornt(CANONICAL_AXCODES)
 # distance allowed between the same grid corner under the two affines.
 DEFAULT_TOLERANCE_MM = 0.1
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-class VolumeError(InputError):
-    """An unreadable or invalid image / label file; names the file."""
-
-
-class GeometryError(VolumeError):
-    """Image and label grids disagree in world space; names both files."""
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -240,7 +232,7 @@ def load_image(path: str | os.PathLike, *, series_uid: str | None = None
     if not path.exists():
         raise VolumeError(f"image {path}: no such file or folder")
     if path.is_dir():
-        from stnjax import dicom  # lazy: dicom imports this module
+        from stnjax.data import dicom  # lazy: pydicom loads only for DICOM input
         series = dicom.read_series(path, series_uid=series_uid)
         geom = Geometry.from_affine(series.affine, series.data.shape, str(path))
         return Volume(geom.from_source(series.data), geom)

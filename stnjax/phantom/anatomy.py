@@ -25,7 +25,7 @@ a lower or equal priority `P_*`):
   rising towards the splenic hilum) with fatty clefts, the splenic vein along
   its back and the splenic artery above it.
 
-Positions are in mm of the patient (see `stnjax.phantom_geometry`); the
+Positions are in mm of the patient (see `stnjax.phantom.geometry`); the
 intensities, blur and noise are applied by `stnjax.phantom.render_phantom`.
 """
 
@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stnjax.checks import InputError
-from stnjax.phantom_geometry import (Canvas, Grid, curve, ellipsoid, ellipsoid_on,
+from stnjax.phantom.geometry import (Canvas, Grid, curve, ellipsoid, ellipsoid_on,
                                      random_walk, rotation, tube)
 
 if TYPE_CHECKING:  # only for the hint: stnjax.phantom imports this module
-    from stnjax.phantom import PhantomConfig
+    from stnjax.phantom.volumes import PhantomConfig
 
 PANCREAS_ID = 7
 
@@ -73,7 +73,7 @@ TISSUES: tuple[tuple[str, float, float], ...] = (
     ("pancreas", 100.0, 12.0), ("pancreas_fat", -40.0, 25.0),
     ("lymph_node", 55.0, 8.0), ("lung", -850.0, 30.0), ("rib", 550.0, 60.0),
 )
-#: Tissue name -> index into TISSUES (the values of `stnjax.phantom.Phantom.tissue`).
+#: Tissue name -> index into TISSUES (the values of `stnjax.phantom.volumes.Phantom.tissue`).
 TISSUE_ID = {name: i for i, (name, _, _) in enumerate(TISSUES)}
 _T = TISSUE_ID
 

@@ -1,6 +1,6 @@
 """The case store: each case read once, served from a memory-mapped cache.
 
-`CaseStore` loads a case of a dataset manifest (`stnjax.data`) with
+`CaseStore` loads a case of a dataset manifest (`stnjax.data.manifest`) with
 `io.load_case`, windows it and caches the result, so training reads 3-slice
 windows from plane-ordered arrays without touching the source files again.
 """
@@ -17,10 +17,11 @@ from typing import Iterable
 
 import numpy as np
 
-from stnjax import fileio, preprocess
-from stnjax import io as stio
+from stnjax import fileio
+from stnjax.data import preprocess
+from stnjax.data import volume_io as stio
 from stnjax.checks import InputError
-from stnjax.data import CaseEntry, DatasetError, Manifest, _write_json
+from stnjax.data.manifest import CaseEntry, DatasetError, Manifest, _write_json
 
 log = logging.getLogger(__name__)
 

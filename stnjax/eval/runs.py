@@ -1,8 +1,8 @@
 """Evaluation and segmentation runs: trained models in, files out.
 
 The glue between training runs (`<workdir>/fold<f>/<plane>/checkpoints`),
-the pure inference (`stnjax.infer` via `stnjax.segmenter.Segmenter`) and the
-reporting (`stnjax.records`, `stnjax.evaluate`, `stnjax.plots`). Everything
+the pure inference (`stnjax.infer` via `stnjax.infer.segmenter.Segmenter`) and the
+reporting (`stnjax.eval.records`, `stnjax.eval.summaries`, `stnjax.eval.plots`). Everything
 that touches files for evaluation lives here or in those writers;
 launch/evaluate.py and launch/segment.py only parse flags.
 """
@@ -18,17 +18,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stnjax import data as stdata
-from stnjax import evaluate, infer, io, metrics, plots
+from stnjax.data import manifest as stdata
+from stnjax.eval import summaries as evaluate
+from stnjax.infer import rounds as infer
+from stnjax.data import volume_io as io
+from stnjax import metrics
+from stnjax.eval import plots
+from stnjax.eval import report as text_report
 from stnjax.checks import InputError
 from stnjax.fileio import atomic_write_text
 from stnjax.models.rstn import RSTN
-from stnjax.records import CaseRecord, read_records, threshold_key, write_records
-from stnjax.segmenter import CaseResult, Segmenter
+from stnjax.eval.records import CaseRecord, read_records, threshold_key, write_records
+from stnjax.infer.segmenter import CaseResult, Segmenter
 from stnjax.train import inputs, workdir as wd
 from stnjax.train.checkpoint import load_trained_params
 
-log = logging.getLogger("stnjax.experiment")
+log = logging.getLogger("stnjax.eval")
 
 
 def inference_spec(config: Any) -> infer.InferenceSpec:
@@ -246,13 +251,13 @@ def report(records: Sequence[CaseRecord], out_dir: str | os.PathLike, *,
         write_provenance(config, out)
     summary = evaluate.summarize(records, thresholds=tuple(thresholds),
                                  main_threshold=main_threshold)
-    evaluate.write_summary(summary, out)
+    text_report.write_summary(summary, out)
     sweep_ts = sorted(set(np.round(np.arange(0.80, 1.0, 0.01), 2).tolist())
                       | set(float(t) for t in thresholds) | {0.995})
     rows = evaluate.sweep(records, sweep_ts)
     evaluate.write_sweep_csv(rows, out / "sweep.csv")
     plots.write_plots(records, rows, out, main_threshold)
-    return evaluate.format_summary(summary)
+    return text_report.format_summary(summary)
 
 
 def saliency_variants(config: Any, names: Sequence[str]) -> list[Any]:

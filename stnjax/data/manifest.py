@@ -13,8 +13,8 @@ other keys are kept as `extra`. The fold table is written once as
 goes missing later never shifts the folds (reference sections 1.4 and 7).
 
 The cached, memory-mapped arrays of the cases are served by
-`stnjax.case_store.CaseStore`; the training-slice selection and the batch
-sampler built on it live in `stnjax.sampler`.
+`stnjax.data.store.CaseStore`; the training-slice selection and the batch
+sampler built on it live in `stnjax.data.sampler`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from stnjax import fileio
-from stnjax.checks import InputError, check_int
+from stnjax.checks import DatasetError, InputError, check_int
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ FOLDS_FILE = "folds.json"
 NIH_PANCREAS_FOLD_RANGES = ((1, 20), (21, 40), (41, 61), (62, 82))
 #: Case numbers removed from the TCIA release as duplicates (80 cases remain).
 NIH_PANCREAS_REMOVED = (25, 70)
-
-
-class DatasetError(InputError):
-    """A bad manifest, fold table or dataset request; names the file or case."""
 
 
 # ------------------------------------------------------------------ files

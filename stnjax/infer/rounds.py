@@ -40,7 +40,7 @@ from jax import lax
 from stnjax.checks import InputError
 from stnjax.metrics import dsc_jax, largest_components_jax
 from stnjax.models.rstn import RSTN
-from stnjax.preprocess import PLANE_AXIS, PLANES, check_plane
+from stnjax.data.preprocess import PLANE_AXIS, PLANES, check_plane
 
 FUSIONS = ("mean", "majority")
 # What drives the saliency transformation in round r (see InferenceSpec).

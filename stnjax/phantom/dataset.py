@@ -1,7 +1,7 @@
 """Phantom dataset folders: writing them, and per-case summaries.
 
 `write_phantom_dataset` renders cases with `stnjax.phantom` and writes a
-dataset folder that `stnjax.data` reads: images/<id>.nii.gz (int16 HU),
+dataset folder that `stnjax.data.manifest` reads: images/<id>.nii.gz (int16 HU),
 labels/<id>.nii.gz (uint8 `phantom.LABELS` ids), dataset.json (organ_id 7,
 the generator settings, per-case seeds) and folds.json. The folder is built
 next to its destination and renamed into place, so it is complete or
@@ -19,11 +19,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from stnjax import data as stdata
+from stnjax.data import manifest as stdata
 from stnjax import fileio
-from stnjax import io as stio
+from stnjax.data import volume_io as stio
 from stnjax.checks import InputError
-from stnjax.phantom import LABELS, PANCREAS_ID, PhantomConfig, render_phantom
+from stnjax.phantom.volumes import LABELS, PANCREAS_ID, PhantomConfig, render_phantom
 
 PHANTOM_VERSION = 1  # bump when the anatomy changes: a dataset records it
 

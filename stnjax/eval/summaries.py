@@ -1,4 +1,4 @@
-"""The stopping rule, paper-style summaries, comparisons and threshold sweeps.
+"""Summaries over cases, comparisons and threshold sweeps (the numbers, not their text).
 
 Host-side only (NumPy, no JAX). The inference writes one
 `records.CaseRecord` per test case with the DSC of every round 0..R and the
@@ -17,27 +17,28 @@ Conventions:
 - A threshold t must be > 0. t in (0, 1] is a stopping threshold; t > 1
   can never be reached, so it reads the last round R ("run all rounds").
 
-Files: `summary.json`/`summary.txt` and `sweep.csv` here; the records'
-`cases.json`/`cases.csv` in `stnjax.records`. Every file is written
-atomically (`stnjax.fileio`); a failing writer leaves no file behind.
-Plots live in `stnjax.plots`.
+The stopping rule itself lives with the records (`stnjax.eval.records`),
+the text of a summary in `stnjax.eval.report` (which writes summary.json
+and summary.txt), the figures in `stnjax.eval.plots`. `sweep.csv` is written
+here; every file is written atomically (`stnjax.fileio`): a failing writer
+leaves no file behind.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from stnjax import fileio
 from stnjax.checks import InputError
-from stnjax.records import (REPORT_THRESHOLDS, CaseRecord, check_records, check_threshold,
-                            csv_text, to_jsonable)
+from stnjax.eval.records import (REPORT_THRESHOLDS, CaseRecord, check_records, check_threshold,
+                                 csv_text, read_at, result_at_threshold, stack_histories,
+                                 to_jsonable)
 
 MAIN_THRESHOLD = 0.99
 INTER_REPORT_ROUNDS = (1, 2, 3, 5, 10)
@@ -69,52 +70,6 @@ def parse_thresholds(text: str) -> tuple[float, ...]:
     if not out:
         raise InputError(f"thresholds: no threshold in {text!r}")
     return tuple(sorted(set(out)))
-
-
-# ------------------------------------------------------- the stopping rule
-class ThresholdResult(NamedTuple):
-    """The result of one case at threshold t: DSC, the round it is read
-    from, and whether the inter-iteration DSC reached t by then."""
-    dsc: float
-    round: int
-    converged: bool
-
-
-def _stack(records: Sequence[CaseRecord]) -> tuple[np.ndarray, np.ndarray]:
-    """(N, R+1) float64 DSC and inter-DSC arrays ([:, 0] of inter is NaN)."""
-    d = np.array([r.dsc_rounds for r in records], np.float64)
-    i = np.array([[np.nan] + r.inter_dsc[1:] for r in records], np.float64)
-    return d, i
-
-
-def _read_at(dsc: np.ndarray, inter: np.ndarray, t: float):
-    """Vectorised rule over (N, R+1) histories -> (dsc, round, converged)."""
-    hit = inter[:, 1:] >= t                      # (N, R); NaN never hits
-    converged = hit.any(axis=1)
-    rounds = np.where(converged, hit.argmax(axis=1) + 1, dsc.shape[1] - 1)
-    return dsc[np.arange(len(dsc)), rounds], rounds, converged
-
-
-def result_at_threshold(record: CaseRecord, t: float) -> ThresholdResult:
-    """The reference rule (section 4.3): the DSC of the first round r >= 1
-    whose inter-iteration DSC is >= t; if none is, round R, not converged.
-    t > 1 therefore always reads round R.
-
-    Unlike the reference, which marks "not yet set" with a DSC of 0 and so
-    lets a later round overwrite a crossing round whose DSC is exactly 0,
-    the first crossing is kept whatever its DSC.
-    """
-    t = check_threshold(t, "t")
-    d, i = _stack([record])
-    v, r, c = _read_at(d, i, t)
-    return ThresholdResult(float(v[0]), int(r[0]), bool(c[0]))
-
-
-def threshold_is_exact(record: CaseRecord, t: float) -> bool:
-    """False when the result at t depends on rounds that were filled in,
-    not run: the case stopped early (rounds_run < R) before reaching t."""
-    res = result_at_threshold(record, t)
-    return record.rounds_run == record.num_rounds or res.round <= record.rounds_run
 
 
 # ---------------------------------------------------------------- methods
@@ -162,8 +117,8 @@ class ThresholdRow:
 
 
 def _threshold_row(recs: list[CaseRecord], t: float) -> ThresholdRow:
-    d, i = _stack(recs)
-    v, rounds, conv = _read_at(d, i, t)
+    d, i = stack_histories(recs)
+    v, rounds, conv = read_at(d, i, t)
     run = np.array([r.rounds_run for r in recs])
     exact = (run == d.shape[1] - 1) | (rounds <= run)
     times = [r.time_coarse_s + sum(r.time_rounds_s[:k])
@@ -236,7 +191,7 @@ class Summary:
 
 def _group(recs: list[CaseRecord], fold: int | None, ts: tuple[float, ...],
            main_t: float) -> GroupSummary:
-    d, i = _stack(recs)
+    d, i = stack_histories(recs)
     R = d.shape[1] - 1
     inter_mean = [None] + [float(x) for x in i[:, 1:].mean(axis=0)]
     metrics: dict[str, dict[str, Stats]] = {}
@@ -360,29 +315,3 @@ def write_sweep_csv(rows: Sequence[ThresholdRow], path: str | os.PathLike) -> Pa
     path = Path(path)
     fileio.atomic_write({path: sweep_csv_text(rows)}, "write_sweep_csv")
     return path
-
-
-# ---------------------------------------------------------------- reports
-def format_summary(summary: Summary) -> str:
-    """The paper-style text of a summary (laid out by `stnjax.plots`)."""
-    from stnjax import plots  # the text layout lives with the figures
-    return plots.format_summary(summary)
-
-
-def format_sweep(rows: Sequence[ThresholdRow]) -> str:
-    """The sweep table as printed text (DSC in percent)."""
-    from stnjax import plots
-    return plots.format_threshold_table(rows, "Convergence study (result read from the history "
-                                              "at each stopping threshold t):")
-
-
-def write_summary(summary: Summary, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Writes out_dir/summary.json (all numbers, fractions) and
-    out_dir/summary.txt (`format_summary`) atomically; returns the paths."""
-    if not isinstance(summary, Summary):
-        raise InputError(f"write_summary: expected a Summary, got {type(summary).__name__}")
-    out = Path(out_dir)
-    texts = {out / SUMMARY_JSON: json.dumps(summary.to_dict(), indent=1, allow_nan=False) + "\n",
-             out / SUMMARY_TXT: format_summary(summary)}
-    fileio.atomic_write(texts, "write_summary")
-    return out / SUMMARY_JSON, out / SUMMARY_TXT

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stnjax import infer, metrics
+from stnjax.infer import rounds as infer
+from stnjax import metrics
 from stnjax.checks import InputError, check_array
 from stnjax.models.rstn import RSTN
-from stnjax.preprocess import HU_WINDOW, window_hu
+from stnjax.data.preprocess import HU_WINDOW, window_hu
 
 
 @dataclasses.dataclass

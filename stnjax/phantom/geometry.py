@@ -2,7 +2,7 @@
 canvas, rotations, ellipsoids, tubes along curves and smooth noise.
 
 All sizes are in mm of the patient inside `REFERENCE_FOV_MM`; the grid maps
-them to voxels of the requested shape. Used by `stnjax.phantom_anatomy` (the
+them to voxels of the requested shape. Used by `stnjax.phantom.anatomy` (the
 painters) and `stnjax.phantom` (the generator).
 """
 

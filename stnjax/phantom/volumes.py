@@ -7,8 +7,8 @@ holds the generator's settings (`PhantomConfig`), the rendered case
 lays out the anatomy, then turns tissue classes into HU with per-case contrast,
 texture, the scanner blur and noise. The anatomy and the label / tissue
 catalogue (`LABELS`, `PANCREAS_ID`, `TISSUES`, `TISSUE_ID`, re-exported here)
-live in `stnjax.phantom_anatomy`; grid, canvas and shape helpers (and
-`REFERENCE_FOV_MM`, re-exported here) in `stnjax.phantom_geometry`.
+live in `stnjax.phantom.anatomy`; grid, canvas and shape helpers (and
+`REFERENCE_FOV_MM`, re-exported here) in `stnjax.phantom.geometry`.
 
 The task is meant to be hard in the ways that matter for the method: the
 pancreas is well under 1.5 % of every axial slice, and its HU (about 60-110)
@@ -37,7 +37,7 @@ NumPy/SciPy: one default case takes a fraction of a second. The same seed
 gives the same case on every machine.
 
 Dataset folders of phantoms (NIfTI files, manifest, folds) and their
-summaries are written by `stnjax.phantom_dataset`.
+summaries are written by `stnjax.phantom.dataset`.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ import numpy as np
 from scipy import ndimage
 
 from stnjax.checks import InputError
-from stnjax.phantom_anatomy import LABELS, PANCREAS_ID, TISSUE_ID, TISSUES, paint_anatomy
-from stnjax.phantom_geometry import REFERENCE_FOV_MM, Canvas, Grid, coarse_noise, smooth_noise
+from stnjax.phantom.anatomy import LABELS, PANCREAS_ID, TISSUE_ID, TISSUES, paint_anatomy
+from stnjax.phantom.geometry import REFERENCE_FOV_MM, Canvas, Grid, coarse_noise, smooth_noise
 
 __all__ = ["LABELS", "PANCREAS_ID", "REFERENCE_FOV_MM", "TISSUES", "TISSUE_ID", "Phantom",
            "PhantomConfig", "make_phantom", "render_phantom"]

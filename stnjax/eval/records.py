@@ -2,12 +2,14 @@
 
 Host-side only (NumPy, no JAX). The inference writes one `CaseRecord` per
 test case with the DSC of every round 0..R and the inter-iteration DSC of
-every round 1..R (reference section 4.3); `stnjax.evaluate` reads results
-at stopping thresholds, summaries and sweeps from these histories.
+every round 1..R (reference section 4.3); the stopping rule
+(`result_at_threshold`, at the end of this module) reads the result at a
+threshold from such a history, and `stnjax.eval.summaries` builds summaries
+and sweeps on it.
 
 File formats: `cases.json` (the exact record, source of truth) and
 `cases.csv` (one flat row per case, with the result at each report
-threshold read by `evaluate.result_at_threshold`). Both are written
+threshold read by `result_at_threshold`). Both are written
 atomically (`stnjax.fileio`); a failing writer leaves no file behind.
 
 Conventions: DSC values are fractions in [0, 1]. A threshold t must be > 0;
@@ -25,7 +27,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -293,7 +295,6 @@ def records_csv_text(records: Sequence[CaseRecord],
     each t in `thresholds` and in metrics_at: dsc_t<t>, rounds_t<t>,
     converged_t<t> (0/1); the producer's full metrics: <metric>_at<t>
     (e.g. hd95_mm_at0.99, round_at0.99); oracle_<name>; extra_<key> (JSON)."""
-    from stnjax.evaluate import result_at_threshold  # evaluate builds on this module
     recs = check_records(records, "records_csv_text")
     keys = sorted({threshold_key(t) for t in thresholds}
                   | {k for r in recs for k in r.metrics_at}, key=float)
@@ -437,3 +438,49 @@ def read_records(*paths: str | os.PathLike) -> list[CaseRecord]:
         for f in files:
             recs += records_from_csv(f) if f.suffix == ".csv" else _read_json_records(f)
     return check_records(recs, f"read_records({', '.join(map(str, paths))})")
+
+
+# ------------------------------------------------------- the stopping rule
+class ThresholdResult(NamedTuple):
+    """The result of one case at threshold t: DSC, the round it is read
+    from, and whether the inter-iteration DSC reached t by then."""
+    dsc: float
+    round: int
+    converged: bool
+
+
+def stack_histories(records: Sequence[CaseRecord]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, R+1) float64 DSC and inter-DSC arrays ([:, 0] of inter is NaN)."""
+    d = np.array([r.dsc_rounds for r in records], np.float64)
+    i = np.array([[np.nan] + r.inter_dsc[1:] for r in records], np.float64)
+    return d, i
+
+
+def read_at(dsc: np.ndarray, inter: np.ndarray, t: float):
+    """Vectorised rule over (N, R+1) histories -> (dsc, round, converged)."""
+    hit = inter[:, 1:] >= t                      # (N, R); NaN never hits
+    converged = hit.any(axis=1)
+    rounds = np.where(converged, hit.argmax(axis=1) + 1, dsc.shape[1] - 1)
+    return dsc[np.arange(len(dsc)), rounds], rounds, converged
+
+
+def result_at_threshold(record: CaseRecord, t: float) -> ThresholdResult:
+    """The reference rule (section 4.3): the DSC of the first round r >= 1
+    whose inter-iteration DSC is >= t; if none is, round R, not converged.
+    t > 1 therefore always reads round R.
+
+    Unlike the reference, which marks "not yet set" with a DSC of 0 and so
+    lets a later round overwrite a crossing round whose DSC is exactly 0,
+    the first crossing is kept whatever its DSC.
+    """
+    t = check_threshold(t, "t")
+    d, i = stack_histories([record])
+    v, r, c = read_at(d, i, t)
+    return ThresholdResult(float(v[0]), int(r[0]), bool(c[0]))
+
+
+def threshold_is_exact(record: CaseRecord, t: float) -> bool:
+    """False when the result at t depends on rounds that were filled in,
+    not run: the case stopped early (rounds_run < R) before reaching t."""
+    res = result_at_threshold(record, t)
+    return record.rounds_run == record.num_rounds or res.round <= record.rounds_run

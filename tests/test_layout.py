@@ -1,0 +1,108 @@
+"""The library's layout: no import cycles, packages that depend one way (DESIGN.md, "Modules").
+
+Read from the source (every `import` of a stnjax module, function-level ones
+included; `if TYPE_CHECKING:` blocks are hints, not imports), so a new
+cycle fails here before it fails at import time.
+"""
+
+import ast
+from pathlib import Path
+
+STNJAX = Path(__file__).resolve().parents[1] / "stnjax"
+
+# Lower layers never import higher ones; packages of one layer do not import
+# each other. The core modules (checks, fileio, metrics) are layer 0.
+LAYERS = {"core": 0, "data": 1, "models": 1, "phantom": 2, "train": 3, "infer": 3, "eval": 4}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(STNJAX.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(tree: ast.AST) -> list[str]:
+    """Dotted stnjax modules (or module.attr) a file imports when it runs."""
+    out = []
+
+    def visit(node):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stnjax"):
+            out.extend(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.extend(a.name for a in node.names if a.name.startswith("stnjax"))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in STNJAX.rglob("*.py")}
+    files.pop("stnjax")  # the package's own __init__ imports nothing
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for target in _runtime_imports(ast.parse(path.read_text())):
+            while target not in files and target != "stnjax":  # module.attr -> module
+                target = target.rpartition(".")[0]
+            if target != name and target != "stnjax":
+                deps.add(target)
+        graph[name] = deps
+    return graph
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or parts[1] in LAYERS else "core"
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path + [dep]))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_packages_depend_one_way():
+    bad = []
+    for module, deps in _graph().items():
+        src = _package(module)
+        for dep in deps:
+            dst = _package(dep)
+            if dst != src and LAYERS[dst] >= LAYERS[src]:
+                bad.append(f"{module} ({src}) imports {dep} ({dst})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_every_module_has_a_layer():
+    assert {_package(m) for m in _graph()} <= set(LAYERS)
+
+
+def test_the_checker_sees_a_cycle(tmp_path):
+    # The rule itself: a TYPE_CHECKING import is not a runtime import.
+    tree = ast.parse("from typing import TYPE_CHECKING\n"
+                     "if TYPE_CHECKING:\n    from stnjax.a import X\n"
+                     "def f():\n    from stnjax.b import Y\n")
+    assert _runtime_imports(tree) == ["stnjax.b.Y"]
+
+
+def test_the_library_never_imports_launchers_or_benchmarks():
+    for path in STNJAX.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module.split(".")[0] not in ("launch", "bench", "tests"), path
