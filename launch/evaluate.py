@@ -22,11 +22,10 @@ stnjax.eval.runs.
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from launch import compile_cache, hugepages
-from launch.logs import setup_logging
+from launch import app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
                                           lock_config=True)
@@ -41,31 +40,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from stnjax.eval import runs as experiment  # imports jax: after flag parsing
-    from stnjax.checks import InputError
+    app.no_arguments(argv)
+    from stnjax.eval import runs  # imports jax: after flag parsing
 
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     out = Path(_OUT.value) if _OUT.value else workdir / "eval"
-    try:
-        experiment.inference_spec(config)  # bad inference settings: before any output
-        experiment.check_writable(out)
-    except InputError as e:
-        raise SystemExit(f"error: {e}") from None
-    log = setup_logging(out / "evaluate.log")
-    compile_cache.enable(out)  # not in the training workdir, which evaluate leaves alone
-    try:
-        text = experiment.evaluate_and_report(config, workdir, out_dir=out,
-                                              write_predictions=not _NO_PREDICTIONS.value,
-                                              resume=_RESUME.value)
-    except InputError as e:
-        log.error("%s", e)
-        raise SystemExit(f"error: {e}") from None
+    with app.exit_on_error():
+        runs.inference_spec(config)  # bad inference settings: before any output
+        runs.check_writable(out)
+    # The cache in the output folder: evaluate leaves the training workdir alone.
+    log = app.setup(out / "evaluate.log", cache_base=out)
+    with app.exit_on_error(log):
+        text = runs.evaluate_and_report(config, workdir, out_dir=out,
+                                        write_predictions=not _NO_PREDICTIONS.value,
+                                        resume=_RESUME.value)
     print(text)
     print(f"results in {out}")
 
 
 if __name__ == "__main__":
-    hugepages.reexec_with_huge_pages()
     app.run(main)

@@ -20,11 +20,10 @@ summary compares them with the reference setting case by case. Pass
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from launch import compile_cache, hugepages
-from launch.logs import setup_logging
+from launch import app
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).parent / "configs" / "phantom.py"), "Python config file.",
@@ -35,27 +34,20 @@ _ALSO = flags.DEFINE_list("also_saliency_inputs", ["coarse"],
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from stnjax.eval import runs as experiment  # imports jax: after flag parsing
-    from stnjax.checks import InputError
+    app.no_arguments(argv)
+    from stnjax.eval import runs  # imports jax: after flag parsing
     from stnjax.train import loop
 
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
-    log = setup_logging(workdir / "main.log")
-    compile_cache.enable(workdir)
-    try:
+    log = app.setup(workdir / "main.log", cache_base=workdir)
+    with app.exit_on_error(log):
         # Bad names fail here, before any training.
-        variants = experiment.saliency_variants(config, _ALSO.value)
+        variants = runs.saliency_variants(config, _ALSO.value)
         loop.train(config, workdir)
-        text = experiment.evaluate_and_report(config, workdir, variants=variants)
-    except (InputError, loop.TrainingDivergedError) as e:
-        log.error("%s", e)
-        raise SystemExit(f"error: {e}") from None
+        text = runs.evaluate_and_report(config, workdir, variants=variants)
     print(text)
     print(f"results in {workdir / 'eval'}")
 
 
 if __name__ == "__main__":
-    hugepages.reexec_with_huge_pages()
     app.run(main)

@@ -16,9 +16,9 @@ created on first use by training (data.fold_rule).
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from launch.logs import setup_logging
+from launch import app
 
 _OUT = flags.DEFINE_string("out", None, "Dataset folder to write dataset.json into.")
 _NAME = flags.DEFINE_string("name", "", "Dataset name (default: the folder's name).")
@@ -32,30 +32,26 @@ flags.mark_flags_as_required(["out"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from stnjax.data import manifest as data  # after flag parsing
-    from stnjax.data import volume_io as io
-    from stnjax.checks import InputError
+    app.no_arguments(argv)
+    from stnjax.checks import InputError  # imports jax: after flag parsing
+    from stnjax.data import manifest, volume_io
 
-    log = setup_logging(None)
+    log = app.setup(None)
     out = Path(_OUT.value)
-    try:
+    with app.exit_on_error():
         if _NIH_IMAGES.value:
-            cases = data.nih_pancreas_cases(_NIH_IMAGES.value, _NIH_LABELS.value)
+            cases = manifest.nih_pancreas_cases(_NIH_IMAGES.value, _NIH_LABELS.value)
         elif _IMAGES.value:
-            cases = data.paired_cases(_IMAGES.value, _LABELS.value)
+            cases = manifest.paired_cases(_IMAGES.value, _LABELS.value)
         else:
             raise InputError("give --nih_images/--nih_labels or --images/--labels")
         if not _NO_CHECK.value:
             for i, c in enumerate(cases):
-                io.load_case(c["image"], c["label"], organ_id=_ORGAN.value, case_id=c["id"])
+                volume_io.load_case(c["image"], c["label"], organ_id=_ORGAN.value, case_id=c["id"])
                 log.info("checked %d/%d %s", i + 1, len(cases), c["id"])
         out.mkdir(parents=True, exist_ok=True)
-        path = data.write_manifest(out, name=_NAME.value or out.name, organ_id=_ORGAN.value,
-                                   cases=cases)
-    except InputError as e:
-        raise SystemExit(f"error: {e}") from None
+        path = manifest.write_manifest(out, name=_NAME.value or out.name,
+                                       organ_id=_ORGAN.value, cases=cases)
     print(f"wrote {path} ({len(cases)} cases)")
 
 

@@ -7,10 +7,11 @@ folds.json; see stnjax.phantom.dataset. Re-running with the same flags keeps
 the existing folder; different flags need --overwrite.
 """
 
-from absl import app, flags
+from absl import flags
 
-from stnjax.phantom import volumes as phantom
+from launch import app
 from stnjax.phantom import dataset as phantom_dataset
+from stnjax.phantom import volumes as phantom
 
 OUT = flags.DEFINE_string("out", None, "Dataset folder to write.", required=True)
 NUM_CASES = flags.DEFINE_integer("num_cases", 8, "Number of cases.")
@@ -25,8 +26,7 @@ OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a different existing 
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    app.no_arguments(argv)
     try:
         config = phantom.PhantomConfig(
             shape=tuple(int(s) for s in SHAPE.value),

@@ -9,11 +9,10 @@ input is read and checked before anything is written. Runs on CPU too.
 """
 
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from launch import compile_cache, hugepages
-from launch.logs import setup_logging
+from launch import app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
                                           lock_config=True)
@@ -24,21 +23,17 @@ flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
 def main(argv):
-    from stnjax.eval import runs as experiment  # imports jax: after flag parsing
-    from stnjax.checks import InputError
+    from stnjax.eval import runs  # imports jax: after flag parsing
 
-    log = setup_logging(None)  # no file: nothing is written before the checks
-    compile_cache.enable(_WORKDIR.value)  # the trained workdir's cache, shared with evaluate
-    try:
-        written = experiment.segment_files(_CONFIG.value, _WORKDIR.value, argv[1:],
-                                           out_dir=_OUT.value, fold=_FOLD.value)
-    except InputError as e:
-        log.error("%s", e)
-        raise SystemExit(f"error: {e}") from None
+    # No log file (nothing is written before the checks); the trained
+    # workdir's compilation cache, shared with evaluate.
+    log = app.setup(None, cache_base=_WORKDIR.value)
+    with app.exit_on_error(log):
+        written = runs.segment_files(_CONFIG.value, _WORKDIR.value, argv[1:],
+                                     out_dir=_OUT.value, fold=_FOLD.value)
     for p in written:
         print(f"wrote {p}")
 
 
 if __name__ == "__main__":
-    hugepages.reexec_with_huge_pages()
     app.run(main)

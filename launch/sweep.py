@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from launch import hugepages
+from launch import app
 from stnjax.eval import summaries as evaluate
 from stnjax.eval import plots, report
 from stnjax.eval.records import read_records
@@ -35,8 +35,7 @@ _T = flags.DEFINE_float("t", evaluate.MAIN_THRESHOLD,
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    app.no_arguments(argv)
     try:
         records = read_records(*_RECORDS.value)
         rows = evaluate.sweep(records, evaluate.parse_thresholds(_THRESHOLDS.value))
@@ -53,5 +52,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    hugepages.reexec_with_huge_pages()
     app.run(main)

@@ -15,17 +15,12 @@ another config is refused unless --overwrite. Compiled steps are cached in
 --num_processes=N --process_id=I). All logic lives in stnjax.train.
 """
 
-import logging
-import re
-import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from launch import compile_cache, hugepages
-from launch.logs import setup_logging
-from stnjax.checks import InputError
+from launch import app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
                                           lock_config=True)
@@ -40,43 +35,25 @@ _PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's inde
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _parse_flags(argv):
-    """absl flag parsing; a bad flag or --config.FIELD override exits with one
-    clear line (ml_collections names the field and suggests the closest one)."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"error: {e}")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        msg = " ".join(str(a) for a in e.args) if e.args else repr(e)
-        msg = re.sub(r"\s+", " ", msg.replace("\\n", " ").replace("\\'", "").replace("'", ""))
-        sys.exit(f"error: invalid --config override: {msg.strip()}")
-
-
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from stnjax.train import loop  # imports jax: after flag parsing
-    from stnjax.train.checkpoint import CheckpointError
-    import jax
+    app.no_arguments(argv)
+    import jax  # after flag parsing
+
+    from stnjax.train import loop
 
     config = _CONFIG.value
     loop.initialize_distributed(config, force=_MULTIHOST.value or bool(_COORD.value),
                                 coordinator=_COORD.value, num_processes=_NPROC.value,
                                 process_id=_PID.value)
     workdir = Path(_WORKDIR.value)
-    setup_logging(workdir / "train.log", primary=jax.process_index() == 0)
-    compile_cache.enable(workdir)
-    try:
+    log = app.setup(workdir / "train.log", cache_base=workdir,
+                    primary=jax.process_index() == 0)
+    with app.exit_on_error(log):
         summaries = loop.train(config, workdir, overwrite=_OVERWRITE.value)
-    except (InputError, loop.TrainingDivergedError, CheckpointError) as e:
-        logging.getLogger("stnjax").error("error: %s", e)  # stderr and train.log
-        sys.exit(1)
     for s in summaries:
         print(f"fold {s['fold']} plane {s['plane']}: {s['steps']} steps, "
               f"{len(s['restarts'])} restarts, loss {s.get('loss')}, {s['run_dir']}")
 
 
 if __name__ == "__main__":
-    hugepages.reexec_with_huge_pages()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main)

@@ -1,0 +1,51 @@
+"""launch/app.py: the error exit and the argument check every command shares."""
+
+import logging
+
+import pytest
+
+from launch import app
+from stnjax.checks import CheckpointError, GeometryError, InputError, TrainingDivergedError
+
+
+@pytest.mark.parametrize("error", [InputError("config.data.dir: no such folder /x"),
+                                   GeometryError("a.nii.gz and b.nii.gz disagree"),
+                                   CheckpointError("save failed in /w"),
+                                   TrainingDivergedError("loss is nan at step 7")])
+def test_library_errors_exit_with_one_line_and_are_logged(error, caplog):
+    log = logging.getLogger("stnjax.test_app")
+    with caplog.at_level(logging.ERROR, logger="stnjax.test_app"):
+        with pytest.raises(SystemExit) as exit_:
+            with app.exit_on_error(log):
+                raise error
+    assert exit_.value.code == f"error: {error}"  # printed to stderr, exit status 1
+    assert [r.getMessage() for r in caplog.records] == [str(error)]
+
+
+def test_bugs_keep_their_traceback():
+    with pytest.raises(ZeroDivisionError):
+        with app.exit_on_error():
+            1 / 0
+
+
+def test_no_arguments():
+    app.no_arguments(["launch.train"])
+    with pytest.raises(app.UsageError, match=r"unexpected arguments: \['x.nii'\]"):
+        app.no_arguments(["launch.train", "x.nii"])
+
+
+def test_a_misspelt_override_is_one_line_naming_the_field(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "launch.train", "--config=launch/configs/phantom.py",
+           f"--workdir={tmp_path / 'w'}", "--config.train.stagez=S:1"]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "STNJAX_HUGE_PAGES": "0",
+                              "PYTHONPATH": str(root)})
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: invalid --config override") and "stagez" in res.stderr
+    assert res.stderr.count("\n") == 1  # one line, no traceback
+    assert not (tmp_path / "w").exists()  # nothing written
