@@ -12,7 +12,8 @@ from launch.configs import smoke
 from stnjax.checks import InputError
 from stnjax.train import inputs, workdir
 from stnjax.train.checkpoint import CheckpointError, Checkpointer, load_trained_params
-from stnjax.train.loop import fmt_duration, guard_decision
+from stnjax.train.guard import guard_decision
+from stnjax.train.reporting import fmt_duration
 
 
 def _state(v):

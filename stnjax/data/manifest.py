@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from stnjax import fileio
-from stnjax.checks import DatasetError, InputError, check_int
+from stnjax.checks import DatasetError, check_int
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,13 @@ Modules: schedule (stages, rate), optim (Caffe SGD, rate groups), state (the
 train-state pytree), steps (one step per mode), placement (pmap over
 several devices, jit on one), checkpoint (orbax),
 inputs (dataset, slices, samplers, devices), workdir (layout, config identity,
-metrics file), loop (the loop, the convergence guard, resume).
+metrics file), guard (the convergence guard), reporting (metrics records,
+rates, the ETA), loop (the loop, resume).
 """
 
 from stnjax.train.checkpoint import CheckpointError, Checkpointer, load_trained_params
-from stnjax.train.loop import (TrainingDivergedError, guard_decision, initialize_distributed,
-                               train, train_run)
+from stnjax.train.guard import guard_decision
+from stnjax.train.loop import TrainingDivergedError, initialize_distributed, train, train_run
 from stnjax.train.schedule import Stage, lr_at, make_lr_schedule, parse_stages
 from stnjax.train.steps import MODE_FORWARD, MODE_TRAINABLE, OptimizerSpec, make_step
 

@@ -11,7 +11,8 @@ sequentially, each in `<workdir>/fold<f>/<plane>` (see `workdir.py`), and
   step), through a background prefetch thread;
 - metrics are fetched from the devices every `log_every` steps (not every
   step, which would stall the device queue), written as one JSON line per
-  logged step to `metrics.jsonl` and logged with the progress and an ETA;
+  logged step to `metrics.jsonl` and logged with the progress and an ETA
+  (`reporting.py`);
 - a non-finite loss (or non-finite parameters at a checkpoint) stops the run
   with `TrainingDivergedError`; checkpoints are only written after the
   losses up to them were checked, so the latest checkpoint is always good;
@@ -23,7 +24,14 @@ sequentially, each in `<workdir>/fold<f>/<plane>` (see `workdir.py`), and
   `guard_coarse_loss` (the coarse net never started to predict the organ,
   loss stuck near 0.95), S restarts from the initial state with the next
   attempt number folded into the keys and the sampler seed, at most
-  `guard_max_restarts` times; restarts are logged and written to the metrics.
+  `guard_max_restarts` times; restarts are logged and written to the metrics
+  (`guard.py`).
+
+`train_run` is built of small parts: `_open_run` (schedule, data, devices,
+steps, checkpointer), `_restore` (resume or a fresh start), `_train_steps`
+(the loop), `_one_step`, `_save`, `_diverged` and `_finish`; the state they
+share is explicit (`_Run`, what does not change; `_Progress`, the
+iteration, step and attempt).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -48,7 +56,9 @@ from stnjax.models.rstn import RSTN
 from stnjax.data.sampler import prefetch
 from stnjax.train import inputs
 from stnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
-from stnjax.train.schedule import lr_at, parse_stages, stage_at, total_steps
+from stnjax.train.guard import ConvergenceGuard
+from stnjax.train.reporting import Pending, StepReporter, fmt_duration
+from stnjax.train.schedule import parse_stages, stage_at, total_steps
 from stnjax.train.placement import placement_for
 from stnjax.train.state import init_key, init_train_state, sampler_seed, tree_all_finite
 from stnjax.train.steps import OptimizerSpec
@@ -59,49 +69,6 @@ log = logging.getLogger("stnjax.train")
 
 INIT_HW = (32, 32)  # parameter shapes do not depend on the image size
 _COMPILED: set = set()  # (id of a cached step function, bucket) already run in this process
-
-
-@dataclasses.dataclass(frozen=True)
-class GuardDecision:
-    """restart: S must restart; mean: mean coarse loss over the last n steps."""
-
-    restart: bool
-    mean: float
-    n: int
-    threshold: float
-
-
-def guard_decision(coarse_losses: Sequence[float], *, window: int,
-                   threshold: float) -> GuardDecision:
-    """The convergence guard's decision at the end of S.
-
-    Args:
-      coarse_losses: the per-step (global batch) coarse losses of this S
-        attempt, oldest first.
-      window: how many of the last steps count (all of them if fewer).
-      threshold: restart when their mean is above this.
-
-    Returns:
-      GuardDecision; never a restart without any step, and a non-finite mean
-      is a restart.
-    """
-    vals = np.asarray(list(coarse_losses)[-int(window):] if window > 0 else [], np.float64)
-    if vals.size == 0:
-        return GuardDecision(False, float("nan"), 0, float(threshold))
-    mean = float(vals.mean())
-    return GuardDecision(not mean <= threshold, mean, int(vals.size), float(threshold))
-
-
-def fmt_duration(seconds: float) -> str:
-    """Seconds as '1h02m', '3m05s' or '12s' ('?' when unknown)."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 def initialize_distributed(config: Any, force: bool = False, *,
@@ -137,6 +104,204 @@ def _init_params(rstn: RSTN, seed: int) -> Any:
     return rstn.init_params(key, INIT_HW)
 
 
+@dataclasses.dataclass
+class _Progress:
+    """Where a run stands: the checkpoint index (iterations run, restarts
+    included), the step in the schedule, and the guard's attempt."""
+    iteration: int = 0
+    step: int = 0
+    attempt: int = 0
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the parts of one run share; built once by `_open_run`."""
+    tag: str
+    fold: int
+    plane: str
+    rdir: Path
+    chash: str
+    stages: list
+    total: int
+    method: str
+    place: Any
+    step_fns: dict
+    ck: Checkpointer
+    writer: MetricsWriter | None  # None on hosts other than the first
+    fresh_state: Callable[[int], Any]
+    make_batches: Callable[[int, int], Any]  # (first step, attempt) -> prefetched batches
+    per_host: int
+    pid: int
+    checkpoint_every: int
+    log_every: int
+
+
+def _open_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
+              store: CaseStore | None, ds_dir: Path | None, rstn: RSTN | None,
+              tag: str) -> tuple[_Run, Any, int]:
+    """The run's schedule, data, devices, step functions, checkpointer and
+    metrics file; returns (run, plane data, device count)."""
+    tc = config.train
+    stages = parse_stages(tc.stages, tc.method)
+    total = total_steps(stages)
+    seed = int(config.seed)
+    pid, nproc = jax.process_index(), jax.process_count()
+    rdir = run_dir(workdir, fold, plane)
+    ds_dir = ds_dir or inputs.dataset_dir(config, workdir)
+    store = store or inputs.open_store(config, ds_dir, workdir)
+    pdata = inputs.plane_data(config, store, ds_dir, fold, plane)
+    rstn = rstn or RSTN.from_config(config.model)
+    batch_size = int(config.data.batch_size)
+    devices = inputs.choose_devices(batch_size, int(tc.devices))
+    spec = OptimizerSpec.from_config(tc)
+    # pmap over several devices (all devices of all hosts when there are
+    # several), jit on a single one (placement.py says why).
+    place = placement_for(devices, process_count=nproc)
+    modes = list(dict.fromkeys(st.mode for st in stages))
+    step_fns = {m: place.step(rstn, m, spec, float(tc.coarse_weight), float(tc.bce_weight))
+                for m in modes}
+
+    def fresh_state(attempt: int):
+        return init_train_state(_init_params(rstn, seed), spec.optimizer(), seed, attempt)
+
+    def make_batches(step0: int, attempt: int):
+        sampler = inputs.make_sampler(config, pdata, sampler_seed(seed, attempt))
+        return prefetch(sampler, range(step0, total), shard=pid, num_shards=nproc)
+
+    run = _Run(tag=tag, fold=int(fold), plane=plane, rdir=rdir, chash=config_hash(config),
+               stages=stages, total=total, method=tc.method, place=place, step_fns=step_fns,
+               ck=Checkpointer(rdir / CHECKPOINT_DIR, keep=int(tc.keep_checkpoints)),
+               writer=MetricsWriter(rdir / "metrics.jsonl") if pid == 0 else None,
+               fresh_state=fresh_state, make_batches=make_batches,
+               per_host=batch_size // nproc, pid=pid,
+               checkpoint_every=int(tc.checkpoint_every), log_every=int(tc.log_every))
+    return run, pdata, len(devices)
+
+
+def _restore(run: _Run, guard_args: dict) -> tuple[_Progress, Any, ConvergenceGuard]:
+    """The newest readable checkpoint of this config (progress, host state and
+    guard state), or a fresh start; trims metrics.jsonl to what it covers."""
+    got = run.ck.restore_latest(None)
+    if got is None:
+        if run.writer:
+            run.writer.keep_only(lambda r: False)
+        return _Progress(), run.fresh_state(0), ConvergenceGuard(**guard_args)
+    iteration, host_state, meta = got
+    if meta.get("config_hash") != run.chash:
+        raise InputError(
+            f"workdir: {run.rdir} holds checkpoints of another config (hash "
+            f"{meta.get('config_hash')} vs {run.chash}); use another workdir or --overwrite")
+    prog = _Progress(iteration, int(np.asarray(host_state["step"])), int(meta["attempt"]))
+    guard = ConvergenceGuard(**guard_args, history=meta.get("guard_history", []),
+                             restarts=meta.get("restarts", []))
+    if run.writer:
+        run.writer.keep_only(lambda r: int(r.get("iteration", 0)) <= iteration)
+    log.info("%s: resuming from checkpoint %d (step %d of %d, attempt %d)",
+             run.tag, iteration, prog.step, run.total, prog.attempt)
+    return prog, host_state, guard
+
+
+def _diverged(run: _Run, prog: _Progress, what: str) -> TrainingDivergedError:
+    """The error (and the metrics event) of a non-finite loss or parameter,
+    naming the last good checkpoint once its pending save finished."""
+    try:
+        run.ck.wait()  # let the last good checkpoint finish writing
+    except Exception:  # noqa: BLE001 - the divergence is the error to report
+        log.exception("%s: a pending checkpoint save failed", run.tag)
+    good = run.ck.steps()
+    where = (f"the last good checkpoint is iteration {good[-1]} in {run.ck.directory}"
+             if good else "no checkpoint was written")
+    if run.writer:
+        run.writer.write({"event": "diverged", "iteration": prog.iteration, "step": prog.step,
+                          "attempt": prog.attempt, "what": what})
+    return TrainingDivergedError(
+        f"{run.tag}: {what}; training stopped ({where}). The run is deterministic: rerunning "
+        "the command resumes there and meets the same values again; lower train.base_lr "
+        "(in a new workdir, or with --overwrite) or check the data")
+
+
+def _save(run: _Run, prog: _Progress, guard: ConvergenceGuard, state: Any) -> None:
+    """A checkpoint of `state` at the current progress, after checking its params."""
+    if not tree_all_finite(state["params"]):
+        raise _diverged(run, prog, f"non-finite parameters after step {prog.step}")
+    meta = {"config_hash": run.chash, "fold": run.fold, "plane": run.plane,
+            "attempt": prog.attempt, "step": int(prog.step), "total_steps": run.total,
+            "method": run.method,
+            "stage": stage_at(run.stages, min(prog.step, run.total - 1)).mode,
+            **guard.checkpoint_state()}
+    run.ck.save(prog.iteration, run.place.host_state(state), meta)
+
+
+def _one_step(run: _Run, prog: _Progress, state: Any, batch: tuple[int, dict],
+              compile_s: dict[str, float]) -> tuple[Any, Pending, Any]:
+    """Runs the step of the current stage on one batch; the first call per
+    (mode, bucket) in this process compiles, timed apart (rates and the ETA
+    exclude it). Returns (state, the step's pending metrics, the stage)."""
+    stage = stage_at(run.stages, prog.step)
+    got_step, host_batch = batch
+    assert got_step == prog.step, (got_step, prog.step)
+    hw = tuple(host_batch["image"].shape[1:3])
+    key = (id(run.step_fns[stage.mode]), hw)
+    new = key not in _COMPILED
+    if new:
+        _COMPILED.add(key)
+        log.info("%s: compiling step %s for bucket %dx%d", run.tag, stage.mode, *hw)
+        t_compile = time.time()
+    dev_batch = run.place.put_batch(host_batch, global_offset=run.pid * run.per_host)
+    state, metrics = run.step_fns[stage.mode](state, dev_batch)
+    if new:
+        jax.block_until_ready(metrics)
+        secs = time.time() - t_compile
+        log.info("%s: step %s for bucket %dx%d compiled and ran once in %.1f s",
+                 run.tag, stage.mode, *hw, secs)
+        compile_s[f"{stage.mode} {hw[0]}x{hw[1]}"] = round(secs, 2)
+    return state, Pending(prog.iteration, prog.step, stage.mode, metrics, new), stage
+
+
+def _train_steps(run: _Run, prog: _Progress, guard: ConvergenceGuard, state: Any,
+                 reporter: StepReporter) -> dict[str, float]:
+    """The loop over the remaining steps: log, guard and checkpoint as they
+    fall due; returns the compile seconds per (mode, bucket)."""
+
+    def check(step: int, mode: str, per: dict, mets: dict) -> None:
+        if not all(math.isfinite(per[k]) for k in ("loss", "loss_coarse", "loss_fine")
+                   if float(mets[k][1]) > 0):
+            raise _diverged(run, prog, f"non-finite loss at step {step} (stage {mode}): "
+                            f"coarse {per['loss_coarse']}, fine {per['loss_fine']}")
+        guard.observe(mode, per["loss_coarse"])
+
+    batches = run.make_batches(prog.step, prog.attempt)
+    compile_s: dict[str, float] = {}
+    try:
+        while prog.step < run.total:
+            state, item, stage = _one_step(run, prog, state, next(batches), compile_s)
+            reporter.add(item)
+            prog.step += 1
+            prog.iteration += 1
+            stage_end = prog.step == stage.end
+            ckpt_due = stage_end or prog.step % run.checkpoint_every == 0
+            if ckpt_due or prog.step % run.log_every == 0:
+                reporter.flush(prog.attempt, check)
+            if stage_end and stage.mode == "S" and guard.end_of_s(
+                    iteration=prog.iteration, step=prog.step, attempt=prog.attempt):
+                prog.attempt, prog.step = prog.attempt + 1, 0
+                state = run.place.put_state(run.fresh_state(prog.attempt))
+                batches.close()
+                batches = run.make_batches(0, prog.attempt)
+                _save(run, prog, guard, state)
+                continue
+            if ckpt_due:
+                _save(run, prog, guard, state)
+        run.ck.wait()
+    finally:
+        batches.close()
+        try:
+            run.ck.close()
+        except Exception:  # noqa: BLE001 - do not mask the error being raised
+            log.exception("%s: closing the checkpoint manager failed", run.tag)
+    return compile_s
+
+
 def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
               store: CaseStore | None = None, ds_dir: Path | None = None,
               rstn: RSTN | None = None, run_label: str = "") -> dict:
@@ -159,239 +324,48 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
       data (no training slice for the plane, a run folder of another config).
     """
     tc = config.train
-    stages = parse_stages(tc.stages, tc.method)
-    total = total_steps(stages)
-    modes = list(dict.fromkeys(st.mode for st in stages))
-    rdir = run_dir(workdir, fold, plane)
-    chash = config_hash(config)
-    seed = int(config.seed)
-    pid, nproc = jax.process_index(), jax.process_count()
-    primary = pid == 0
     tag = f"{run_label + ' ' if run_label else ''}fold {fold} plane {plane}"
-
-    ds_dir = ds_dir or inputs.dataset_dir(config, workdir)
-    store = store or inputs.open_store(config, ds_dir, workdir)
-    pdata = inputs.plane_data(config, store, ds_dir, fold, plane)
-    rstn = rstn or RSTN.from_config(config.model)
-    batch_size = int(config.data.batch_size)
-    devices = inputs.choose_devices(batch_size, int(tc.devices))
-    per_host = batch_size // nproc
-
-    spec = OptimizerSpec.from_config(tc)
-    # pmap over several devices (all devices of all hosts when there are
-    # several), jit on a single one (placement.py says why).
-    place = placement_for(devices, process_count=nproc)
-    step_fns = {m: place.step(rstn, m, spec, float(tc.coarse_weight), float(tc.bce_weight))
-                for m in modes}
-
-    def fresh_state(attempt: int):
-        return init_train_state(_init_params(rstn, seed), spec.optimizer(), seed, attempt)
-
-    ck = Checkpointer(rdir / CHECKPOINT_DIR, keep=int(tc.keep_checkpoints))
-    writer = MetricsWriter(rdir / "metrics.jsonl") if primary else None
-    guard_on = tc.method == "rstn" and int(tc.guard_max_restarts) > 0
-    window = int(tc.guard_window)
-
-    got = ck.restore_latest(None)
-    if got is not None:
-        iteration, host_state, meta = got
-        if meta.get("config_hash") != chash:
-            raise InputError(
-                f"workdir: {rdir} holds checkpoints of another config (hash "
-                f"{meta.get('config_hash')} vs {chash}); use another workdir or --overwrite")
-        attempt, step = int(meta["attempt"]), int(np.asarray(host_state["step"]))
-        guard_hist, restarts = list(meta.get("guard_history", [])), list(meta.get("restarts", []))
-        if writer:
-            writer.keep_only(lambda r: int(r.get("iteration", 0)) <= iteration)
-        log.info("%s: resuming from checkpoint %d (step %d of %d, attempt %d)",
-                 tag, iteration, step, total, attempt)
-    else:
-        iteration, attempt, step, guard_hist, restarts = 0, 0, 0, [], []
-        host_state = fresh_state(0)
-        if writer:
-            writer.keep_only(lambda r: False)
-    summary = {"fold": fold, "plane": plane, "run_dir": str(rdir), "total_steps": total,
-               "slices": int(len(pdata.slices)), "devices": len(devices)}
-    if step >= total:
-        ck.close()
-        log.info("%s: already complete (%d steps)", tag, total)
-        return dict(summary, steps=step, iterations=iteration, restarts=restarts, complete=True)
-
+    run, pdata, n_devices = _open_run(config, workdir, fold, plane, store=store,
+                                      ds_dir=ds_dir, rstn=rstn, tag=tag)
+    guard_args = dict(on=tc.method == "rstn" and int(tc.guard_max_restarts) > 0,
+                      window=int(tc.guard_window), threshold=float(tc.guard_coarse_loss),
+                      max_restarts=int(tc.guard_max_restarts), tag=tag,
+                      write=run.writer.write if run.writer else None)
+    prog, host_state, guard = _restore(run, guard_args)
+    summary = {"fold": fold, "plane": plane, "run_dir": str(run.rdir), "total_steps": run.total,
+               "slices": int(len(pdata.slices)), "devices": n_devices}
+    if prog.step >= run.total:
+        run.ck.close()
+        log.info("%s: already complete (%d steps)", tag, run.total)
+        return dict(summary, steps=prog.step, iterations=prog.iteration,
+                    restarts=guard.restarts, complete=True)
     log.info("%s: %d training slices, buckets %s, %d device(s), global batch %d, stages %s",
-             tag, len(pdata.slices), inputs.make_sampler(config, pdata, seed).buckets(),
-             len(devices), batch_size, tc.stages)
-    state = place.put_state(host_state)
+             tag, len(pdata.slices), inputs.make_sampler(config, pdata, int(config.seed)).buckets(),
+             n_devices, int(config.data.batch_size), tc.stages)
+    state = run.place.put_state(host_state)
     del host_state
-    t_start = time.time()
-    pending: list[tuple[int, int, str, Any, bool]] = []
-    last = {"t": time.time(), "sec_per_step": float("nan"), "record": None}
+    reporter = StepReporter(host_metrics=run.place.host_metrics, write=run.writer and run.writer.write,
+                            tag=tag, fold=fold, plane=plane, stages=run.stages, total=run.total,
+                            base_lr=float(tc.base_lr), j_halving_every=int(tc.j_halving_every))
+    compile_s = _train_steps(run, prog, guard, state, reporter)
+    return _finish(run, prog, guard, reporter, summary, compile_s)
 
-    def batches_from(step0: int, attempt: int):
-        sampler = inputs.make_sampler(config, pdata, sampler_seed(seed, attempt))
-        return prefetch(sampler, range(step0, total), shard=pid, num_shards=nproc)
 
-    def save(it: int, state: Any, step: int) -> None:
-        if not tree_all_finite(state["params"]):
-            raise _diverged(f"non-finite parameters after step {step}")
-        meta = {"config_hash": chash, "fold": int(fold), "plane": plane, "attempt": attempt,
-                "step": int(step), "total_steps": total, "method": tc.method,
-                "stage": stage_at(stages, min(step, total - 1)).mode,
-                "guard_history": [float(v) for v in guard_hist[-window:]],
-                "restarts": restarts}
-        ck.save(it, place.host_state(state), meta)
-
-    def _diverged(what: str) -> TrainingDivergedError:
-        try:
-            ck.wait()  # let the last good checkpoint finish writing
-        except Exception:  # noqa: BLE001 - the divergence is the error to report
-            log.exception("%s: a pending checkpoint save failed", tag)
-        good = ck.steps()
-        where = (f"the last good checkpoint is iteration {good[-1]} in {ck.directory}"
-                 if good else "no checkpoint was written")
-        if writer:
-            writer.write({"event": "diverged", "iteration": iteration, "step": step,
-                          "attempt": attempt, "what": what})
-        return TrainingDivergedError(
-            f"{tag}: {what}; training stopped ({where}). The run is deterministic: rerunning "
-            "the command resumes there and meets the same values again; lower train.base_lr "
-            "(in a new workdir, or with --overwrite) or check the data")
-
-    def flush() -> None:
-        nonlocal guard_hist
-        if not pending:
-            return
-        host = [place.host_metrics(m) for _, _, _, m, _ in pending]
-        now = time.time()
-        sums: dict[str, float] = {}
-        counts: dict[str, float] = {}
-        for (it, st, mode, _, _), mets in zip(pending, host):
-            per = {k: float(s) / float(c) if c > 0 else float("nan") for k, (s, c) in mets.items()}
-            if not all(math.isfinite(per[k]) for k in ("loss", "loss_coarse", "loss_fine")
-                       if float(mets[k][1]) > 0):
-                pending.clear()
-                raise _diverged(f"non-finite loss at step {st} (stage {mode}): "
-                                f"coarse {per['loss_coarse']}, fine {per['loss_fine']}")
-            if mode == "S" and guard_on:
-                guard_hist = (guard_hist + [per["loss_coarse"]])[-window:]
-            for k, (s, c) in mets.items():
-                sums[k] = sums.get(k, 0.0) + float(s)
-                counts[k] = counts.get(k, 0.0) + float(c)
-        it, st, mode = pending[-1][0], pending[-1][1], pending[-1][2]
-        n = len(pending)
-        fresh_compile = any(p[4] for p in pending)
-        dt = max(now - last["t"], 1e-9)
-        if not fresh_compile:
-            sps = dt / n
-            last["sec_per_step"] = sps if not math.isfinite(last["sec_per_step"]) else \
-                0.7 * last["sec_per_step"] + 0.3 * sps
-        examples = counts.get("loss", 0.0)
-        rec = {"event": "train", "fold": int(fold), "plane": plane, "iteration": it + 1,
-               "step": st + 1, "attempt": attempt, "stage": mode,
-               "loss": _mean(sums, counts, "loss"), "loss_coarse": _mean(sums, counts, "loss_coarse"),
-               "loss_fine": _mean(sums, counts, "loss_fine"),
-               "lr": lr_at(stages, float(tc.base_lr), int(tc.j_halving_every), st),
-               "examples_per_s": examples / dt, "steps_per_s": n / dt, "steps": n,
-               "examples": examples, "compiled": fresh_compile,
-               "time_s": round(now - t_start, 3)}
-        if "loss_bce" in sums:
-            rec["loss_bce"] = _mean(sums, counts, "loss_bce")
-        for k in sums:
-            if k.startswith("stat_"):
-                name = k[5:]
-                rec[f"mean_{name}" if name == "box_area" else f"count_{name}"] = (
-                    _mean(sums, counts, k) if name == "box_area" else sums[k])
-        if writer:
-            writer.write(rec)
-        last["record"] = rec
-        remaining = total - (st + 1)
-        log.info("%s | %s step %d/%d | loss %.4f (coarse %.4f, fine %.4f) | lr %.3g | "
-                 "%.1f ex/s | ETA %s", tag, mode, st + 1, total, rec["loss"],
-                 rec["loss_coarse"], rec["loss_fine"], rec["lr"], rec["examples_per_s"],
-                 fmt_duration(remaining * last["sec_per_step"]))
-        pending.clear()
-        last["t"] = time.time()
-
-    batches = batches_from(step, attempt)
-    compile_s: dict[str, float] = {}  # first call per (mode, bucket) in this process
-    try:
-        while step < total:
-            stage = stage_at(stages, step)
-            got_step, host_batch = next(batches)
-            assert got_step == step, (got_step, step)
-            hw = tuple(host_batch["image"].shape[1:3])
-            key = (id(step_fns[stage.mode]), hw)
-            new = key not in _COMPILED
-            if new:  # the step compiles on the first call with these shapes
-                _COMPILED.add(key)
-                log.info("%s: compiling step %s for bucket %dx%d", tag, stage.mode, *hw)
-                t_compile = time.time()
-            dev_batch = place.put_batch(host_batch, global_offset=pid * per_host)
-            state, metrics = step_fns[stage.mode](state, dev_batch)
-            if new:  # compile time reported apart (rates and the ETA exclude it)
-                jax.block_until_ready(metrics)
-                secs = time.time() - t_compile
-                log.info("%s: step %s for bucket %dx%d compiled and ran once in %.1f s",
-                         tag, stage.mode, *hw, secs)
-                compile_s[f"{stage.mode} {hw[0]}x{hw[1]}"] = round(secs, 2)
-            pending.append((iteration, step, stage.mode, metrics, new))
-            step += 1
-            iteration += 1
-            stage_end = step == stage.end
-            ckpt_due = stage_end or step % int(tc.checkpoint_every) == 0
-            if ckpt_due or step % int(tc.log_every) == 0:
-                flush()
-            if stage_end and stage.mode == "S" and guard_on:
-                dec = guard_decision(guard_hist, window=window, threshold=float(tc.guard_coarse_loss))
-                event = {"iteration": iteration, "step": step, "attempt": attempt,
-                         "mean_coarse": dec.mean, "window": dec.n, "threshold": dec.threshold}
-                if dec.restart and attempt < int(tc.guard_max_restarts):
-                    log.warning("%s: convergence guard: mean coarse loss %.4f over the last %d "
-                                "steps of S is above %.3f; restarting S (attempt %d of %d)",
-                                tag, dec.mean, dec.n, dec.threshold, attempt + 2,
-                                int(tc.guard_max_restarts) + 1)
-                    restarts.append(dict(event))
-                    if writer:
-                        writer.write(dict(event, event="guard_restart", next_attempt=attempt + 1))
-                    attempt, step, guard_hist = attempt + 1, 0, []
-                    state = place.put_state(fresh_state(attempt))
-                    batches.close()
-                    batches = batches_from(0, attempt)
-                    save(iteration, state, step)
-                    continue
-                kind = "guard_gave_up" if dec.restart else "guard_passed"
-                if dec.restart:
-                    log.warning("%s: convergence guard: S still stuck after %d restarts (mean "
-                                "coarse loss %.4f > %.3f); continuing", tag, attempt,
-                                dec.mean, dec.threshold)
-                else:
-                    log.info("%s: convergence guard: S converged (mean coarse loss %.4f <= %.3f)",
-                             tag, dec.mean, dec.threshold)
-                if writer:
-                    writer.write(dict(event, event=kind))
-            if ckpt_due:
-                save(iteration, state, step)
-        ck.wait()
-    finally:
-        batches.close()
-        try:
-            ck.close()
-        except Exception:  # noqa: BLE001 - do not mask the error being raised
-            log.exception("%s: closing the checkpoint manager failed", tag)
-    wall = time.time() - t_start
-    rec = last["record"] or {}
-    out = dict(summary, steps=step, iterations=iteration, restarts=restarts, complete=True,
-               wall_s=round(wall, 2), loss=rec.get("loss"), loss_coarse=rec.get("loss_coarse"),
-               loss_fine=rec.get("loss_fine"), config_hash=chash, compile_s=compile_s)
-    if primary:
-        atomic_write_text(rdir / "run.json", json.dumps(out, indent=2, default=str) + "\n")
-    log.info("%s: done in %s (%d steps, %d restarts); final loss %.4f", tag, fmt_duration(wall),
-             step, len(restarts), out["loss"] if out["loss"] is not None else float("nan"))
+def _finish(run: _Run, prog: _Progress, guard: ConvergenceGuard, reporter: StepReporter,
+            summary: dict, compile_s: dict[str, float]) -> dict:
+    """The run's summary, written as run.json (first host) and logged."""
+    wall = time.time() - reporter.t_start
+    rec = reporter.last_record or {}
+    out = dict(summary, steps=prog.step, iterations=prog.iteration, restarts=guard.restarts,
+               complete=True, wall_s=round(wall, 2), loss=rec.get("loss"),
+               loss_coarse=rec.get("loss_coarse"), loss_fine=rec.get("loss_fine"),
+               config_hash=run.chash, compile_s=compile_s)
+    if run.writer:
+        atomic_write_text(run.rdir / "run.json", json.dumps(out, indent=2, default=str) + "\n")
+    log.info("%s: done in %s (%d steps, %d restarts); final loss %.4f", run.tag,
+             fmt_duration(wall), prog.step, len(guard.restarts),
+             out["loss"] if out["loss"] is not None else float("nan"))
     return out
-
-
-def _mean(sums: dict, counts: dict, k: str) -> float:
-    c = counts.get(k, 0.0)
-    return sums[k] / c if c > 0 else float("nan")
 
 
 def train(config: Any, workdir: str | os.PathLike, *, overwrite: bool = False) -> list[dict]:
