@@ -106,3 +106,17 @@ def test_the_library_never_imports_launchers_or_benchmarks():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert node.module.split(".")[0] not in ("launch", "bench", "tests"), path
+
+
+def test_no_function_over_80_lines():
+    # DESIGN.md's rule for the library and the launchers (docstrings included).
+    long = []
+    for root in (STNJAX, STNJAX.parent / "launch"):
+        for path in root.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > 80:
+                        long.append(f"{path.relative_to(root.parent)}:{node.lineno} "
+                                    f"{node.name} ({n} lines)")
+    assert not long, "\n".join(long)

@@ -138,12 +138,8 @@ def _float_list(ds: pydicom.Dataset, keyword: str, n: int, f: str) -> np.ndarray
     return arr
 
 
-def _check_slices(folder: Path, members: list) -> tuple[list, np.ndarray]:
-    """Checks one series' headers, sorts its slices and builds the affine.
-
-    Returns the (file, dataset) pairs in slice order and the RAS affine.
-    """
-    first_f, first = members[0]
+def _check_pixels(folder: Path, members: list) -> None:
+    """Every file one single-sample frame, all of one size."""
     for f, ds in members:
         if "PixelData" not in ds:
             raise VolumeError(f"DICOM file {f}: no pixel data (PixelData "
@@ -163,6 +159,12 @@ def _check_slices(folder: Path, members: list) -> tuple[list, np.ndarray]:
                           for (r, c), fs in by_size.items())
         raise VolumeError(f"DICOM folder {folder}: slices have mixed sizes "
                           f"(rows x columns): {parts}")
+
+
+def _check_planes(folder: Path, members: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One orientation and pixel spacing for all slices; returns
+    (orientation (6,), pixel spacing (2,), positions (n, 3)) float64."""
+    first_f, first = members[0]
     iop0 = _float_list(first, "ImageOrientationPatient", 6, first_f)
     ps0 = _float_list(first, "PixelSpacing", 2, first_f)
     positions = []
@@ -180,21 +182,12 @@ def _check_slices(folder: Path, members: list) -> tuple[list, np.ndarray]:
                 f"{os.path.basename(first_f)} has {ps0.tolist()}, "
                 f"{os.path.basename(f)} has {ps.tolist()}")
         positions.append(_float_list(ds, "ImagePositionPatient", 3, f))
-    row_cos, col_cos = iop0[:3], iop0[3:]   # along a row / along a column
-    normal = np.cross(row_cos, col_cos)
-    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
-        raise VolumeError(f"DICOM file {first_f}: ImageOrientationPatient "
-                          f"{iop0.tolist()} is not two orthogonal unit vectors")
-    n = len(members)
-    if n < 2:
-        raise VolumeError(f"DICOM folder {folder}: the series has 1 slice; a "
-                          "volume needs at least 2 (slice spacing is undefined)")
-    positions = np.asarray(positions)
-    depth = positions @ normal
-    order = np.argsort(depth, kind="stable")
-    depth, positions = depth[order], positions[order]
-    members = [members[i] for i in order]
-    names = [os.path.basename(f) for f, _ in members]
+    return iop0, ps0, np.asarray(positions)
+
+
+def _check_steps(folder: Path, names: list[str], depth: np.ndarray) -> float:
+    """Slice depths (sorted, mm) without duplicates or uneven steps; returns
+    the median step."""
     steps = np.diff(depth)
     dup = np.flatnonzero(steps < 1e-3)
     if dup.size:
@@ -210,6 +203,32 @@ def _check_slices(folder: Path, members: list) -> tuple[list, np.ndarray]:
         raise VolumeError(
             f"DICOM folder {folder}: uneven slice spacing (a gap or missing "
             f"slice?): median step {median:.3f} mm, but {pairs}")
+    return median
+
+
+def _check_slices(folder: Path, members: list) -> tuple[list, np.ndarray]:
+    """Checks one series' headers, sorts its slices and builds the affine.
+
+    Returns the (file, dataset) pairs in slice order and the RAS affine.
+    """
+    _check_pixels(folder, members)
+    iop0, ps0, positions = _check_planes(folder, members)
+    first_f = members[0][0]
+    row_cos, col_cos = iop0[:3], iop0[3:]   # along a row / along a column
+    normal = np.cross(row_cos, col_cos)
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        raise VolumeError(f"DICOM file {first_f}: ImageOrientationPatient "
+                          f"{iop0.tolist()} is not two orthogonal unit vectors")
+    n = len(members)
+    if n < 2:
+        raise VolumeError(f"DICOM folder {folder}: the series has 1 slice; a "
+                          "volume needs at least 2 (slice spacing is undefined)")
+    depth = positions @ normal
+    order = np.argsort(depth, kind="stable")
+    depth, positions = depth[order], positions[order]
+    members = [members[i] for i in order]
+    names = [os.path.basename(f) for f, _ in members]
+    median = _check_steps(folder, names, depth)
     # The slice vector comes from the positions themselves, so a gantry tilt
     # gives a sheared affine instead of a silently wrong one.
     slice_vec = (positions[-1] - positions[0]) / (n - 1)

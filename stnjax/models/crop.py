@@ -376,6 +376,49 @@ def select_canvas(box_hw: jax.Array, canvases: Sequence[Sequence[int]]) -> tuple
     return index.astype(jnp.int32), ~any_fit
 
 
+def _check_fine_inputs(image: jax.Array, boxes: jax.Array, canvases: Sequence[Sequence[int]],
+                       active: jax.Array | None, margin: int | None
+                       ) -> tuple[list[tuple[int, int]], jax.Array, jax.Array]:
+    """`fine_on_canvas`'s argument checks; returns (canvases, int32 boxes, bool active)."""
+    check_array(image, "image", rank=4, finite=True, dtype_kind="f")
+    b, h, w, _ = image.shape
+    cv = check_canvases(canvases, image_hw=(h, w), margin=margin)
+    check_array(boxes, "boxes", rank=2, dtype_kind="iu")
+    if boxes.shape[0] != b:
+        raise InputError(f"boxes: expected shape ({b}, 4), got {tuple(boxes.shape)}")
+    _check_box(boxes, "boxes", (h, w))
+    if active is None:
+        return cv, boxes.astype(jnp.int32), jnp.ones((b,), bool)
+    check_array(active, "active", rank=1)
+    if active.shape[0] != b:
+        raise InputError(f"active: expected shape ({b},), got {tuple(active.shape)}")
+    return cv, boxes.astype(jnp.int32), active.astype(bool)
+
+
+def _canvas_branch(fn: Callable, canvas_hw: tuple[int, int], image_hw: tuple[int, int], *,
+                   fill: float, pass_hw: bool) -> Callable:
+    """The `lax.switch` branch of one canvas: crop every sample into it, run
+    `fn`, paste the logits back; returns (logits (B, H, W, Co), overflow count)."""
+    h, w = image_hw
+
+    def run(image, boxes, active):
+        crops, valid, origin, over = jax.vmap(
+            lambda im, bx: crop_to_canvas(im, bx, canvas_hw))(image, boxes)
+        valid = valid & active[:, None, None]
+        crops = jnp.where(valid[..., None], crops, jnp.zeros((), crops.dtype))
+        hw = jnp.stack([valid.any(axis=2).sum(axis=1),       # rows kept
+                        valid.any(axis=1).sum(axis=1)], -1)  # cols kept
+        out = fn(crops, hw.astype(jnp.int32)) if pass_hw else fn(crops)
+        if out.ndim != 4 or out.shape[:3] != crops.shape[:3]:
+            raise InputError(
+                f"fn: expected logits of shape {crops.shape[:3]} + (C,), "
+                f"got {tuple(out.shape)} for canvas {canvas_hw}")
+        logits = jax.vmap(lambda lg, v, o: paste_logits(lg, v, o, (h, w), fill=fill))(
+            out, valid, origin)
+        return logits, jnp.sum(over & active).astype(jnp.int32)
+    return run
+
+
 def fine_on_canvas(
     fn: Callable[[jax.Array], jax.Array],
     image: jax.Array,
@@ -436,44 +479,13 @@ def fine_on_canvas(
       info: dict of int32 scalars: 'canvas_index', 'canvas_h', 'canvas_w',
         'overflow_count' (active samples whose box was cut; count these).
     """
-    check_array(image, "image", rank=4, finite=True, dtype_kind="f")
-    b, h, w, _ = image.shape
-    cv = check_canvases(canvases, image_hw=(h, w), margin=margin)
-    check_array(boxes, "boxes", rank=2, dtype_kind="iu")
-    if boxes.shape[0] != b:
-        raise InputError(f"boxes: expected shape ({b}, 4), got {tuple(boxes.shape)}")
-    _check_box(boxes, "boxes", (h, w))
-    boxes = boxes.astype(jnp.int32)
-    if active is None:
-        active = jnp.ones((b,), bool)
-    else:
-        check_array(active, "active", rank=1)
-        if active.shape[0] != b:
-            raise InputError(f"active: expected shape ({b},), got {tuple(active.shape)}")
-        active = active.astype(bool)
+    cv, boxes, active = _check_fine_inputs(image, boxes, canvases, active, margin)
+    h, w = image.shape[1:3]
     box_hw = jnp.stack([boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]], -1)
     box_hw = jnp.where(active[:, None], box_hw, 0)
     index, _ = select_canvas(box_hw, cv)
-
-    def branch(canvas_hw):
-        def run(image, boxes, active):
-            crops, valid, origin, over = jax.vmap(
-                lambda im, bx: crop_to_canvas(im, bx, canvas_hw))(image, boxes)
-            valid = valid & active[:, None, None]
-            crops = jnp.where(valid[..., None], crops, jnp.zeros((), crops.dtype))
-            hw = jnp.stack([valid.any(axis=2).sum(axis=1),       # rows kept
-                            valid.any(axis=1).sum(axis=1)], -1)  # cols kept
-            out = fn(crops, hw.astype(jnp.int32)) if pass_hw else fn(crops)
-            if out.ndim != 4 or out.shape[:3] != crops.shape[:3]:
-                raise InputError(
-                    f"fn: expected logits of shape {crops.shape[:3]} + (C,), "
-                    f"got {tuple(out.shape)} for canvas {canvas_hw}")
-            logits = jax.vmap(lambda lg, v, o: paste_logits(lg, v, o, (h, w), fill=fill))(
-                out, valid, origin)
-            return logits, jnp.sum(over & active).astype(jnp.int32)
-        return run
-
-    logits, n_over = lax.switch(index, [branch(c) for c in cv], image, boxes, active)
+    branches = [_canvas_branch(fn, c, (h, w), fill=fill, pass_hw=pass_hw) for c in cv]
+    logits, n_over = lax.switch(index, branches, image, boxes, active)
     sizes = jnp.asarray(np.array(cv, np.int32))
     info = {"canvas_index": index, "canvas_h": sizes[index, 0],
             "canvas_w": sizes[index, 1], "overflow_count": n_over}

@@ -58,7 +58,7 @@ the FLOPs); on CPU at width 1/16 and 1/4 the time is within noise (+-6 %).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -316,27 +316,7 @@ class FCN8s(nn.Module):
             return Conv2D(kshape[-1], kshape[0], padding, self.dtype, kinit, zero,
                           grad=grad, name=name)(h)
 
-        # Masking the input makes the result independent of what the padded
-        # area holds (the lone run sees zeros there: its conv padding).
-        h = keep(x.astype(self.dtype), "input")
-        if not ref:  # zero-pad bottom/right to a multiple of 32
-            h = jnp.pad(h, ((0, 0), (0, -height % 32), (0, -width % 32), (0, 0)))
-        pools = []
-        for b, (nconv, _) in enumerate(VGG16_BLOCKS):
-            for j in range(nconv):
-                pad = 100 if (ref and b == 0 and j == 0) else 1
-                h = nn.relu(conv(f"conv{b + 1}_{j + 1}", h, ((pad, pad), (pad, pad))))
-                # A masked zero is what the lone run's next conv reads as its
-                # zero padding.
-                h = keep(h, f"conv{b + 1}")
-            # No mask after pooling: windows beyond the pooled extent hold
-            # only masked zeros (and -inf padding), so they give 0 already;
-            # the last window of an odd extent (ceil mode, reference) holds
-            # valid values >= 0 (post-ReLU) and masked zeros, so its max is
-            # the max of the valid part, which is what the lone run takes.
-            h = max_pool_ceil(h)
-            pools.append(h)
-        pool3, pool4 = pools[2], pools[3]
+        h, pool3, pool4 = _vgg_body(x.astype(self.dtype), conv, keep, ref)
         # fc6: a 7x7 conv on the small pool5 map; its gradients go through
         # im2col (`conv_grad`): XLA:CPU's own input gradient of it is 30-60x
         # its forward when the map is barely larger than the kernel.
@@ -352,29 +332,64 @@ class FCN8s(nn.Module):
         # the lone run's padding) is exact inside the "fc6" extent; fc7 and
         # score_fr are 1x1, so the relu(bias) values beyond it only reach
         # score_fr beyond it, which is masked: no mask on the 4096-wide maps.
+        return _heads(h, pool3, pool4, conv, keep, ref, (height, width))
 
-        # Heads: 3-channel maps, fused and upsampled in float32 (cheap).
-        # Masks on score_fr and the fused maps (values of either sign): a
-        # transposed conv of a map that is zero beyond its extent equals the
-        # lone run's on that run's whole output; the skip maps score_pool4 / 3
-        # are not masked, they only enter through the masked sums.
-        score_fr = keep(conv("score_fr", h, "VALID").astype(jnp.float32), "fc6")
-        score_pool4 = conv("score_pool4", pool4, "VALID").astype(jnp.float32)
-        score_pool3 = conv("score_pool3", pool3, "VALID").astype(jnp.float32)
-        if ref:
-            up2 = upsample_bilinear(score_fr, 4, 2)
-            fuse4 = keep(up2 + score_pool4[:, 5:5 + up2.shape[1], 5:5 + up2.shape[2]], "fuse4")
-            up4 = upsample_bilinear(fuse4, 4, 2)
-            fuse3 = keep(up4 + score_pool3[:, 9:9 + up4.shape[1], 9:9 + up4.shape[2]], "fuse3")
-            full = (fuse3.shape[1] - 1) * 8 + 16, (fuse3.shape[2] - 1) * 8 + 16
-            out = upsample_bilinear(
-                fuse3, 16, 8, (31, full[0] - 31 - height, 31, full[1] - 31 - width))
-        else:
-            fuse4 = keep(upsample_bilinear(score_fr, 4, 2, (1, 1, 1, 1)) + score_pool4, "fuse4")
-            fuse3 = keep(upsample_bilinear(fuse4, 4, 2, (1, 1, 1, 1)) + score_pool3, "fuse3")
-            # Aligned crop of 4 per side, plus the bottom/right padding.
-            pad_h, pad_w = -height % 32, -width % 32
-            out = upsample_bilinear(fuse3, 16, 8, (4, 4 + pad_h, 4, 4 + pad_w))
-        # The lone run's output ends at (h, w); beyond it the padded run would
-        # give the upsampling's tail: zeroed, so it has no gradient either.
-        return keep(out, "output")
+
+def _vgg_body(x: jax.Array, conv: Callable, keep: Callable, ref: bool
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The five VGG16 blocks of `FCN8s` (convs, ReLUs, ceil-mode pooling),
+    masked stage by stage; returns (pool5, pool3, pool4)."""
+    height, width = x.shape[1:3]
+    # Masking the input makes the result independent of what the padded
+    # area holds (the lone run sees zeros there: its conv padding).
+    h = keep(x, "input")
+    if not ref:  # zero-pad bottom/right to a multiple of 32
+        h = jnp.pad(h, ((0, 0), (0, -height % 32), (0, -width % 32), (0, 0)))
+    pools = []
+    for b, (nconv, _) in enumerate(VGG16_BLOCKS):
+        for j in range(nconv):
+            pad = 100 if (ref and b == 0 and j == 0) else 1
+            h = nn.relu(conv(f"conv{b + 1}_{j + 1}", h, ((pad, pad), (pad, pad))))
+            # A masked zero is what the lone run's next conv reads as its
+            # zero padding.
+            h = keep(h, f"conv{b + 1}")
+        # No mask after pooling: windows beyond the pooled extent hold
+        # only masked zeros (and -inf padding), so they give 0 already;
+        # the last window of an odd extent (ceil mode, reference) holds
+        # valid values >= 0 (post-ReLU) and masked zeros, so its max is
+        # the max of the valid part, which is what the lone run takes.
+        h = max_pool_ceil(h)
+        pools.append(h)
+    return h, pools[2], pools[3]
+
+
+def _heads(h: jax.Array, pool3: jax.Array, pool4: jax.Array, conv: Callable, keep: Callable,
+           ref: bool, hw: tuple[int, int]) -> jax.Array:
+    """The score heads of `FCN8s`: fc7's map and the pool3 / pool4 skips
+    fused and upsampled to the input size `hw`; (N, H, W, C) float32."""
+    height, width = hw
+    # Heads: 3-channel maps, fused and upsampled in float32 (cheap).
+    # Masks on score_fr and the fused maps (values of either sign): a
+    # transposed conv of a map that is zero beyond its extent equals the
+    # lone run's on that run's whole output; the skip maps score_pool4 / 3
+    # are not masked, they only enter through the masked sums.
+    score_fr = keep(conv("score_fr", h, "VALID").astype(jnp.float32), "fc6")
+    score_pool4 = conv("score_pool4", pool4, "VALID").astype(jnp.float32)
+    score_pool3 = conv("score_pool3", pool3, "VALID").astype(jnp.float32)
+    if ref:
+        up2 = upsample_bilinear(score_fr, 4, 2)
+        fuse4 = keep(up2 + score_pool4[:, 5:5 + up2.shape[1], 5:5 + up2.shape[2]], "fuse4")
+        up4 = upsample_bilinear(fuse4, 4, 2)
+        fuse3 = keep(up4 + score_pool3[:, 9:9 + up4.shape[1], 9:9 + up4.shape[2]], "fuse3")
+        full = (fuse3.shape[1] - 1) * 8 + 16, (fuse3.shape[2] - 1) * 8 + 16
+        out = upsample_bilinear(
+            fuse3, 16, 8, (31, full[0] - 31 - height, 31, full[1] - 31 - width))
+    else:
+        fuse4 = keep(upsample_bilinear(score_fr, 4, 2, (1, 1, 1, 1)) + score_pool4, "fuse4")
+        fuse3 = keep(upsample_bilinear(fuse4, 4, 2, (1, 1, 1, 1)) + score_pool3, "fuse3")
+        # Aligned crop of 4 per side, plus the bottom/right padding.
+        pad_h, pad_w = -height % 32, -width % 32
+        out = upsample_bilinear(fuse3, 16, 8, (4, 4 + pad_h, 4, 4 + pad_w))
+    # The lone run's output ends at (h, w); beyond it the padded run would
+    # give the upsampling's tail: zeroed, so it has no gradient either.
+    return keep(out, "output")
