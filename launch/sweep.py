@@ -18,7 +18,7 @@ from pathlib import Path
 from absl import flags
 
 from launch import app
-from stnjax.eval import summaries as evaluate
+from stnjax.eval import summaries
 from stnjax.eval import plots, report
 from stnjax.eval.records import read_records
 from stnjax.checks import InputError
@@ -30,7 +30,7 @@ _OUT = flags.DEFINE_string("out", None, "Output folder for sweep.csv and the PNG
 _THRESHOLDS = flags.DEFINE_string(
     "thresholds", "0.80:0.99:0.01,0.995,0.999",
     "Comma-separated thresholds t and start:stop:step ranges (stop included).")
-_T = flags.DEFINE_float("t", evaluate.MAIN_THRESHOLD,
+_T = flags.DEFINE_float("t", summaries.MAIN_THRESHOLD,
                         "Threshold of the per-case method comparison plot.")
 
 
@@ -38,9 +38,9 @@ def main(argv: list[str]) -> None:
     app.no_arguments(argv)
     try:
         records = read_records(*_RECORDS.value)
-        rows = evaluate.sweep(records, evaluate.parse_thresholds(_THRESHOLDS.value))
+        rows = summaries.sweep(records, summaries.parse_thresholds(_THRESHOLDS.value))
         out = Path(_OUT.value)
-        csv_path = evaluate.write_sweep_csv(rows, out / evaluate.SWEEP_CSV)
+        csv_path = summaries.write_sweep_csv(rows, out / summaries.SWEEP_CSV)
         pngs = plots.write_plots(records, rows, out, _T.value)
     except (InputError, OSError) as e:
         raise SystemExit(f"launch.sweep: {e}") from None

@@ -19,9 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from stnjax.data import manifest as stdata
-from stnjax.eval import summaries as evaluate
+from stnjax.eval import summaries
 from stnjax.infer import rounds as infer
-from stnjax.data import volume_io as io
+from stnjax.data import volume_io
 from stnjax import metrics
 from stnjax.eval import plots
 from stnjax.eval import report as text_report
@@ -120,7 +120,7 @@ def check_writable(folder: str | os.PathLike) -> Path:
     return out
 
 
-def case_record(res: CaseResult, case: io.Case, *, fold: int, method: str,
+def case_record(res: CaseResult, case: volume_io.Case, *, fold: int, method: str,
                 t: float) -> CaseRecord:
     """The per-case record of one evaluated volume.
 
@@ -187,7 +187,7 @@ def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
             records.append(done[cid])
             continue
         entry = manifest.case(cid)
-        case = io.load_case(manifest.root / entry.image, manifest.root / entry.label,
+        case = volume_io.load_case(manifest.root / entry.image, manifest.root / entry.label,
                             organ_id=organ, case_id=cid)
         t0 = time.perf_counter()
         res = seg.segment(case.image, label=case.label, t=t,
@@ -196,7 +196,7 @@ def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
         rec = case_record(res, case, fold=fold, method=method_label(config), t=t)
         records.append(rec)
         if preds is not None:
-            io.save_mask(res.mask, case.geometry, preds / f"{cid}.nii.gz")
+            volume_io.save_mask(res.mask, case.geometry, preds / f"{cid}.nii.gz")
         log.info("fold %d case %d/%d %s: DSC round 0 %.2f %%, at t=%.2f %.2f %% "
                  "(round %d), %.1f s", fold, i + 1, len(test_ids), cid,
                  100 * rec.dsc_rounds[0], t, 100 * rec.metrics_at[threshold_key(t)]["dsc"],
@@ -249,13 +249,13 @@ def report(records: Sequence[CaseRecord], out_dir: str | os.PathLike, *,
     out = check_writable(out_dir)
     if config is not None:
         write_provenance(config, out)
-    summary = evaluate.summarize(records, thresholds=tuple(thresholds),
+    summary = summaries.summarize(records, thresholds=tuple(thresholds),
                                  main_threshold=main_threshold)
     text_report.write_summary(summary, out)
     sweep_ts = sorted(set(np.round(np.arange(0.80, 1.0, 0.01), 2).tolist())
                       | set(float(t) for t in thresholds) | {0.995})
-    rows = evaluate.sweep(records, sweep_ts)
-    evaluate.write_sweep_csv(rows, out / "sweep.csv")
+    rows = summaries.sweep(records, sweep_ts)
+    summaries.write_sweep_csv(rows, out / "sweep.csv")
     plots.write_plots(records, rows, out, main_threshold)
     return text_report.format_summary(summary)
 
@@ -317,7 +317,7 @@ def segment_files(config: Any, workdir: str | os.PathLike, inputs_: Sequence[str
     if not inputs_:
         raise InputError("inputs: give at least one NIfTI file or DICOM folder")
     out = check_writable(out_dir)
-    volumes = [(Path(p), io.load_image(p)) for p in inputs_]  # fail before writing
+    volumes = [(Path(p), volume_io.load_image(p)) for p in inputs_]  # fail before writing
     spec = inference_spec(config)
     rstn, params = load_models(config, workdir, fold, spec.planes)
     seg = make_segmenter(config, rstn, params)
@@ -329,7 +329,7 @@ def segment_files(config: Any, workdir: str | os.PathLike, inputs_: Sequence[str
                           run_all_rounds=False)
         name = path.name.removesuffix(".gz").removesuffix(".nii") or "volume"
         dest = out / f"{name}_mask.nii.gz"
-        io.save_mask(res.mask, vol.geometry, dest)
+        volume_io.save_mask(res.mask, vol.geometry, dest)
         written.append(dest)
         log.info("%d/%d %s: %d voxels, %d rounds, %.1f s (coarse %.1f s)", i + 1,
                  len(volumes), path, int(res.mask.sum()), res.rounds,
