@@ -327,10 +327,10 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
     tag = f"{run_label + ' ' if run_label else ''}fold {fold} plane {plane}"
     run, pdata, n_devices = _open_run(config, workdir, fold, plane, store=store,
                                       ds_dir=ds_dir, rstn=rstn, tag=tag)
+    write = run.writer.write if run.writer else None  # metrics.jsonl: first host only
     guard_args = dict(on=tc.method == "rstn" and int(tc.guard_max_restarts) > 0,
                       window=int(tc.guard_window), threshold=float(tc.guard_coarse_loss),
-                      max_restarts=int(tc.guard_max_restarts), tag=tag,
-                      write=run.writer.write if run.writer else None)
+                      max_restarts=int(tc.guard_max_restarts), tag=tag, write=write)
     prog, host_state, guard = _restore(run, guard_args)
     summary = {"fold": fold, "plane": plane, "run_dir": str(run.rdir), "total_steps": run.total,
                "slices": int(len(pdata.slices)), "devices": n_devices}
@@ -344,7 +344,7 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
              n_devices, int(config.data.batch_size), tc.stages)
     state = run.place.put_state(host_state)
     del host_state
-    reporter = StepReporter(host_metrics=run.place.host_metrics, write=run.writer and run.writer.write,
+    reporter = StepReporter(host_metrics=run.place.host_metrics, write=write,
                             tag=tag, fold=fold, plane=plane, stages=run.stages, total=run.total,
                             base_lr=float(tc.base_lr), j_halving_every=int(tc.j_halving_every))
     compile_s = _train_steps(run, prog, guard, state, reporter)
