@@ -36,7 +36,7 @@ from stnjax import infer  # noqa: E402
 from stnjax.phantom import volumes as phantom  # noqa: E402
 from stnjax.fileio import atomic_write_text  # noqa: E402
 from stnjax.models.rstn import RSTN  # noqa: E402
-from stnjax.data.preprocess import window_hu  # noqa: E402
+from stnjax.data.preprocess import model_input  # noqa: E402
 
 PAPER_MEAN_ROUNDS = 5.22
 
@@ -78,7 +78,7 @@ def end_to_end(width, variant, dtype, shape, batch, rounds) -> dict:
     params = {p: init(k, (64, 64)) for p, k in zip("XYZ", keys)}
     hu, labels, _ = phantom.make_phantom(0, phantom.PhantomConfig(shape=shape))
     label = jnp.asarray(labels == phantom.PANCREAS_ID)
-    image = jnp.asarray(window_hu(hu))
+    image = jnp.asarray(model_input(hu))
     extent = jnp.asarray(shape, jnp.int32)
 
     def coarse(params, image, extent):

@@ -23,7 +23,7 @@ def j_batch(b: int, size: int, crop: str) -> dict:
         bh, bw = (size * 100) // 512, (size * 80) // 512
         r0, c0 = size // 2 - bh // 2, size // 2 - bw // 2
         label[:, r0:r0 + bh, c0:c0 + bw, :] = 1.0
-    return {"image": image, "label": label, "valid": np.ones((b, size, size), bool),
+    return {"image": image, "label": label, "hw": np.full((b, 2), size, np.int32),
             "weight": np.ones((b,), np.float32)}
 
 

@@ -51,6 +51,16 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         sys.exit(f"error: invalid --config override: {msg.strip()}")
 
 
+def define_config(default: str | None = None):
+    """The --config flag of a command: a Python config file (`get_config()`),
+    locked so a misspelt --config.FIELD override is an error naming it.
+    Returns the flag holder; its `.value` is read once, at the top of `main`,
+    and turned into the library's typed specs there."""
+    from ml_collections import config_flags
+    return config_flags.DEFINE_config_file("config", default, "Python config file.",
+                                           lock_config=True)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """Starts a command: huge pages (one re-execution), flags, then `main(argv)`."""
     hugepages.reexec_with_huge_pages()

@@ -23,12 +23,10 @@ stnjax.eval.runs.
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
 
 from launch import app
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
-                                          lock_config=True)
+_CONFIG = app.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
 _RESUME = flags.DEFINE_bool(
@@ -42,16 +40,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     app.no_arguments(argv)
     from stnjax.eval import runs  # imports jax: after flag parsing
+    from stnjax.eval.spec import EvalSpec
 
-    config, workdir = _CONFIG.value, Path(_WORKDIR.value)
+    workdir = Path(_WORKDIR.value)
     out = Path(_OUT.value) if _OUT.value else workdir / "eval"
     with app.exit_on_error():
-        runs.inference_spec(config)  # bad inference settings: before any output
+        spec = EvalSpec.from_config(_CONFIG.value)  # bad settings: before any output
         runs.check_writable(out)
     # The cache in the output folder: evaluate leaves the training workdir alone.
     log = app.setup(out / "evaluate.log", cache_base=out)
     with app.exit_on_error(log):
-        text = runs.evaluate_and_report(config, workdir, out_dir=out,
+        text = runs.evaluate_and_report(spec, workdir, out_dir=out,
                                         write_predictions=not _NO_PREDICTIONS.value,
                                         resume=_RESUME.value)
     print(text)

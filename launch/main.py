@@ -21,13 +21,10 @@ summary compares them with the reference setting case by case. Pass
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
 
 from launch import app
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(Path(__file__).parent / "configs" / "phantom.py"), "Python config file.",
-    lock_config=True)
+_CONFIG = app.define_config(str(Path(__file__).parent / "configs" / "phantom.py"))
 _WORKDIR = flags.DEFINE_string("workdir", "runs/phantom", "Output folder.")
 _ALSO = flags.DEFINE_list("also_saliency_inputs", ["coarse"],
                           "Also evaluate with these infer.saliency_input values.")
@@ -36,15 +33,17 @@ _ALSO = flags.DEFINE_list("also_saliency_inputs", ["coarse"],
 def main(argv):
     app.no_arguments(argv)
     from stnjax.eval import runs  # imports jax: after flag parsing
+    from stnjax.eval.spec import EvalSpec
     from stnjax.train import loop
 
-    config, workdir = _CONFIG.value, Path(_WORKDIR.value)
+    workdir = Path(_WORKDIR.value)
     log = app.setup(workdir / "main.log", cache_base=workdir)
     with app.exit_on_error(log):
-        # Bad names fail here, before any training.
-        variants = runs.saliency_variants(config, _ALSO.value)
-        loop.train(config, workdir)
-        text = runs.evaluate_and_report(config, workdir, variants=variants)
+        # The config is read here, once; bad fields and names fail before any training.
+        spec = EvalSpec.from_config(_CONFIG.value)
+        variants = runs.saliency_variants(spec, _ALSO.value)
+        loop.train(spec.train, workdir)
+        text = runs.evaluate_and_report(spec, workdir, variants=variants)
     print(text)
     print(f"results in {workdir / 'eval'}")
 

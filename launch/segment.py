@@ -10,12 +10,10 @@ input is read and checked before anything is written. Runs on CPU too.
 
 
 from absl import flags
-from ml_collections import config_flags
 
 from launch import app
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
-                                          lock_config=True)
+_CONFIG = app.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for the masks.")
 _FOLD = flags.DEFINE_integer("fold", 0, "Which fold's models to use.")
@@ -24,12 +22,14 @@ flags.mark_flags_as_required(["config", "workdir", "out"])
 
 def main(argv):
     from stnjax.eval import runs  # imports jax: after flag parsing
+    from stnjax.eval.spec import EvalSpec
 
     # No log file (nothing is written before the checks); the trained
     # workdir's compilation cache, shared with evaluate.
     log = app.setup(None, cache_base=_WORKDIR.value)
     with app.exit_on_error(log):
-        written = runs.segment_files(_CONFIG.value, _WORKDIR.value, argv[1:],
+        spec = EvalSpec.from_config(_CONFIG.value)
+        written = runs.segment_files(spec, _WORKDIR.value, argv[1:],
                                      out_dir=_OUT.value, fold=_FOLD.value)
     for p in written:
         print(f"wrote {p}")

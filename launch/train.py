@@ -18,12 +18,10 @@ another config is refused unless --overwrite. Compiled steps are cached in
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
 
 from launch import app
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
-                                          lock_config=True)
+_CONFIG = app.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the runs.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Delete checkpoints of another config in the workdir.")
@@ -38,18 +36,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     app.no_arguments(argv)
     import jax  # after flag parsing
-
     from stnjax.train import loop
+    from stnjax.train.spec import TrainSpec
 
-    config = _CONFIG.value
-    loop.initialize_distributed(config, force=_MULTIHOST.value or bool(_COORD.value),
+    with app.exit_on_error():  # the config, read once here; nothing written yet
+        spec = TrainSpec.from_config(_CONFIG.value)
+    loop.initialize_distributed(spec.loop.multihost or _MULTIHOST.value or bool(_COORD.value),
                                 coordinator=_COORD.value, num_processes=_NPROC.value,
                                 process_id=_PID.value)
     workdir = Path(_WORKDIR.value)
     log = app.setup(workdir / "train.log", cache_base=workdir,
                     primary=jax.process_index() == 0)
     with app.exit_on_error(log):
-        summaries = loop.train(config, workdir, overwrite=_OVERWRITE.value)
+        summaries = loop.train(spec, workdir, overwrite=_OVERWRITE.value)
     for s in summaries:
         print(f"fold {s['fold']} plane {s['plane']}: {s['steps']} steps, "
               f"{len(s['restarts'])} restarts, loss {s.get('loss')}, {s['run_dir']}")

@@ -60,10 +60,12 @@ def test_box_matches_numpy_on_random_batches():
                      rng.choice([0.0, 0.002, 0.01, 0.05], size=b)])
     margins = rng.integers(0, 9, size=(b, 4)).astype(np.int32)
     valid = np.zeros((b, h, w), bool)
+    sizes = np.zeros((b, 2), np.int32)
     for i in range(b):
-        valid[i, :rng.integers(5, h + 1), :rng.integers(5, w + 1)] = True
+        sizes[i] = rng.integers(5, h + 1), rng.integers(5, w + 1)
+        valid[i, :sizes[i, 0], :sizes[i, 1]] = True
     boxes, ok = jax.jit(C.boxes_from_maps)(jnp.asarray(refs), jnp.asarray(margins),
-                                           valid=jnp.asarray(valid))
+                                           hw=jnp.asarray(sizes))
     boxes_nv, ok_nv = C.boxes_from_maps(jnp.asarray(refs), jnp.asarray(margins))
     assert boxes.dtype == jnp.int32 and boxes.shape == (b, 4)
     for i in range(b):
@@ -95,17 +97,29 @@ def test_box_hand_cases():
     assert list(np.asarray(box)) == [0, 64, 0, 80] and not bool(ok)
 
 
-def test_box_valid_mask_ignores_padding_and_clamps():
+def test_box_real_size_ignores_padding_and_clamps():
     ref = np.zeros((32, 32, 3), np.float32)
-    valid = np.zeros((32, 32), bool)
-    valid[:20, :25] = True
     ref[25, 5, 0] = 1.0            # in the padding: ignored
     ref[18, 23, 1] = 1.0           # near the valid border: clamped to (20, 25)
-    box, ok = C.box_from_map(jnp.asarray(ref), C.fixed_margins(4), valid=jnp.asarray(valid))
+    box, ok = C.box_from_map(jnp.asarray(ref), C.fixed_margins(4), hw=jnp.asarray([20, 25]))
     assert list(np.asarray(box)) == [14, 20, 19, 25] and bool(ok)
     ref[18, 23, 1] = 0.0
-    box, ok = C.box_from_map(jnp.asarray(ref), C.fixed_margins(4), valid=jnp.asarray(valid))
+    box, ok = C.box_from_map(jnp.asarray(ref), C.fixed_margins(4), hw=jnp.asarray([20, 25]))
     assert list(np.asarray(box)) == [0, 20, 0, 25] and not bool(ok)
+
+
+def test_extent_mask_matches_numpy():
+    """extent_mask(hw, shape) is the top-left hw region, for one size and a batch."""
+    m = np.asarray(C.extent_mask(jnp.asarray([3, 5]), (6, 7)))
+    want = np.zeros((6, 7), bool)
+    want[:3, :5] = True
+    np.testing.assert_array_equal(m, want)
+    sizes = np.array([[6, 7], [0, 0], [1, 2]], np.int32)
+    got = np.asarray(C.extent_mask(jnp.asarray(sizes), (6, 7)))
+    for i, (h, w) in enumerate(sizes):
+        want = np.zeros((6, 7), bool)
+        want[:h, :w] = True
+        np.testing.assert_array_equal(got[i], want)
 
 
 def test_box_with_fallback_sources():

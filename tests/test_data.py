@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from stnjax.data import store as case_store
-from stnjax.data import manifest as data
-from stnjax.data import volume_io as io
+from stnjax.data import manifest
+from stnjax.data import volume_io
 from stnjax.phantom import volumes as phantom
 from stnjax.phantom import dataset as phantom_dataset
 from stnjax.data import preprocess
@@ -33,7 +33,7 @@ def phantoms(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def store(phantoms, tmp_path_factory):
-    return case_store.CaseStore(data.load_manifest(phantoms), tmp_path_factory.mktemp("cache"))
+    return case_store.CaseStore(manifest.load_manifest(phantoms), tmp_path_factory.mktemp("cache"))
 
 
 def _write_case(folder, cid, shape, organ_slices, rng):
@@ -58,15 +58,15 @@ def mixed(tmp_path_factory):
              _write_case(root, "b", (20, 30, 10), range(0, 10), rng),
              _write_case(root, "c", (40, 30, 10), range(3, 6), rng),
              _write_case(root, "d", (33, 12, 10), range(4, 9), rng)]
-    data.write_manifest(root, name="mixed", organ_id=1, cases=cases)
-    return case_store.CaseStore(data.load_manifest(root), root / "cache")
+    manifest.write_manifest(root, name="mixed", organ_id=1, cases=cases)
+    return case_store.CaseStore(manifest.load_manifest(root), root / "cache")
 
 
 # ------------------------------------------------------------------ folds
 
 def test_folds_by_position_82_matches_reference():
     ids = [f"{i:04d}" for i in range(1, 83)]
-    folds = data.folds_by_position(ids[::-1], 4)  # input order does not matter
+    folds = manifest.folds_by_position(ids[::-1], 4)  # input order does not matter
     assert [len(folds[f]) for f in range(4)] == [20, 20, 21, 21]
     # FD0 tests 01-20, FD1 21-40, FD2 41-61, FD3 62-82 (reference 1.4)
     assert folds[0] == ids[0:20] and folds[1] == ids[20:40]
@@ -77,29 +77,29 @@ def test_folds_by_position_82_matches_reference():
                                       (7, [1, 2, 2, 2])])
 def test_folds_by_position_small(n, sizes):
     ids = [f"c{i}" for i in range(n)]
-    folds = data.folds_by_position(ids, 4)
+    folds = manifest.folds_by_position(ids, 4)
     assert [len(folds[f]) for f in range(4)] == sizes
     assert sum(folds.values(), []) == sorted(ids)  # contiguous, in order, each once
 
 
 def test_folds_by_position_errors():
-    with pytest.raises(data.DatasetError, match="duplicate"):
-        data.folds_by_position(["a", "a", "b", "c"])
-    with pytest.raises(data.DatasetError, match="cannot fill"):
-        data.folds_by_position(["a", "b", "c"], 4)
+    with pytest.raises(manifest.DatasetError, match="duplicate"):
+        manifest.folds_by_position(["a", "a", "b", "c"])
+    with pytest.raises(manifest.DatasetError, match="cannot fill"):
+        manifest.folds_by_position(["a", "b", "c"], 4)
 
 
 def test_nih_table_missing_ids_do_not_shift():
-    default = data.nih_pancreas_fold_table()
+    default = manifest.nih_pancreas_fold_table()
     assert [len(default[f]) for f in range(4)] == [20, 19, 21, 20]  # 25 and 70 removed
     assert "PANCREAS_0025" not in default[1] and "PANCREAS_0070" not in default[3]
     assert default[0][0] == "PANCREAS_0001" and default[2][-1] == "PANCREAS_0061"
     present = [f"{i:04d}" for i in range(1, 83) if i not in (3, 25, 41, 70)]
-    table = data.nih_pancreas_fold_table(present)
-    for f, (lo, hi) in enumerate(data.NIH_PANCREAS_FOLD_RANGES):
+    table = manifest.nih_pancreas_fold_table(present)
+    for f, (lo, hi) in enumerate(manifest.NIH_PANCREAS_FOLD_RANGES):
         assert table[f] == [f"{i:04d}" for i in range(lo, hi + 1) if i not in (3, 25, 41, 70)]
-    with pytest.raises(data.DatasetError, match="NIH case number"):
-        data.nih_pancreas_fold_table(["PANCREAS_0083"])
+    with pytest.raises(manifest.DatasetError, match="NIH case number"):
+        manifest.nih_pancreas_fold_table(["PANCREAS_0083"])
 
 
 def test_fold_table_round_trip_and_missing_case(phantoms, tmp_path, caplog):
@@ -107,37 +107,37 @@ def test_fold_table_round_trip_and_missing_case(phantoms, tmp_path, caplog):
     root.mkdir()
     for p in ("images", "labels"):
         os.symlink(phantoms / p, root / p)
-    m = data.load_manifest(phantoms)
-    data.write_manifest(root, name="x", organ_id=7, cases=m.cases)
-    table = data.load_or_create_fold_table(root)  # created once
-    assert table == data.folds_by_position(m.case_ids)
-    assert data.read_fold_table(root / data.FOLDS_FILE) == table
+    m = manifest.load_manifest(phantoms)
+    manifest.write_manifest(root, name="x", organ_id=7, cases=m.cases)
+    table = manifest.load_or_create_fold_table(root)  # created once
+    assert table == manifest.folds_by_position(m.case_ids)
+    assert manifest.read_fold_table(root / manifest.FOLDS_FILE) == table
     # a case disappears: the stored table is reused, nothing shifts
     kept = [c for c in m.cases if c.id != "phantom_002"]
-    data.write_manifest(root, name="x", organ_id=7, cases=kept)
+    manifest.write_manifest(root, name="x", organ_id=7, cases=kept)
     with caplog.at_level(logging.WARNING):
-        again = data.load_or_create_fold_table(root)
+        again = manifest.load_or_create_fold_table(root)
     assert again == table and "phantom_002" in caplog.text
-    ids = data.load_manifest(root).case_ids
-    train, test = data.split(again, 1, ids)
+    ids = manifest.load_manifest(root).case_ids
+    train, test = manifest.split(again, 1, ids)
     assert test == ["phantom_003"] and "phantom_002" not in train and len(train) == 6
-    assert data.split(again, 0) == (sorted(sum((table[f] for f in (1, 2, 3)), [])), table[0])
-    with pytest.raises(data.DatasetError, match="fold"):
-        data.split(again, 4)
-    with pytest.raises(data.DatasetError, match="in no fold"):
-        data.split(again, 0, list(ids) + ["new_case"])
-    with pytest.raises(data.DatasetError, match="has 4 folds"):
-        data.load_or_create_fold_table(root, n_folds=5)
+    assert manifest.split(again, 0) == (sorted(sum((table[f] for f in (1, 2, 3)), [])), table[0])
+    with pytest.raises(manifest.DatasetError, match="fold"):
+        manifest.split(again, 4)
+    with pytest.raises(manifest.DatasetError, match="in no fold"):
+        manifest.split(again, 0, list(ids) + ["new_case"])
+    with pytest.raises(manifest.DatasetError, match="has 4 folds"):
+        manifest.load_or_create_fold_table(root, n_folds=5)
 
 
 def test_fold_table_file_errors(tmp_path):
     bad = tmp_path / "folds.json"
     bad.write_text(json.dumps({"folds": {"0": ["a", "b"], "1": ["b"]}}))
-    with pytest.raises(data.DatasetError, match="'b' is in folds 0 and 1"):
-        data.read_fold_table(bad)
+    with pytest.raises(manifest.DatasetError, match="'b' is in folds 0 and 1"):
+        manifest.read_fold_table(bad)
     bad.write_text("{not json")
-    with pytest.raises(data.DatasetError, match="not valid JSON"):
-        data.read_fold_table(bad)
+    with pytest.raises(manifest.DatasetError, match="not valid JSON"):
+        manifest.read_fold_table(bad)
 
 
 # ------------------------------------------------------------------ manifest
@@ -147,7 +147,7 @@ def test_manifest_errors_name_file_and_case(tmp_path):
     good = {"name": "t", "organ_id": 1,
             "cases": [{"id": "c1", "image": "img.nii.gz", "label": None}]}
     (tmp_path / "dataset.json").write_text(json.dumps(good))
-    m = data.load_manifest(tmp_path)
+    m = manifest.load_manifest(tmp_path)
     assert m.case_ids == ("c1",) and m.cases[0].label is None and m.root == tmp_path.resolve()
     bad_cases = {
         "does not exist": {"id": "c2", "image": "missing.nii.gz", "label": None},
@@ -157,14 +157,14 @@ def test_manifest_errors_name_file_and_case(tmp_path):
     for msg, case in bad_cases.items():
         bad = {**good, "cases": good["cases"] + [case]}
         (tmp_path / "dataset.json").write_text(json.dumps(bad))
-        with pytest.raises(data.DatasetError, match=msg) as e:
-            data.load_manifest(tmp_path)
+        with pytest.raises(manifest.DatasetError, match=msg) as e:
+            manifest.load_manifest(tmp_path)
         assert "dataset.json" in str(e.value)
     (tmp_path / "dataset.json").write_text(json.dumps({**good, "organ_id": 0}))
-    with pytest.raises(data.DatasetError, match="organ_id"):
-        data.load_manifest(tmp_path)
-    with pytest.raises(data.DatasetError, match="no such file"):
-        data.load_manifest(tmp_path / "nowhere")
+    with pytest.raises(manifest.DatasetError, match="organ_id"):
+        manifest.load_manifest(tmp_path)
+    with pytest.raises(manifest.DatasetError, match="no such file"):
+        manifest.load_manifest(tmp_path / "nowhere")
 
 
 # ------------------------------------------------------------------ training slices
@@ -189,11 +189,11 @@ def test_training_slices_hand_computed():
 
 
 def test_training_slices_errors():
-    with pytest.raises(data.DatasetError, match="plane Z, fold 2"):
+    with pytest.raises(manifest.DatasetError, match="plane Z, fold 2"):
         sampler.select_training_slices(COUNTS, ["b"], 0.5, plane="Z", fold=2)
-    with pytest.raises(data.DatasetError, match="not in counts"):
+    with pytest.raises(manifest.DatasetError, match="not in counts"):
         sampler.select_training_slices(COUNTS, ["zz"])
-    with pytest.raises(data.DatasetError, match="no slice"):
+    with pytest.raises(manifest.DatasetError, match="no slice"):
         sampler.select_training_slices({"a": np.zeros(3, int)}, ["a"])
 
 
@@ -219,10 +219,10 @@ def test_slice_counts_match_labels(store):
 # ------------------------------------------------------------------ case store
 
 def test_case_store_values_and_cache_reuse(phantoms, tmp_path):
-    m = data.load_manifest(phantoms)
+    m = manifest.load_manifest(phantoms)
     s1 = case_store.CaseStore(m, tmp_path)
     cid = m.case_ids[1]
-    case = io.load_case(m.cases[1].image, m.cases[1].label, organ_id=7)
+    case = volume_io.load_case(m.cases[1].image, m.cases[1].label, organ_id=7)
     ref = preprocess.window_hu(case.image)
     np.testing.assert_allclose(s1.image(cid), ref, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(s1.label(cid), case.label)
@@ -230,10 +230,15 @@ def test_case_store_values_and_cache_reuse(phantoms, tmp_path):
     np.testing.assert_allclose(s1.affine(cid), case.geometry.affine)
     for plane in "XYZ":
         np.testing.assert_array_equal(s1.plane(cid, plane, "label"),
-                                      preprocess.plane_view(case.label, plane))
-        view = preprocess.plane_view(ref, plane)
-        img, lab = s1.window(cid, plane, view.shape[0] - 1)  # edge slice replicated
-        np.testing.assert_allclose(img, preprocess.window_at(view, view.shape[0] - 1), atol=1e-5)
+                                      np.moveaxis(case.label, AXIS[plane], 0))
+        last = case.label.shape[AXIS[plane]] - 1
+        img, lab = s1.window(cid, plane, last)  # edge slice replicated
+        np.testing.assert_allclose(img, np_window(ref, plane, last), atol=1e-5)
+        np.testing.assert_array_equal(lab, np_window(case.label, plane, last))
+    geom = s1.geometry(cid)  # from the cache record, not the source
+    for name in ("affine", "source_affine", "source_ornt"):
+        np.testing.assert_array_equal(getattr(geom, name), getattr(case.geometry, name))
+    assert (geom.shape, geom.source_shape) == (case.geometry.shape, case.geometry.source_shape)
     assert s1.loads == 1
     s2 = case_store.CaseStore(m, tmp_path)  # a new process would see the same cache
     s2.prepare([cid])
@@ -246,7 +251,7 @@ def test_case_store_values_and_cache_reuse(phantoms, tmp_path):
     s4 = case_store.CaseStore(m, tmp_path)
     s4.prepare([cid])
     assert s4.loads == 1
-    with pytest.raises(data.DatasetError, match="not in manifest"):
+    with pytest.raises(manifest.DatasetError, match="not in manifest"):
         s4.image("nope")
 
 
@@ -255,8 +260,8 @@ def test_case_store_dicom_folder(tmp_path):
     cases = [{"id": "slab", "image": str(SLAB / "dicom"),
               "label": str(SLAB / "labels_multiclass.nii.gz")}]
     (tmp_path / "ds").mkdir()
-    data.write_manifest(tmp_path / "ds", name="slab", organ_id=7, cases=cases)
-    s = case_store.CaseStore(data.load_manifest(tmp_path / "ds"), tmp_path / "cache")
+    manifest.write_manifest(tmp_path / "ds", name="slab", organ_id=7, cases=cases)
+    s = case_store.CaseStore(manifest.load_manifest(tmp_path / "ds"), tmp_path / "cache")
     assert s.shape("slab") == (512, 512, 20)
     counts = sampler.slice_organ_counts(s, None, "Z")["slab"]
     assert np.count_nonzero(counts) == 4 and counts[:4].all()  # pancreas in the 4 lowest slices
@@ -265,20 +270,31 @@ def test_case_store_dicom_folder(tmp_path):
 
 # ------------------------------------------------------------------ sampler
 
+AXIS = {"X": 0, "Y": 1, "Z": 2}
+
+
+def np_window(volume, plane, j):
+    """Test oracle: slices j-1, j, j+1 (edges replicated) of an (X, Y, Z)
+    volume along `plane`, stacked as channels (H, W, 3), by plain indexing."""
+    v = np.moveaxis(np.asarray(volume), AXIS[plane], 0)
+    s = v.shape[0]
+    return np.stack([v[max(j - 1, 0)], v[j], v[min(j + 1, s - 1)]], axis=-1)
+
+
 def _check_against_reference(store, batch, plane):
-    """Every real slot equals window_at of the plane view, zero-padded."""
+    """Every real slot equals the oracle's window, zero-padded, with its size."""
     for b in range(len(batch["weight"])):
         if batch["weight"][b] == 0:
-            assert not batch["valid"][b].any() and not batch["image"][b].any()
+            assert not batch["hw"][b].any() and not batch["image"][b].any()
             continue
         cid = store.case_ids[batch["case_index"][b]]
         j = int(batch["slice_index"][b])
-        img = preprocess.window_at(preprocess.plane_view(store.image(cid), plane), j)
-        lab = preprocess.window_at(preprocess.plane_view(store.label(cid), plane), j)
+        img = np_window(store.image(cid), plane, j)
+        lab = np_window(store.label(cid), plane, j)
         h, w, _ = img.shape
         np.testing.assert_allclose(batch["image"][b, :h, :w], img, atol=1e-6)
         np.testing.assert_array_equal(batch["label"][b, :h, :w], lab.astype(np.float32))
-        assert batch["valid"][b, :h, :w].all() and batch["valid"][b].sum() == h * w
+        assert tuple(batch["hw"][b]) == (h, w)
         assert not batch["image"][b, h:].any() and not batch["image"][b, :, w:].any()
         assert not batch["label"][b, h:].any() and not batch["label"][b, :, w:].any()
 
@@ -290,7 +306,7 @@ def test_sampler_shapes_padding_and_values(store):
     assert s.buckets() == {(64, 32): len(slices)}  # X view: H = 48 -> 64, W = 24 -> 32
     b = s.batch(3)
     assert b["image"].shape == b["label"].shape == (4, 64, 32, 3)
-    assert b["valid"].shape == (4, 64, 32)
+    assert b["hw"].shape == (4, 2) and b["hw"].dtype == np.int32
     assert b["image"].dtype == b["label"].dtype == b["weight"].dtype == np.float32
     assert b["case_index"].dtype == b["slice_index"].dtype == np.int32
     np.testing.assert_array_equal(b["weight"], 1.0)
@@ -300,7 +316,7 @@ def test_sampler_shapes_padding_and_values(store):
     _check_against_reference(store, b, "X")
     exact = sampler.SliceSampler(store, slices, plane="X", batch_size=2, buckets=(), seed=0)
     assert exact.buckets() == {(48, 24): len(slices)}
-    with pytest.raises(data.DatasetError, match="exceeds the largest bucket 32"):
+    with pytest.raises(manifest.DatasetError, match="exceeds the largest bucket 32"):
         sampler.SliceSampler(store, slices, plane="X", batch_size=2, buckets=(16, 32))
 
 
@@ -380,12 +396,12 @@ def test_nih_pancreas_layout(tmp_path, caplog):
     for case in ("0001", "0003", "0004"):
         (labels / f"label{case}.nii.gz").write_bytes(b"")
     with caplog.at_level(logging.WARNING):
-        cases = data.nih_pancreas_cases(images, labels)
+        cases = manifest.nih_pancreas_cases(images, labels)
     assert [c["id"] for c in cases] == ["PANCREAS_0001", "PANCREAS_0004"]
     assert cases[0]["image"] == str(images / "PANCREAS_0001" / "study" / "s1")
     assert "PANCREAS_0002" in caplog.text and "PANCREAS_0003" in caplog.text
-    data.write_manifest(tmp_path, name="nih", organ_id=1, cases=cases)
-    table = data.load_or_create_fold_table(tmp_path, rule="nih_pancreas")
+    manifest.write_manifest(tmp_path, name="nih", organ_id=1, cases=cases)
+    table = manifest.load_or_create_fold_table(tmp_path, rule="nih_pancreas")
     assert table == {0: ["PANCREAS_0001", "PANCREAS_0004"], 1: [], 2: [], 3: []}
     assert json.loads((tmp_path / "folds.json").read_text())["rule"] == "nih_pancreas"
 
@@ -408,9 +424,9 @@ def test_make_dataset_cli_pairs_real_files(tmp_path):
                           "--organ_id=7"], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    m = data.load_manifest(out)
+    m = manifest.load_manifest(out)
     assert list(m.case_ids) == ["case01"] and m.organ_id == 7
     # An image without a label is a clear error naming it.
     (tmp_path / "images" / "case02.nii.gz").symlink_to(src / "ct.nii.gz")
-    with pytest.raises(data.DatasetError, match="case02"):
-        data.paired_cases(tmp_path / "images", tmp_path / "labels")
+    with pytest.raises(manifest.DatasetError, match="case02"):
+        manifest.paired_cases(tmp_path / "images", tmp_path / "labels")

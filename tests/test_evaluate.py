@@ -14,8 +14,8 @@ import os
 import numpy as np
 import pytest
 
-from stnjax.eval import summaries as ev
-from stnjax.eval import records as rec_io
+from stnjax.eval import summaries
+from stnjax.eval import records
 from stnjax.eval import report
 from stnjax.checks import InputError
 
@@ -26,7 +26,7 @@ def rec(dsc, inter, case="0001", method="rstn", fold=0, rounds_run=None, **kw):
     base = dict(gt_voxels=1000, spacing=(0.8, 0.8, 2.5), time_coarse_s=2.0,
                 time_rounds_s=[0.5] * R)
     base.update(kw)
-    return rec_io.CaseRecord(case, fold, method, dsc_rounds=list(dsc), inter_dsc=list(inter),
+    return records.CaseRecord(case, fold, method, dsc_rounds=list(dsc), inter_dsc=list(inter),
                              rounds_run=R if rounds_run is None else rounds_run, **base)
 
 
@@ -66,7 +66,7 @@ HIST_I = [None, 0.80, 0.92, 0.96, 0.995, 0.999]
 ])
 def test_result_at_threshold_hand_built(t, expect):
     r = rec(HIST_D, HIST_I)
-    got = rec_io.result_at_threshold(r, t)
+    got = records.result_at_threshold(r, t)
     assert tuple(got) == expect
     assert (got.dsc, got.round, got.converged) == expect
 
@@ -75,37 +75,37 @@ def test_result_at_threshold_round_with_zero_dsc_is_kept():
     # The reference's 0 sentinel would overwrite round 2 (DSC 0) with the
     # next crossing round 3; the first crossing must be kept.
     r = rec([0.5, 0.3, 0.0, 0.4, 0.45], [None, 0.5, 0.95, 0.97, 0.99])
-    assert tuple(rec_io.result_at_threshold(r, 0.9)) == (0.0, 2, True)
+    assert tuple(records.result_at_threshold(r, 0.9)) == (0.0, 2, True)
     # An empty mask: the next round compares empty with empty -> inter 1.
     r = rec([0.3, 0.0, 0.0], [None, 0.0, 1.0])
-    assert tuple(rec_io.result_at_threshold(r, 0.99)) == (0.0, 2, True)
-    assert tuple(rec_io.result_at_threshold(r, 1.0)) == (0.0, 2, True)
+    assert tuple(records.result_at_threshold(r, 0.99)) == (0.0, 2, True)
+    assert tuple(records.result_at_threshold(r, 1.0)) == (0.0, 2, True)
 
 
 @pytest.mark.parametrize("bad", [0, -0.5, float("nan"), "abc", None])
 def test_bad_thresholds(bad):
     r = rec(HIST_D, HIST_I)
     with pytest.raises(InputError, match="t"):
-        rec_io.result_at_threshold(r, bad)
+        records.result_at_threshold(r, bad)
     with pytest.raises(InputError):
-        ev.summarize([r], thresholds=(0.9, bad))
+        summaries.summarize([r], thresholds=(0.9, bad))
 
 
 def test_exactness_of_early_stopped_records():
     # Stopped at round 2 (inter 0.96 >= 0.95); rounds 3..5 filled.
     r = rec([0.7, 0.8, 0.82, 0.82, 0.82, 0.82], [None, 0.9, 0.96, 1, 1, 1], rounds_run=2)
-    assert rec_io.threshold_is_exact(r, 0.95) and rec_io.threshold_is_exact(r, 0.9)
-    assert not rec_io.threshold_is_exact(r, 0.99)
-    assert rec_io.threshold_is_exact(rec(HIST_D, HIST_I), 0.99999)
+    assert records.threshold_is_exact(r, 0.95) and records.threshold_is_exact(r, 0.9)
+    assert not records.threshold_is_exact(r, 0.99)
+    assert records.threshold_is_exact(rec(HIST_D, HIST_I), 0.99999)
 
 
 def test_threshold_key_and_parse():
-    assert rec_io.threshold_key(0.9) == "0.90" and rec_io.threshold_key(0.995) == "0.995"
-    assert ev.parse_thresholds("0.9:0.99:0.03,0.995, 0.9") == (0.9, 0.93, 0.96, 0.99, 0.995)
+    assert records.threshold_key(0.9) == "0.90" and records.threshold_key(0.995) == "0.995"
+    assert summaries.parse_thresholds("0.9:0.99:0.03,0.995, 0.9") == (0.9, 0.93, 0.96, 0.99, 0.995)
     with pytest.raises(InputError, match="stop < start"):
-        ev.parse_thresholds("0.99:0.9:0.01")
+        summaries.parse_thresholds("0.99:0.9:0.01")
     with pytest.raises(InputError):
-        ev.parse_thresholds("0.9,zero")
+        summaries.parse_thresholds("0.9,zero")
 
 
 # ------------------------------------------------------------- summaries
@@ -113,7 +113,7 @@ def test_summarize_against_numpy():
     rng = np.random.default_rng(3)
     recs = random_records(rng, 9)
     ts = (0.90, 0.95, 0.98, 0.99)
-    s = ev.summarize(recs, thresholds=ts, main_threshold=0.99)
+    s = summaries.summarize(recs, thresholds=ts, main_threshold=0.99)
     D = np.array([r.dsc_rounds for r in recs])
     I = np.array([[np.nan] + r.inter_dsc[1:] for r in recs])
     g = s.group("rstn")
@@ -151,7 +151,7 @@ def test_summarize_against_numpy():
 
 def test_summarize_short_histories_and_one_fold():
     recs = random_records(np.random.default_rng(0), 4, R=4, folds=(2,))
-    s = ev.summarize(recs)
+    s = summaries.summarize(recs)
     g = s.group("rstn")
     assert list(g.inter_at) == [1, 2, 3]
     assert s.group("rstn", 2) is g          # one fold: the group is that fold
@@ -180,7 +180,7 @@ def pt_records():
 
 
 def test_reference_fold0_table():
-    s = ev.summarize(pt_records(), main_threshold=2.0)   # t > 1: the last round
+    s = summaries.summarize(pt_records(), main_threshold=2.0)   # t > 1: the last round
     g = s.group("rstn")
     pct = lambda x: round(100 * x, 2)                     # noqa: E731
     assert pct(g.coarse.mean) == 75.25 and pct(g.coarse.std) == 11.62
@@ -199,7 +199,7 @@ def test_paired_comparison():
          [("01", 0.80), ("02", 0.90), ("03", 0.70), ("04", 0.85), ("05", 0.6)]]
     b = [rec([0.7, v], [None, 1.0], case=c, method="stagewise") for c, v in
          [("01", 0.75), ("02", 0.70), ("03", 0.74), ("04", 0.85), ("06", 0.6)]]
-    s = ev.summarize(a + b)
+    s = summaries.summarize(a + b)
     assert [g.method for g in s.groups] == ["rstn", "stagewise"]
     (c,) = s.comparisons
     assert (c.method, c.baseline, c.n_paired, c.n_unpaired) == ("rstn", "stagewise", 4, 2)
@@ -215,27 +215,27 @@ def test_metrics_oracles_and_nonfinite():
     recs = [rec(HIST_D, HIST_I, case=f"{i}", oracle={"strong": 0.9 + i / 100},
                 metrics_at={0.99: {"dsc": 0.83, "jaccard": 0.7, "round": 4,
                                    "hd95_mm": [5.0, math.inf, 7.0][i]}}) for i in range(3)]
-    g = ev.summarize(recs).group("rstn")
+    g = summaries.summarize(recs).group("rstn")
     assert g.metrics["0.99"]["hd95_mm"].n == 2
     assert g.metrics["0.99"]["hd95_mm"].mean == pytest.approx(6.0)
     assert g.oracle["strong"].mean == pytest.approx(0.91)
-    assert "HD95 6.00 +- 1.00 mm (2/3 finite)" in report.format_summary(ev.summarize(recs))
+    assert "HD95 6.00 +- 1.00 mm (2/3 finite)" in report.format_summary(summaries.summarize(recs))
 
 
 # -------------------------------------------------------------- bad input
 def test_bad_record_sets():
     with pytest.raises(InputError, match="empty"):
-        ev.summarize([])
+        summaries.summarize([])
     a = rec(HIST_D, HIST_I, case="1")
     b = rec(HIST_D[:3], HIST_I[:3], case="2")
     with pytest.raises(InputError, match="unequal round counts"):
-        ev.summarize([a, b])
+        summaries.summarize([a, b])
     # Different methods may use different round counts.
-    ev.summarize([a, rec(HIST_D[:3], HIST_I[:3], case="2", method="stagewise")])
+    summaries.summarize([a, rec(HIST_D[:3], HIST_I[:3], case="2", method="stagewise")])
     with pytest.raises(InputError, match="duplicate"):
-        ev.summarize([a, rec(HIST_D, HIST_I, case="1")])
+        summaries.summarize([a, rec(HIST_D, HIST_I, case="1")])
     with pytest.raises(InputError, match="not a CaseRecord"):
-        ev.sweep([a, {"case_id": "x"}], [0.9])
+        summaries.sweep([a, {"case_id": "x"}], [0.9])
 
 
 @pytest.mark.parametrize("change,match", [
@@ -271,22 +271,22 @@ def mixed_records():
     return recs
 
 
-def canon(records):
+def canon(recs):
     """Exact, order-independent text of records (NaN/inf compare equal)."""
-    return json.dumps([r.to_dict() for r in records], sort_keys=True)
+    return json.dumps([r.to_dict() for r in recs], sort_keys=True)
 
 
 def test_json_and_csv_round_trip(tmp_path):
     recs = mixed_records()
-    pj, pc = rec_io.write_records(recs, tmp_path / "out")
+    pj, pc = records.write_records(recs, tmp_path / "out")
     json.loads(pj.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard {c}"))
-    back = rec_io.read_records(tmp_path / "out")
+    back = records.read_records(tmp_path / "out")
     assert canon(back) == canon(recs)
     assert back[1:] == recs[1:]
     assert math.isinf(back[0].metrics_at["0.99"]["hd95_mm"])
     assert back[0].extra == {"compiles": 2, "bucket": [128, 128, 64], "note": "12",
                              "device": "cpu"}
-    from_csv = rec_io.read_records(pc)
+    from_csv = records.read_records(pc)
     assert canon(from_csv) == canon(recs)
     assert from_csv[1:] == recs[1:]
     with open(pc, newline="") as f:
@@ -294,28 +294,28 @@ def test_json_and_csv_round_trip(tmp_path):
     assert len(rows) == len(recs)
     for row, r in zip(rows, recs):
         for t in ("0.90", "0.99"):
-            res = rec_io.result_at_threshold(r, float(t))
+            res = records.result_at_threshold(r, float(t))
             assert float(row[f"dsc_t{t}"]) == res.dsc and int(row[f"rounds_t{t}"]) == res.round
             assert row[f"converged_t{t}"] == str(int(res.converged))
         assert [float(row[f"dsc_r{k}"]) for k in range(r.num_rounds + 1)] == r.dsc_rounds
     assert rows[0]["inter_r1"] == "0.9" and rows[0]["hd95_mm_at0.99"] == "inf"
     # A folder tree (several workdirs) is searched for cases.json.
-    rec_io.write_records(recs[:1], tmp_path / "tree" / "a")
-    rec_io.write_records(recs[1:], tmp_path / "tree" / "b" / "fold0")
-    assert len(rec_io.read_records(tmp_path / "tree")) == len(recs)
+    records.write_records(recs[:1], tmp_path / "tree" / "a")
+    records.write_records(recs[1:], tmp_path / "tree" / "b" / "fold0")
+    assert len(records.read_records(tmp_path / "tree")) == len(recs)
 
 
 def test_read_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        rec_io.read_records(tmp_path / "nope")
+        records.read_records(tmp_path / "nope")
     with pytest.raises(InputError, match="no cases.json"):
-        rec_io.read_records(tmp_path)
+        records.read_records(tmp_path)
     (tmp_path / "x.json").write_text('{"records": []}')
     with pytest.raises(InputError, match="not a stnjax.cases"):
-        rec_io.read_records(tmp_path / "x.json")
-    rec_io.write_records(mixed_records(), tmp_path / "a")
+        records.read_records(tmp_path / "x.json")
+    records.write_records(mixed_records(), tmp_path / "a")
     with pytest.raises(InputError, match="duplicate"):
-        rec_io.read_records(tmp_path / "a", tmp_path / "a" / "cases.csv")
+        records.read_records(tmp_path / "a", tmp_path / "a" / "cases.csv")
 
 
 def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
@@ -332,31 +332,31 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="cannot write .*cases.csv: No space"):
-        rec_io.write_records(recs, out)
+        records.write_records(recs, out)
     assert not out.exists()          # no temporaries, not even the new folder
     out.mkdir()
     calls["n"] = 0
     with pytest.raises(OSError, match="No space"):
-        rec_io.write_records(recs, out)
+        records.write_records(recs, out)
     assert os.listdir(out) == []
     monkeypatch.setattr(os, "fsync", real_fsync)
     # A failure while building the text: nothing is created, an existing
     # result stays as it was.
-    rec_io.write_records(recs[:2], out)
+    records.write_records(recs[:2], out)
     before = {p: (out / p).read_bytes() for p in os.listdir(out)}
-    monkeypatch.setattr(rec_io, "records_csv_text", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(records, "records_csv_text", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        rec_io.write_records(recs, out)
+        records.write_records(recs, out)
     assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
     # An output path that is a file is a clear error naming it.
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="cannot write"):
-        report.write_summary(ev.summarize(recs), tmp_path / "file" / "sub")
+        report.write_summary(summaries.summarize(recs), tmp_path / "file" / "sub")
 
 
 def test_write_summary(tmp_path):
     recs = mixed_records()
-    s = ev.summarize(recs)
+    s = summaries.summarize(recs)
     pj, pt = report.write_summary(s, tmp_path)
     doc = json.loads(pj.read_text())
     assert [g["method"] for g in doc["groups"]][:1] == ["rstn"]

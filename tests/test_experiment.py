@@ -20,12 +20,11 @@ import numpy as np
 import pytest
 
 from launch.configs import smoke
-from stnjax.data import manifest as stdata
-from stnjax.eval import runs as experiment
-from stnjax.data import volume_io as io
 from stnjax import metrics
-from stnjax.eval import records
 from stnjax.checks import InputError
+from stnjax.data import manifest, volume_io
+from stnjax.eval import records, runs
+from stnjax.eval.spec import EvalSpec
 from stnjax.train import inputs, loop
 from stnjax.train import workdir as wd
 
@@ -35,37 +34,38 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
-    config = smoke.get_config()
-    loop.train(config, work)
-    return config, work
+    spec = EvalSpec.from_config(smoke.get_config())
+    loop.train(spec.train, work)
+    return spec, work
 
 
 def test_evaluate_fold_writes_records_predictions_and_reports(trained, tmp_path):
-    config, work = trained
+    spec, work = trained
     out = tmp_path / "eval"
-    recs = experiment.evaluate_fold(config, work, 0, out_dir=out)
-    assert recs and all(r.num_rounds == config.infer.max_rounds for r in recs)
+    recs = runs.evaluate_fold(spec, work, 0, out_dir=out)
+    assert recs and all(r.num_rounds == spec.max_rounds for r in recs)
     assert json.loads((out / "config.json").read_text())["infer"]["saliency_input"] == "score"
     assert records.read_records(out) == recs  # cases.json round trip
     for r in recs:
         pred = out / "predictions" / f"{r.case_id}.nii.gz"
         img = nib.load(pred)
         # The prediction has the source file's geometry and the recorded DSC.
-        man = stdata.load_manifest(inputs.dataset_dir(config, work))
+        man = manifest.load_manifest(inputs.dataset_dir(spec.train.data, work))
         src = man.root / man.case(r.case_id).image
         np.testing.assert_allclose(img.affine, nib.load(src).affine, atol=1e-5)
-        case = io.load_case(src, man.root / man.case(r.case_id).label,
-                            organ_id=man.organ_id)
-        mask = io.load_label_map(pred, case.geometry).astype(bool)
-        key = records.threshold_key(config.infer.threshold)
+        case = volume_io.load_case(src, man.root / man.case(r.case_id).label,
+                                   organ_id=man.organ_id)
+        mask = volume_io.load_label_map(pred, case.geometry).astype(bool)
+        key = records.threshold_key(spec.threshold)
         assert abs(metrics.dsc(mask, case.label) - r.metrics_at[key]["dsc"]) < 1e-6
-    text = experiment.report(recs, out, thresholds=config.infer.report_thresholds,
-                             main_threshold=config.infer.threshold, config=config)
+    text = runs.report(recs, out, thresholds=spec.report_thresholds,
+                       main_threshold=spec.threshold, record=spec.record)
     assert "Coarse (round 0)" in text
     for name in ("summary.txt", "summary.json", "sweep.csv", "sweep.png", "config.txt"):
         assert (out / name).is_file()
     # The resolved config (inference settings included) and versions beside the results.
-    assert json.loads((out / "config.json").read_text()) == json.loads(config.to_json())
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        smoke.get_config().to_json())
     assert json.loads((out / "versions.json").read_text())["jax"] == jax.__version__
 
 
@@ -73,7 +73,7 @@ def test_evaluate_command_with_other_inference_settings(trained, tmp_path):
     """`launch.evaluate --out=... --config.infer.*=...` evaluates the same
     models with other inference settings into another folder, which records
     the settings used; the training workdir is left alone."""
-    config, work = trained
+    spec, work = trained
     out = tmp_path / "eval-mask"
     before = sorted(p.relative_to(work) for p in work.rglob("*"))
     proc = subprocess.run(
@@ -112,53 +112,53 @@ def test_interrupted_evaluation_resumes(trained, tmp_path, monkeypatch):
     """An evaluation killed after its first case resumes with the second
     only and ends with the records of an uninterrupted run; other inference
     settings, a missing prediction or unreadable records mean re-running."""
-    config, work = trained
-    orig_split = experiment.stdata.split
+    spec, work = trained
+    orig_split = inputs.fold_split
 
-    def two_cases(table, fold, ids):  # the smoke fold has one test case: add a training case
-        train, test = orig_split(table, fold, ids)
+    def two_cases(*args):  # the smoke fold has one test case: add a training case
+        train, test = orig_split(*args)
         return train, list(test) + [sorted(train)[0]]
-    monkeypatch.setattr(experiment.stdata, "split", two_cases)
-    full = experiment.evaluate_fold(config, work, 0, out_dir=tmp_path / "a")
+    monkeypatch.setattr(inputs, "fold_split", two_cases)
+    full = runs.evaluate_fold(spec, work, 0, out_dir=tmp_path / "a")
     assert len(full) == 2
 
     calls = []
-    orig_segment = experiment.Segmenter.segment
+    orig_segment = runs.Segmenter.segment_image
 
     def segment(self, *a, **kw):
         calls.append(1)
         if kill_at and len(calls) == kill_at:
             raise RuntimeError("killed")
         return orig_segment(self, *a, **kw)
-    monkeypatch.setattr(experiment.Segmenter, "segment", segment)
+    monkeypatch.setattr(runs.Segmenter, "segment_image", segment)
 
     out = tmp_path / "b"
     kill_at = 2
     with pytest.raises(RuntimeError, match="killed"):
-        experiment.evaluate_fold(config, work, 0, out_dir=out)
+        runs.evaluate_fold(spec, work, 0, out_dir=out)
     assert [r.case_id for r in records.read_records(out)] == [full[0].case_id]
     kill_at, calls[:] = 0, []
-    resumed = experiment.evaluate_fold(config, work, 0, out_dir=out)
+    resumed = runs.evaluate_fold(spec, work, 0, out_dir=out)
     assert len(calls) == 1  # only the case the kill interrupted
     assert [_volatile_free(r) for r in resumed] == [_volatile_free(r) for r in full]
     assert records.read_records(out) == resumed
 
     calls[:] = []
-    experiment.evaluate_fold(config, work, 0, out_dir=out)
+    runs.evaluate_fold(spec, work, 0, out_dir=out)
     assert len(calls) == 0  # finished: nothing to run
     (out / "predictions" / f"{full[1].case_id}.nii.gz").unlink()
-    experiment.evaluate_fold(config, work, 0, out_dir=out)
+    runs.evaluate_fold(spec, work, 0, out_dir=out)
     assert len(calls) == 1  # the case whose prediction is missing
     calls[:] = []
-    other = experiment.with_inference(config, max_rounds=2)
-    assert all(r.num_rounds == 2 for r in experiment.evaluate_fold(other, work, 0, out_dir=out))
+    other = spec.with_inference(max_rounds=2)
+    assert all(r.num_rounds == 2 for r in runs.evaluate_fold(other, work, 0, out_dir=out))
     assert len(calls) == 2  # other settings: every case again
     (out / "cases.json").write_text("{ torn")
     calls[:] = []
-    experiment.evaluate_fold(other, work, 0, out_dir=out)
+    runs.evaluate_fold(other, work, 0, out_dir=out)
     assert len(calls) == 2
     calls[:] = []
-    experiment.evaluate_fold(other, work, 0, out_dir=out, resume=False)
+    runs.evaluate_fold(other, work, 0, out_dir=out, resume=False)
     assert len(calls) == 2
 
 
@@ -166,7 +166,7 @@ def test_main_job_evaluates_and_compares_saliency_inputs(trained):
     """`launch.main` on a finished workdir: training resumes as complete,
     both inference settings are evaluated into their folders, and the
     printed summary holds both methods and their paired comparison."""
-    config, work = trained
+    spec, work = trained
     proc = subprocess.run(
         [sys.executable, "-m", "launch.main", f"--config={ROOT / 'launch/configs/smoke.py'}",
          f"--workdir={work}"],
@@ -189,22 +189,28 @@ def test_main_job_evaluates_and_compares_saliency_inputs(trained):
 
 
 def test_inference_variant_copies_are_checked(trained):
-    config, _ = trained
-    v = experiment.with_inference(config, saliency_input="coarse")
-    assert v.infer.saliency_input == "coarse" and config.infer.saliency_input == "score"
-    assert experiment.method_label(v) == "rstn-sal-coarse"
-    assert experiment.method_label(config) == "rstn"
-    with pytest.raises(InputError, match="saliency_input"):
-        experiment.with_inference(config, saliency_input="fused")
+    spec, _ = trained
+    v = spec.with_inference(saliency_input="coarse")
+    assert v.saliency_input == "coarse" and spec.saliency_input == "score"
+    assert v.method == "rstn-sal-coarse" and spec.method == "rstn"
+    assert v.record["infer"]["saliency_input"] == "coarse"
+    assert v.record["model"] == spec.record["model"] and v.train is spec.train
+    with pytest.raises(InputError, match="infer.saliency_input"):
+        spec.with_inference(saliency_input="fused")
     with pytest.raises(InputError, match="infer.margin"):
-        experiment.with_inference(config, margin=3)
+        spec.with_inference(margin=3)
+    with pytest.raises(InputError, match="infer.threshold: 0.97 is not among"):
+        spec.with_inference(threshold=0.97)  # its mask would not be kept: before any work
+    assert spec.with_inference(threshold=0.95).threshold == 0.95
+    assert [s.method for s in runs.saliency_variants(spec, ["score", "mask"])] == [
+        "rstn-sal-mask"]
 
 
 def test_segment_files_without_labels(trained, tmp_path):
-    config, work = trained
-    ds = inputs.dataset_dir(config, work)
+    spec, work = trained
+    ds = inputs.dataset_dir(spec.train.data, work)
     src = sorted(ds.glob("images/*.nii.gz"))[:1]
-    written = experiment.segment_files(config, work, [str(p) for p in src], out_dir=tmp_path)
+    written = runs.segment_files(spec, work, [str(p) for p in src], out_dir=tmp_path)
     assert [p.name for p in written] == [src[0].name.replace(".nii.gz", "_mask.nii.gz")]
     img = nib.load(written[0])
     assert img.shape == nib.load(src[0]).shape
@@ -222,55 +228,55 @@ def test_segment_real_ct_nifti_and_dicom(trained, tmp_path):
     binary masks on each source's own grid, in its voxel order and affine;
     read back through world coordinates, the NIfTI's equals what the
     Segmenter computes in the canonical orientation."""
-    config, work = trained
+    spec, work = trained
     # Geometry, not rounds: 2 rounds, exact volume sizes (no padding to buckets).
-    config = experiment.with_inference(config, max_rounds=2, volume_buckets=())
+    spec = spec.with_inference(max_rounds=2, volume_buckets=())
     srcs = [DATA / "ct_example_3mm" / "ct.nii.gz", DATA / "ct_dicom_slab" / "dicom"]
-    written = experiment.segment_files(config, work, [str(p) for p in srcs], out_dir=tmp_path)
+    written = runs.segment_files(spec, work, [str(p) for p in srcs], out_dir=tmp_path)
     assert [p.name for p in written] == ["ct_mask.nii.gz", "dicom_mask.nii.gz"]
     masks = []
     for src, dest in zip(srcs, written):
-        vol = io.load_image(src)
+        vol = volume_io.load_image(src)
         img = nib.load(dest)
         assert img.shape == vol.geometry.to_source(vol.data).shape
         np.testing.assert_allclose(img.affine, vol.geometry.source_affine, atol=1e-4)
         assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
-        masks.append((vol, io.load_label_map(dest, vol.geometry).astype(bool)))
+        masks.append((vol, volume_io.load_label_map(dest, vol.geometry).astype(bool)))
     vol, mask = masks[0]
-    rstn, params = experiment.load_models(config, work, 0, ("Z",))
-    res = experiment.make_segmenter(config, rstn, params).segment(
-        vol.data, t=float(config.infer.threshold), run_all_rounds=False)
+    params = runs.load_models(spec.train, work, 0, ("Z",))
+    res = runs.make_segmenter(spec, params).segment(
+        vol.data, t=spec.threshold, run_all_rounds=False)
     np.testing.assert_array_equal(mask, res.mask)
     assert res.rounds >= 1 and mask.any()  # a real run, not an empty pass-through
 
 
 def test_checkpoint_of_another_plane_or_config_is_refused(trained, tmp_path):
-    config, work = trained
+    spec, work = trained
     # Another config: the hash of the model/training fields differs.
     other = smoke.get_config()
     other.train.base_lr = 2e-3
     with pytest.raises(InputError, match="another config"):
-        experiment.load_models(other, work, 0, ("Z",))
+        runs.load_models(EvalSpec.from_config(other).train, work, 0, ("Z",))
     # A run folder of plane X that holds plane Z's checkpoint.
     fake = tmp_path / "work"
     shutil.copytree(wd.run_dir(work, 0, "Z"), wd.run_dir(fake, 0, "X"))
     with pytest.raises(InputError, match="plane 'Z', expected fold 0 plane 'X'"):
-        experiment.load_models(config, fake, 0, ("X",))
+        runs.load_models(spec.train, fake, 0, ("X",))
     # A plane that was never trained.
     with pytest.raises(InputError, match="no checkpoint"):
-        experiment.load_models(config, work, 0, ("Y",))
+        runs.load_models(spec.train, work, 0, ("Y",))
 
 
 def test_unwritable_output_is_an_error_before_any_output(trained, tmp_path):
-    config, work = trained
+    spec, work = trained
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(InputError, match="cannot be written"):
-        experiment.evaluate_fold(config, work, 0, out_dir=blocker / "eval")
+        runs.evaluate_fold(spec, work, 0, out_dir=blocker / "eval")
     with pytest.raises(InputError, match="cannot be written"):
-        experiment.segment_files(config, work, ["x.nii.gz"], out_dir=blocker / "masks")
+        runs.segment_files(spec, work, ["x.nii.gz"], out_dir=blocker / "masks")
     # A bad input file is found before anything is written.
     out = tmp_path / "masks"
     with pytest.raises(InputError):
-        experiment.segment_files(config, work, [str(tmp_path / "missing.nii.gz")], out_dir=out)
+        runs.segment_files(spec, work, [str(tmp_path / "missing.nii.gz")], out_dir=out)
     assert not any(p for p in out.iterdir() if not p.name.startswith("."))

@@ -27,6 +27,31 @@ from stnjax.models.rstn import RSTN
 from stnjax.infer.segmenter import Segmenter
 
 SHAPE = (20, 18, 10)
+AXIS = {"X": 0, "Y": 1, "Z": 2}
+
+
+# Test oracles for the volume path, by plain indexing and loops (the library's
+# training and inference share one implementation, preprocess; these do not).
+def np_view(volume, plane):
+    """(X, Y, Z) -> (S, H, W) with the plane's slicing axis first."""
+    return np.moveaxis(np.asarray(volume), AXIS[plane], 0)
+
+
+def np_window(view, j):
+    """Slices j-1, j, j+1 of an (S, H, W) view as channels, edges replicated."""
+    s = view.shape[0]
+    return np.stack([view[max(j - 1, 0)], view[j], view[min(j + 1, s - 1)]], axis=-1)
+
+
+def np_from_windows(pred, plane):
+    """(S, H, W, 3) window outputs -> (X, Y, Z): each slice the mean of the
+    channels that hold it (2 at the ends, 3 inside)."""
+    s = pred.shape[0]
+    out = np.zeros(pred.shape[:3], np.float64)
+    for k in range(s):
+        terms = [pred[j][..., k - j + 1] for j in (k - 1, k, k + 1) if 0 <= j < s]
+        out[k] = np.mean(terms, axis=0)
+    return np.moveaxis(out.astype(np.float32), 0, AXIS[plane])
 SPEC = infer.InferenceSpec(batch_size=4, max_rounds=4, quantize_coarse=False,
                            report_thresholds=(0.5, 0.9, 0.99))
 # One plane where the test is about the driver, not the planes (compile time).
@@ -62,7 +87,8 @@ def setup():
     image = jnp.asarray(preprocess.window_hu(hu))
     for p in "XYZ":  # centre each untrained net's logits: about 25 % above 0.5
         for net in ("coarse", "fine"):
-            view = preprocess.slice_windows(preprocess.plane_view(image, p))
+            v = np_view(image, p)
+            view = jnp.asarray(np.stack([np_window(v, j) for j in range(v.shape[0])]))
             logit = logits(params[p][net], view)
             head = params[p][net]["score_pool3"]
             shift = float(jnp.quantile(logit, 0.75))
@@ -73,13 +99,13 @@ def setup():
 
 
 def ref_coarse(rstn, params, image, plane):
-    view = np.asarray(preprocess.plane_view(image, plane))
+    view = np_view(image, plane)
     out = np.zeros(view.shape + (3,), np.float32)
     net = jax.jit(rstn.coarse_prob)  # one window at a time, batch 1
     for j in range(view.shape[0]):
-        win = preprocess.window_at(view, j)[None]
+        win = np_window(view, j)[None]
         out[j] = np.asarray(net(params, jnp.asarray(win)))[0]
-    return np.asarray(preprocess.volume_from_windows(out, plane))
+    return np_from_windows(out, plane)
 
 
 _FINE = {}
@@ -92,18 +118,18 @@ def _jit_fine_round(rstn):
 
 
 def ref_fine_plane(rstn, params, image, score, mask, plane):
-    iv, sv, mv = (np.asarray(preprocess.plane_view(v, plane)) for v in (image, score, mask))
+    iv, sv, mv = (np_view(v, plane) for v in (image, score, mask))
     out = np.zeros(iv.shape + (3,), np.float32)
     net = _jit_fine_round(rstn)
     for j in range(iv.shape[0]):
-        m = preprocess.window_at(mv, j).astype(np.float32)
+        m = np_window(mv, j).astype(np.float32)
         if not m.any():
             continue  # skipped window: prediction 0, still in the divisor
-        prob, _ = net(params, jnp.asarray(preprocess.window_at(iv, j)[None]),
-                                  jnp.asarray(preprocess.window_at(sv, j)[None]),
+        prob, _ = net(params, jnp.asarray(np_window(iv, j)[None]),
+                                  jnp.asarray(np_window(sv, j)[None]),
                                   jnp.asarray(m[None]))
         out[j] = np.asarray(prob)[0]
-    return np.asarray(preprocess.volume_from_windows(out, plane))
+    return np_from_windows(out, plane)
 
 
 def ref_coarse_to_fine(rstn, params, image, score, mask, t, rounds, saliency="score",

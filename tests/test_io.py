@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from stnjax import fileio
-from stnjax.data import volume_io as io
+from stnjax.data import volume_io
 from stnjax.checks import InputError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -62,7 +62,7 @@ def test_nifti_round_trip(tmp_path, name):
     rng = np.random.default_rng(0)
     src = rng.integers(-1000, 1000, (6, 7, 8)).astype(np.int16)
     on_disk = _write(tmp_path / "img.nii.gz", src, AFFINES[name])
-    vol = io.load_image(tmp_path / "img.nii.gz")
+    vol = volume_io.load_image(tmp_path / "img.nii.gz")
     g = vol.geometry
     assert vol.data.dtype == np.float32 and vol.data.shape == g.shape
     assert nib.aff2axcodes(g.affine) == ("P", "L", "S")
@@ -81,12 +81,12 @@ def test_nifti_round_trip(tmp_path, name):
                                rtol=1e-6)
     # writing back gives the file's array and affine exactly
     mask = vol.data > 0
-    io.save_mask(mask, g, tmp_path / "mask.nii.gz")
+    volume_io.save_mask(mask, g, tmp_path / "mask.nii.gz")
     back = nib.load(str(tmp_path / "mask.nii.gz"))
     np.testing.assert_array_equal(np.asarray(back.dataobj), (src > 0))
     assert back.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(back.affine, on_disk.affine)
-    io.save_volume(vol.data, g, tmp_path / "vol.nii")
+    volume_io.save_volume(vol.data, g, tmp_path / "vol.nii")
     back = nib.load(str(tmp_path / "vol.nii"))
     np.testing.assert_array_equal(np.asarray(back.dataobj), src)
     np.testing.assert_array_equal(back.affine, on_disk.affine)
@@ -109,7 +109,7 @@ def sorted_spacing(affine, g):
 def test_trailing_singleton_4d_is_squeezed(tmp_path):
     src = np.arange(24, dtype=np.float32).reshape(2, 3, 4, 1)
     _write(tmp_path / "a.nii", src, AFFINES["RAS"])
-    vol = io.load_image(tmp_path / "a.nii")
+    vol = volume_io.load_image(tmp_path / "a.nii")
     assert vol.data.shape == (3, 2, 4)
 
 
@@ -117,7 +117,7 @@ def test_scaling_is_applied(tmp_path):
     img = nib.Nifti1Image(np.full((3, 3, 3), 100, np.int16), AFFINES["RAS"])
     img.header.set_slope_inter(2.0, -1024.0)
     nib.save(img, str(tmp_path / "s.nii.gz"))
-    np.testing.assert_array_equal(io.load_image(tmp_path / "s.nii.gz").data,
+    np.testing.assert_array_equal(volume_io.load_image(tmp_path / "s.nii.gz").data,
                                   -824.0)
 
 
@@ -125,7 +125,7 @@ def test_scaling_is_applied(tmp_path):
 
 @needs_data
 def test_ct_example_3mm():
-    case = io.load_case(CT3 / "ct.nii.gz", CT3 / "labels_multiclass.nii.gz",
+    case = volume_io.load_case(CT3 / "ct.nii.gz", CT3 / "labels_multiclass.nii.gz",
                         organ_id=7)
     raw = np.asarray(nib.load(str(CT3 / "ct.nii.gz")).dataobj)
     raw_lab = np.asarray(nib.load(str(CT3 / "labels_multiclass.nii.gz")).dataobj)
@@ -139,7 +139,7 @@ def test_ct_example_3mm():
     assert case.label.dtype == bool and int(case.label.sum()) == 695
     np.testing.assert_array_equal(
         case.label, (raw_lab == 7).transpose(1, 0, 2)[::-1, ::-1, :])
-    liver = io.load_case(CT3 / "ct.nii.gz", CT3 / "labels_multiclass.nii.gz",
+    liver = volume_io.load_case(CT3 / "ct.nii.gz", CT3 / "labels_multiclass.nii.gz",
                          organ_id=5, case_id="c1")
     assert liver.case_id == "c1" and int(liver.label.sum()) == 41692
 
@@ -147,25 +147,25 @@ def test_ct_example_3mm():
 @needs_data
 def test_integral_float_labels_accepted(tmp_path):
     lab = nib.load(str(CT3 / "labels_multiclass.nii.gz"))
-    ref = io.load_image(CT3 / "ct.nii.gz").geometry
+    ref = volume_io.load_image(CT3 / "ct.nii.gz").geometry
     data = np.asarray(lab.dataobj).astype(np.float32)
     _write(tmp_path / "f.nii.gz", data, lab.affine)
-    got = io.load_label_map(tmp_path / "f.nii.gz", ref)
+    got = volume_io.load_label_map(tmp_path / "f.nii.gz", ref)
     assert got.dtype.kind in "iu"
-    want = io.load_label_map(CT3 / "labels_multiclass.nii.gz", ref)
+    want = volume_io.load_label_map(CT3 / "labels_multiclass.nii.gz", ref)
     np.testing.assert_array_equal(got, want)
     data[10, 10, 10] = 7.5
     _write(tmp_path / "g.nii.gz", data, lab.affine)
-    with pytest.raises(io.VolumeError, match=r"g\.nii\.gz.*non-integral.*7\.5"):
-        io.load_label_map(tmp_path / "g.nii.gz", ref)
+    with pytest.raises(volume_io.VolumeError, match=r"g\.nii\.gz.*non-integral.*7\.5"):
+        volume_io.load_label_map(tmp_path / "g.nii.gz", ref)
 
 
 @pytest.fixture(scope="module")
 def slab():
     if not SLAB.is_dir():
         pytest.skip(f"DICOM example not found under {SLAB}")
-    vol = io.load_image(SLAB / "dicom")
-    lab = io.load_label_map(SLAB / "labels_multiclass.nii.gz", vol.geometry)
+    vol = volume_io.load_image(SLAB / "dicom")
+    lab = volume_io.load_label_map(SLAB / "labels_multiclass.nii.gz", vol.geometry)
     return vol, lab
 
 
@@ -200,7 +200,7 @@ def test_dicom_label_aligned_in_world_space(slab):
     vol, lab = slab
     expect = {5: 89.0, 7: 61.0, 1: 80.0}   # liver, pancreas, spleen
     for organ, hu in expect.items():
-        mask = io.select_organ(lab, organ, source="slab")
+        mask = volume_io.select_organ(lab, organ, source="slab")
         assert abs(float(vol.data[mask].mean()) - hu) < 3, organ
     pancreas = lab == 7
     assert int(pancreas.sum()) == 1327
@@ -217,7 +217,7 @@ def test_dicom_label_aligned_in_world_space(slab):
 def test_dicom_mask_written_in_source_geometry(slab, tmp_path):
     vol, lab = slab
     mask = lab == 7
-    io.save_mask(mask, vol.geometry, tmp_path / "pancreas.nii.gz")
+    volume_io.save_mask(mask, vol.geometry, tmp_path / "pancreas.nii.gz")
     back = nib.load(str(tmp_path / "pancreas.nii.gz"))
     np.testing.assert_allclose(back.affine, vol.geometry.source_affine,
                                atol=1e-4)
@@ -225,7 +225,7 @@ def test_dicom_mask_written_in_source_geometry(slab, tmp_path):
     np.testing.assert_array_equal(np.asarray(back.dataobj),
                                   vol.geometry.to_source(mask))
     # and it loads back onto the image grid
-    again = io.load_label_map(tmp_path / "pancreas.nii.gz", vol.geometry)
+    again = volume_io.load_label_map(tmp_path / "pancreas.nii.gz", vol.geometry)
     np.testing.assert_array_equal(again.astype(bool), mask)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -233,96 +233,96 @@ def test_dicom_mask_written_in_source_geometry(slab, tmp_path):
 @needs_data
 def test_mismatched_pairs_name_both_files(slab, tmp_path):
     vol, _ = slab
-    with pytest.raises(io.GeometryError) as err:
-        io.load_label_map(CT3 / "labels_multiclass.nii.gz", vol.geometry)
+    with pytest.raises(volume_io.GeometryError) as err:
+        volume_io.load_label_map(CT3 / "labels_multiclass.nii.gz", vol.geometry)
     msg = str(err.value)
     assert str(CT3 / "labels_multiclass.nii.gz") in msg
     assert str(SLAB / "dicom") in msg and "shape" in msg
     # same grid, origin shifted by 1.5 mm
     lab = nib.load(str(CT3 / "labels_multiclass.nii.gz"))
-    ref = io.load_image(CT3 / "ct.nii.gz").geometry
+    ref = volume_io.load_image(CT3 / "ct.nii.gz").geometry
     for shift, ok in ((1.5, False), (0.01, True)):
         aff = lab.affine.copy()
         aff[:3, 3] += [0.0, shift, 0.0]
         _write(tmp_path / "shifted.nii.gz", np.asarray(lab.dataobj), aff)
         if ok:
-            io.load_label_map(tmp_path / "shifted.nii.gz", ref)
+            volume_io.load_label_map(tmp_path / "shifted.nii.gz", ref)
             continue
-        with pytest.raises(io.GeometryError,
+        with pytest.raises(volume_io.GeometryError,
                            match=r"shifted\.nii\.gz.*ct\.nii\.gz.*1\.5 mm apart"):
-            io.load_label_map(tmp_path / "shifted.nii.gz", ref)
-        with pytest.raises(io.GeometryError):
-            io.load_case(CT3 / "ct.nii.gz", tmp_path / "shifted.nii.gz")
+            volume_io.load_label_map(tmp_path / "shifted.nii.gz", ref)
+        with pytest.raises(volume_io.GeometryError):
+            volume_io.load_case(CT3 / "ct.nii.gz", tmp_path / "shifted.nii.gz")
 
 
 # --------------------------------------------------------------- bad input
 
 def test_missing_and_non_nifti_files(tmp_path):
-    with pytest.raises(io.VolumeError, match=r"nope\.nii\.gz: no such file"):
-        io.load_image(tmp_path / "nope.nii.gz")
+    with pytest.raises(volume_io.VolumeError, match=r"nope\.nii\.gz: no such file"):
+        volume_io.load_image(tmp_path / "nope.nii.gz")
     (tmp_path / "text.nii.gz").write_text("not an image\n")
-    with pytest.raises(io.VolumeError, match=r"text\.nii\.gz: not a readable NIfTI"):
-        io.load_image(tmp_path / "text.nii.gz")
+    with pytest.raises(volume_io.VolumeError, match=r"text\.nii\.gz: not a readable NIfTI"):
+        volume_io.load_image(tmp_path / "text.nii.gz")
     (tmp_path / "blob.dat").write_bytes(os.urandom(300))
-    with pytest.raises(io.VolumeError, match=r"blob\.dat"):
-        io.load_image(tmp_path / "blob.dat")
-    with pytest.raises(io.VolumeError, match=r"lab\.nii: no such file"):
-        io.load_label_map(tmp_path / "lab.nii",
-                          io.Geometry.from_affine(np.eye(4), (2, 2, 2), "x"))
+    with pytest.raises(volume_io.VolumeError, match=r"blob\.dat"):
+        volume_io.load_image(tmp_path / "blob.dat")
+    with pytest.raises(volume_io.VolumeError, match=r"lab\.nii: no such file"):
+        volume_io.load_label_map(tmp_path / "lab.nii",
+                          volume_io.Geometry.from_affine(np.eye(4), (2, 2, 2), "x"))
 
 
 @pytest.mark.parametrize("shape, kind", [((5, 6), "2D"), ((4, 4, 4, 2), "4D")])
 def test_rejects_non_3d(tmp_path, shape, kind):
     _write(tmp_path / "v.nii.gz", np.zeros(shape, np.float32), np.eye(4))
-    with pytest.raises(io.VolumeError,
+    with pytest.raises(volume_io.VolumeError,
                        match=rf"v\.nii\.gz: expected a 3D volume, got a {kind}"):
-        io.load_image(tmp_path / "v.nii.gz")
+        volume_io.load_image(tmp_path / "v.nii.gz")
 
 
 def test_rejects_nan_voxels(tmp_path):
     data = np.zeros((3, 3, 3), np.float32)
     data[1, 1, 1], data[0, 0, 0] = np.nan, np.inf
     _write(tmp_path / "n.nii.gz", data, np.eye(4))
-    with pytest.raises(io.VolumeError, match=r"n\.nii\.gz: 2 NaN or infinite"):
-        io.load_image(tmp_path / "n.nii.gz")
+    with pytest.raises(volume_io.VolumeError, match=r"n\.nii\.gz: 2 NaN or infinite"):
+        volume_io.load_image(tmp_path / "n.nii.gz")
 
 
 def test_select_organ_errors():
     lab = np.zeros((3, 3, 3), np.uint8)
-    with pytest.raises(io.VolumeError, match="lab.nii: empty label"):
-        io.select_organ(lab, 1, source="lab.nii")
+    with pytest.raises(volume_io.VolumeError, match="lab.nii: empty label"):
+        volume_io.select_organ(lab, 1, source="lab.nii")
     lab[0, 0, 0], lab[1, 1, 1] = 3, 5
-    with pytest.raises(io.VolumeError,
+    with pytest.raises(volume_io.VolumeError,
                        match=r"lab.nii: no voxel with organ_id=7; ids present: 3, 5"):
-        io.select_organ(lab, 7, source="lab.nii")
-    np.testing.assert_array_equal(io.select_organ(lab, 5, source="x"), lab == 5)
+        volume_io.select_organ(lab, 7, source="lab.nii")
+    np.testing.assert_array_equal(volume_io.select_organ(lab, 5, source="x"), lab == 5)
 
 
 def test_save_errors_before_writing(tmp_path):
-    g = io.Geometry.from_affine(AFFINES["LAS"], (4, 5, 6), "img.nii")
+    g = volume_io.Geometry.from_affine(AFFINES["LAS"], (4, 5, 6), "img.nii")
     mask = np.zeros(g.shape, bool)
-    with pytest.raises(io.VolumeError, match="does not exist"):
-        io.save_mask(mask, g, tmp_path / "missing" / "m.nii.gz")
+    with pytest.raises(volume_io.VolumeError, match="does not exist"):
+        volume_io.save_mask(mask, g, tmp_path / "missing" / "m.nii.gz")
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(io.VolumeError, match="is not a folder"):
-        io.save_mask(mask, g, tmp_path / "afile" / "m.nii.gz")
-    with pytest.raises(io.VolumeError, match="must end in .nii"):
-        io.save_mask(mask, g, tmp_path / "m.png")
+    with pytest.raises(volume_io.VolumeError, match="is not a folder"):
+        volume_io.save_mask(mask, g, tmp_path / "afile" / "m.nii.gz")
+    with pytest.raises(volume_io.VolumeError, match="must end in .nii"):
+        volume_io.save_mask(mask, g, tmp_path / "m.png")
     with pytest.raises(InputError, match=r"expected shape \(5, 4, 6\)"):
-        io.save_mask(np.zeros((4, 5, 6), bool), g, tmp_path / "m.nii.gz")
+        volume_io.save_mask(np.zeros((4, 5, 6), bool), g, tmp_path / "m.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
                     reason="root ignores folder permissions")
 def test_unwritable_folder(tmp_path):
-    g = io.Geometry.from_affine(np.eye(4), (2, 2, 2), "img.nii")
+    g = volume_io.Geometry.from_affine(np.eye(4), (2, 2, 2), "img.nii")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        with pytest.raises(io.VolumeError, match="not writable"):
-            io.save_mask(np.ones((2, 2, 2), bool), g, locked / "m.nii.gz")
+        with pytest.raises(volume_io.VolumeError, match="not writable"):
+            volume_io.save_mask(np.ones((2, 2, 2), bool), g, locked / "m.nii.gz")
         assert not list(locked.iterdir())
     finally:
         locked.chmod(0o700)
@@ -330,35 +330,35 @@ def test_unwritable_folder(tmp_path):
 
 def test_unwritable_folder_any_user(tmp_path, monkeypatch):
     # root ignores permission bits, so simulate the OS answers
-    g = io.Geometry.from_affine(np.eye(4), (2, 2, 2), "img.nii")
+    g = volume_io.Geometry.from_affine(np.eye(4), (2, 2, 2), "img.nii")
     mask = np.ones((2, 2, 2), bool)
     real_access = os.access
-    monkeypatch.setattr(io.os, "access", lambda p, mode: (
+    monkeypatch.setattr(volume_io.os, "access", lambda p, mode: (
         False if Path(p) == tmp_path else real_access(p, mode)))
-    with pytest.raises(io.VolumeError, match=rf"{tmp_path} is not writable"):
-        io.save_mask(mask, g, tmp_path / "m.nii.gz")
-    monkeypatch.setattr(io.os, "access", real_access)
+    with pytest.raises(volume_io.VolumeError, match=rf"{tmp_path} is not writable"):
+        volume_io.save_mask(mask, g, tmp_path / "m.nii.gz")
+    monkeypatch.setattr(volume_io.os, "access", real_access)
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(fileio, "_create_file", refuse)  # the temp file
-    with pytest.raises(io.VolumeError, match="cannot write in"):
-        io.save_mask(mask, g, tmp_path / "m.nii.gz")
+    with pytest.raises(volume_io.VolumeError, match="cannot write in"):
+        volume_io.save_mask(mask, g, tmp_path / "m.nii.gz")
     assert not list(tmp_path.iterdir())
 
 
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
-    g = io.Geometry.from_affine(np.eye(4), (2, 2, 2), "img.nii")
+    g = volume_io.Geometry.from_affine(np.eye(4), (2, 2, 2), "img.nii")
     out = tmp_path / "m.nii.gz"
-    io.save_mask(np.ones((2, 2, 2), bool), g, out)
+    volume_io.save_mask(np.ones((2, 2, 2), bool), g, out)
     before = out.read_bytes()
 
     def disk_full(img, filename):
         Path(filename).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(io.nib, "save", disk_full)
-    with pytest.raises(io.VolumeError, match="No space left"):
-        io.save_mask(np.zeros((2, 2, 2), bool), g, out)
+    monkeypatch.setattr(volume_io.nib, "save", disk_full)
+    with pytest.raises(volume_io.VolumeError, match="No space left"):
+        volume_io.save_mask(np.zeros((2, 2, 2), bool), g, out)
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.nii.gz"]
 
@@ -368,11 +368,11 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
 def test_saved_mask_gets_umask_permissions(tmp_path, umask, mode):
     # A prediction is shared with others: world-readable when the umask
     # allows it (mkstemp would make it 0o600 whatever the umask).
-    g = io.Geometry.from_affine(np.eye(4), (2, 2, 2), "img.nii")
+    g = volume_io.Geometry.from_affine(np.eye(4), (2, 2, 2), "img.nii")
     old = os.umask(umask)
     try:
-        io.save_mask(np.ones((2, 2, 2), bool), g, tmp_path / "m.nii.gz")
-        io.save_mask(np.zeros((2, 2, 2), bool), g, tmp_path / "m.nii.gz")  # replaced
+        volume_io.save_mask(np.ones((2, 2, 2), bool), g, tmp_path / "m.nii.gz")
+        volume_io.save_mask(np.zeros((2, 2, 2), bool), g, tmp_path / "m.nii.gz")  # replaced
     finally:
         os.umask(old)
     got = stat.S_IMODE(os.stat(tmp_path / "m.nii.gz").st_mode)
@@ -385,7 +385,7 @@ def test_missing_world_position_warns(tmp_path):
     img = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), None)
     nib.save(img, str(tmp_path / "nocode.nii"))
     with pytest.warns(UserWarning, match=r"nocode\.nii: sform_code and qform_code"):
-        io.load_image(tmp_path / "nocode.nii")
+        volume_io.load_image(tmp_path / "nocode.nii")
 
 
 # ----------------------------------------------------------- bad DICOM
@@ -419,14 +419,14 @@ def _edit(path, fn):
 
 def test_dicom_gap_and_duplicates(slab_files, tmp_path):
     gap = _copy(slab_files[0:3] + slab_files[4:6], tmp_path / "gap")
-    with pytest.raises(io.VolumeError,
+    with pytest.raises(volume_io.VolumeError,
                        match=r"gap.*uneven slice spacing.*median step 2\.000 mm, "
                              r"but 4\.000 mm"):
-        io.load_image(gap)
+        volume_io.load_image(gap)
     dup = _copy(slab_files[0:4], tmp_path / "dup")
     shutil.copy(slab_files[2], dup / "copy_of_2")
-    with pytest.raises(io.VolumeError, match=r"dup.*duplicate slice position"):
-        io.load_image(dup)
+    with pytest.raises(volume_io.VolumeError, match=r"dup.*duplicate slice position"):
+        volume_io.load_image(dup)
 
 
 def test_dicom_mixed_sizes_and_orientations(slab_files, tmp_path):
@@ -437,53 +437,53 @@ def test_dicom_mixed_sizes_and_orientations(slab_files, tmp_path):
         ds.set_pixel_data(ds.pixel_array[:256, :256].copy(), "MONOCHROME2", 12)
     _edit(small, shrink)
     assert pydicom.dcmread(small).Rows == 256
-    with pytest.raises(io.VolumeError,
+    with pytest.raises(volume_io.VolumeError,
                        match=rf"mixed.*mixed sizes.*256x256 in {small.name}"):
-        io.load_image(mixed)
+        volume_io.load_image(mixed)
     tilted = _copy(slab_files[0:4], tmp_path / "tilted")
 
     def tilt(ds):
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0.99980, 0.02]
     _edit(tilted / slab_files[2].name, tilt)
-    with pytest.raises(io.VolumeError, match="tilted.*mixed slice orientations"):
-        io.load_image(tilted)
+    with pytest.raises(volume_io.VolumeError, match="tilted.*mixed slice orientations"):
+        volume_io.load_image(tilted)
 
 
 def test_dicom_series_choice_and_skipped_files(slab, slab_files, tmp_path):
     two = _copy(slab_files[0:4], tmp_path / "two")
     for f in slab_files[2:4]:
         _edit(two / f.name, lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.3.4"))
-    with pytest.raises(io.VolumeError,
+    with pytest.raises(volume_io.VolumeError,
                        match=r"(?s)holds 2 series.*series_uid='1\.2\.3\.4': 2 file"):
-        io.load_image(two)
+        volume_io.load_image(two)
     full = slab[0].data
-    np.testing.assert_array_equal(io.load_image(two, series_uid="1.2.3.4").data,
+    np.testing.assert_array_equal(volume_io.load_image(two, series_uid="1.2.3.4").data,
                                   full[:, :, 2:4])
-    np.testing.assert_array_equal(io.load_image(two, series_uid="").data,
+    np.testing.assert_array_equal(volume_io.load_image(two, series_uid="").data,
                                   full[:, :, 0:2])
-    with pytest.raises(io.VolumeError, match="no series with series_uid='9'"):
-        io.load_image(two, series_uid="9")
+    with pytest.raises(volume_io.VolumeError, match="no series with series_uid='9'"):
+        volume_io.load_image(two, series_uid="9")
     extra = _copy(slab_files[0:3], tmp_path / "extra")
     (extra / "README.txt").write_text("notes\n")
     with pytest.warns(UserWarning, match=r"skipped 1 file.*README\.txt"):
-        vol = io.load_image(extra)
+        vol = volume_io.load_image(extra)
     assert vol.data.shape == (512, 512, 3)
 
 
 def test_dicom_missing_pixels_and_empty_folders(slab_files, tmp_path):
     nopix = _copy(slab_files[0:3], tmp_path / "nopix")
     _edit(nopix / slab_files[1].name, lambda ds: delattr(ds, "PixelData"))
-    with pytest.raises(io.VolumeError, match=rf"{slab_files[1].name}: no pixel data"):
-        io.load_image(nopix)
+    with pytest.raises(volume_io.VolumeError, match=rf"{slab_files[1].name}: no pixel data"):
+        volume_io.load_image(nopix)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(io.VolumeError, match="empty: no files"):
-        io.load_image(empty)
+    with pytest.raises(volume_io.VolumeError, match="empty: no files"):
+        volume_io.load_image(empty)
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.txt").write_text("x")
-    with pytest.raises(io.VolumeError, match="neither a NIfTI file nor a folder"):
+    with pytest.raises(volume_io.VolumeError, match="neither a NIfTI file nor a folder"):
         with pytest.warns(UserWarning):
-            io.load_image(junk)
-    with pytest.raises(io.VolumeError, match="single DICOM file: pass the folder"):
-        io.load_image(slab_files[0])
+            volume_io.load_image(junk)
+    with pytest.raises(volume_io.VolumeError, match="single DICOM file: pass the folder"):
+        volume_io.load_image(slab_files[0])

@@ -108,6 +108,56 @@ def test_the_library_never_imports_launchers_or_benchmarks():
                 assert node.module.split(".")[0] not in ("launch", "bench", "tests"), path
 
 
+CONFIG_NAMES = ("config", "cfg")
+
+
+def _config_reads(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, "name.attr") of every attribute read of a name `config`/`cfg`
+    that is not a typed parameter (annotated with a class other than Any)
+    of its function, outside the `from_config` methods (the conversion)."""
+    out = []
+
+    def visit(node, typed: set[str], in_from_config: bool):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            typed = {a.arg for a in args if a.annotation is not None
+                     and ast.unparse(a.annotation) not in ("Any", "typing.Any")}
+            in_from_config = node.name == "from_config"
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in CONFIG_NAMES and node.value.id not in typed
+                and not in_from_config):
+            out.append((node.lineno, f"{node.value.id}.{node.attr}"))
+        for child in ast.iter_child_nodes(node):
+            visit(child, typed, in_from_config)
+
+    visit(tree, set(), False)
+    return out
+
+
+def test_the_config_is_read_at_the_top_only():
+    """No library module imports ml_collections or reads an untyped config
+    object (`config.x`): launchers make typed specs (`from_config`), and the
+    library takes them."""
+    found = []
+    for path in STNJAX.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                    a.name for a in node.names]
+                found += [f"{path.name}: imports {n}" for n in names
+                          if n.split(".")[0] == "ml_collections"]
+        found += [f"{path.name}:{line} reads {what}" for line, what in _config_reads(tree)]
+    assert not found, "\n".join(found)
+
+
+def test_the_config_checker_sees_a_read():
+    tree = ast.parse("def f(config):\n    return config.data\n"
+                     "def g(config: Spec):\n    return config.data\n"
+                     "class S:\n    def from_config(cls, config):\n        return config.x\n")
+    assert _config_reads(tree) == [(2, "config.data")]
+
+
 def test_no_function_over_80_lines():
     # DESIGN.md's rule for the library and the launchers (docstrings included).
     long = []

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from stnjax.data import manifest as data
-from stnjax.data import volume_io as io
+from stnjax.data import manifest
+from stnjax.data import volume_io
 from stnjax.phantom import volumes as phantom
 from stnjax.phantom import dataset as phantom_dataset
 from stnjax.checks import InputError
@@ -151,14 +151,14 @@ def test_config_validation():
 def test_written_dataset_keeps_geometry(tmp_path):
     cfg = phantom.PhantomConfig(shape=(40, 40, 20), spacing=(0.8, 0.8, 2.5))
     out = phantom_dataset.write_phantom_dataset(tmp_path / "ds", num_cases=4, seed=3, config=cfg)
-    m = data.load_manifest(out)
+    m = manifest.load_manifest(out)
     assert m.organ_id == 7 and m.case_ids == tuple(f"phantom_{i:03d}" for i in range(4))
-    assert data.read_fold_table(out) == {f: [f"phantom_{f:03d}"] for f in range(4)}
+    assert manifest.read_fold_table(out) == {f: [f"phantom_{f:03d}"] for f in range(4)}
     img = nib.load(str(m.cases[1].image))
     assert img.get_data_dtype() == np.int16
     np.testing.assert_allclose(img.header.get_zooms(), (0.8, 0.8, 2.5))
     assert nib.aff2axcodes(img.affine) == ("P", "L", "S")
-    case = io.load_case(m.cases[1].image, m.cases[1].label, organ_id=7)
+    case = volume_io.load_case(m.cases[1].image, m.cases[1].label, organ_id=7)
     hu, labels, spacing = phantom.make_phantom(m.cases[1].extra["seed"], cfg)
     np.testing.assert_array_equal(case.image, hu)
     np.testing.assert_array_equal(case.label, labels == 7)
@@ -184,7 +184,7 @@ def test_dataset_overwrite_rules(tmp_path):
     with pytest.raises(FileExistsError, match="different dataset"):
         phantom_dataset.write_phantom_dataset(out, num_cases=4, seed=1, config=SMALL)
     phantom_dataset.write_phantom_dataset(out, num_cases=5, seed=1, config=SMALL, overwrite=True)
-    assert len(data.load_manifest(out)) == 5
+    assert len(manifest.load_manifest(out)) == 5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
     other = tmp_path / "notes"
     other.mkdir()
@@ -209,7 +209,7 @@ def test_make_phantoms_cli(tmp_path):
     again = subprocess.run(other, cwd=root, capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "different dataset" in again.stdout + again.stderr
     rows = phantom_dataset.summarize_dataset(out)
-    labels = [nib.load(str(c.label)).get_fdata() for c in data.load_manifest(out).cases]
+    labels = [nib.load(str(c.label)).get_fdata() for c in manifest.load_manifest(out).cases]
     for row, lab in zip(rows, labels):  # the summary against a direct count
         pan = lab == 7
         assert row["organ_voxels"] == pan.sum()

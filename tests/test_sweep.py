@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stnjax.eval import summaries as ev
-from stnjax.eval import records as rec_io
+from stnjax.eval import summaries
+from stnjax.eval import records
 from stnjax.eval import report
 from stnjax.eval import plots
 from stnjax.checks import InputError
@@ -25,7 +25,7 @@ def histories(rng, n, R, method, folds=(0,)):
         d = np.clip(0.55 + np.cumsum(rng.uniform(-0.02, 0.05, R + 1)), 0, 1)
         inter = np.r_[np.nan, np.clip(1 - 0.4 * rng.uniform(0.1, 0.9, R) ** np.arange(1, R + 1)
                                       + rng.normal(0, 0.01, R), 0, 1)]
-        out.append(rec_io.CaseRecord(
+        out.append(records.CaseRecord(
             f"{i:04d}", folds[i % len(folds)], method, gt_voxels=500, spacing=(1, 1, 2),
             dsc_rounds=d, inter_dsc=inter, rounds_run=R, time_coarse_s=1.0,
             time_rounds_s=[0.2] * R))
@@ -40,7 +40,7 @@ def two_methods(seed=0):
 def test_sweep_monotone_and_consistent():
     recs = two_methods()
     ts = list(np.round(np.linspace(0.5, 1.0, 26), 4)) + [1.5]
-    rows = ev.sweep(recs, ts)
+    rows = summaries.sweep(recs, ts)
     assert [r.method for r in rows] == ["rstn"] * 27 + ["stagewise"] * 27
     for m in ("rstn", "stagewise"):
         rs = [r for r in rows if r.method == m]
@@ -55,23 +55,23 @@ def test_sweep_monotone_and_consistent():
         assert last.mean == pytest.approx(np.mean([r.dsc_rounds[-1] for r in mine]))
         # Each row equals the per-case rule averaged by hand.
         for r in rs[::5]:
-            vals = [rec_io.result_at_threshold(c, r.t) for c in mine]
+            vals = [records.result_at_threshold(c, r.t) for c in mine]
             assert r.mean == pytest.approx(np.mean([v.dsc for v in vals]))
             assert r.std == pytest.approx(np.std([v.dsc for v in vals]))
             assert r.converged == sum(v.converged for v in vals)
         # The same rows as the summary's threshold table.
-        g = ev.summarize(recs, thresholds=(0.9, 0.96)).group(m)
+        g = summaries.summarize(recs, thresholds=(0.9, 0.96)).group(m)
         for t in (0.9, 0.96):
             assert [x for x in g.thresholds if x.t == t][0] == [x for x in rs if x.t == t][0]
 
 
 def test_sweep_flags_early_stopped_cases():
     # Stopped at round 2 (inter 0.96); rounds 3..4 are filled copies.
-    stopped = rec_io.CaseRecord("a", 0, "rstn", 10, (1, 1, 1), [0.6, 0.7, 0.72, 0.72, 0.72],
+    stopped = records.CaseRecord("a", 0, "rstn", 10, (1, 1, 1), [0.6, 0.7, 0.72, 0.72, 0.72],
                                 [None, 0.9, 0.96, 1.0, 1.0], 2, 1.0, [0.1, 0.1])
-    full = rec_io.CaseRecord("b", 0, "rstn", 10, (1, 1, 1), [0.6, 0.7, 0.75, 0.8, 0.81],
+    full = records.CaseRecord("b", 0, "rstn", 10, (1, 1, 1), [0.6, 0.7, 0.75, 0.8, 0.81],
                              [None, 0.9, 0.94, 0.97, 0.991], 4, 1.0, [0.1] * 4)
-    rows = {r.t: r for r in ev.sweep([stopped, full], [0.9, 0.95, 0.99])}
+    rows = {r.t: r for r in summaries.sweep([stopped, full], [0.9, 0.95, 0.99])}
     assert (rows[0.9].inexact, rows[0.95].inexact, rows[0.99].inexact) == (0, 0, 1)
     assert rows[0.95].mean_time_s == pytest.approx(((1.2) + (1.3)) / 2)
     assert rows[0.99].mean_time_s is None          # case a never ran round 3
@@ -80,16 +80,16 @@ def test_sweep_flags_early_stopped_cases():
 
 def test_sweep_errors():
     with pytest.raises(InputError, match="empty"):
-        ev.sweep([], [0.9])
+        summaries.sweep([], [0.9])
     with pytest.raises(InputError):
-        ev.sweep(two_methods(), [0.9, 0.0])
+        summaries.sweep(two_methods(), [0.9, 0.0])
     with pytest.raises(InputError, match="no thresholds"):
-        ev.sweep(two_methods(), [])
+        summaries.sweep(two_methods(), [])
 
 
 def test_write_sweep_csv(tmp_path):
-    rows = ev.sweep(two_methods(), [0.9, 0.99, 2.0])
-    path = ev.write_sweep_csv(rows, tmp_path / "s" / "sweep.csv")
+    rows = summaries.sweep(two_methods(), [0.9, 0.99, 2.0])
+    path = summaries.write_sweep_csv(rows, tmp_path / "s" / "sweep.csv")
     with open(path, newline="") as f:
         got = list(csv.DictReader(f))
     assert len(got) == len(rows)
@@ -105,14 +105,14 @@ def check_png(path):
 
 def test_plots_two_methods_and_one(tmp_path):
     recs = two_methods(1)
-    rows = ev.sweep(recs, [0.8, 0.9, 0.95, 0.99, 1.5])
+    rows = summaries.sweep(recs, [0.8, 0.9, 0.95, 0.99, 1.5])
     paths = plots.write_plots(recs, rows, tmp_path / "two")
     assert sorted(p.name for p in paths) == [
         "comparison_rstn_vs_stagewise.png", "inter_dsc.png", "round_dsc.png", "sweep.png"]
     for p in paths:
         check_png(p)
     one = [r for r in recs if r.method == "stagewise"]
-    paths = plots.write_plots(one, ev.sweep(one, [0.9, 0.99]), tmp_path / "one")
+    paths = plots.write_plots(one, summaries.sweep(one, [0.9, 0.99]), tmp_path / "one")
     assert sorted(p.name for p in paths) == ["inter_dsc.png", "round_dsc.png", "sweep.png"]
     assert not [p for p in (tmp_path / "one").iterdir() if p.name.startswith(".")]
 
@@ -120,9 +120,9 @@ def test_plots_two_methods_and_one(tmp_path):
 def test_cli(tmp_path):
     recs = two_methods(2)
     # Two evaluation workdirs, one per method, with per-fold subfolders.
-    rec_io.write_records([r for r in recs if r.method == "rstn"],
+    records.write_records([r for r in recs if r.method == "rstn"],
                          tmp_path / "wd_rstn" / "eval" / "fold0")
-    rec_io.write_records([r for r in recs if r.method == "stagewise"], tmp_path / "wd_c2f")
+    records.write_records([r for r in recs if r.method == "stagewise"], tmp_path / "wd_c2f")
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "launch.sweep",
            f"--records={tmp_path / 'wd_rstn'},{tmp_path / 'wd_c2f' / 'cases.json'}",

@@ -1,6 +1,7 @@
 """Checkpoints, the workdir identity check, the metrics file, the guard's
 decision, and input set-up errors (no model compilation here)."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -10,7 +11,9 @@ import pytest
 
 from launch.configs import smoke
 from stnjax.checks import InputError
+from stnjax.data.spec import DataSpec, resolve_folds, resolve_planes
 from stnjax.train import inputs, workdir
+from stnjax.train.spec import LoopSpec
 from stnjax.train.checkpoint import CheckpointError, Checkpointer, load_trained_params
 from stnjax.train.guard import guard_decision
 from stnjax.train.reporting import fmt_duration
@@ -96,7 +99,7 @@ def test_guard_decision_on_synthetic_histories():
 
 
 def test_workdir_identity_check(tmp_path):
-    c = smoke.get_config()
+    c = smoke.get_config().to_dict()
     wd = tmp_path / "w"
     workdir.write_workdir_files(wd, c)
     (wd / "fold0" / "Z" / "checkpoints").mkdir(parents=True)
@@ -106,10 +109,12 @@ def test_workdir_identity_check(tmp_path):
     c2.train.checkpoint_every = 3
     c2.data.planes = "XYZ"
     c2.infer.threshold = 0.5
+    c2 = c2.to_dict()
     assert workdir.config_hash(c2) == workdir.config_hash(c)
     workdir.check_workdir(wd, c2)
     c3 = smoke.get_config()
     c3.model.width = 0.5
+    c3 = c3.to_dict()
     with pytest.raises(InputError, match=r"another config.*model.width: 0.03125 -> 0.5"):
         workdir.check_workdir(wd, c3)
     workdir.check_workdir(wd, c3, overwrite=True)
@@ -130,15 +135,27 @@ def test_metrics_writer_keep_only_and_torn_lines(tmp_path):
 
 
 def test_input_resolution_errors():
-    assert inputs.resolve_planes("zx") == ["X", "Z"]
-    assert inputs.resolve_folds("all", 4) == [0, 1, 2, 3]
-    assert inputs.resolve_folds("2,0", 4) == [0, 2]
+    assert resolve_planes("zx") == ("X", "Z")
+    assert resolve_folds("all", 4) == (0, 1, 2, 3)
+    assert resolve_folds("2,0", 4) == (0, 2)
     with pytest.raises(InputError, match="data.planes"):
-        inputs.resolve_planes("XQ")
+        resolve_planes("XQ")
     with pytest.raises(InputError, match="data.folds"):
-        inputs.resolve_folds("4", 4)
+        resolve_folds("4", 4)
     with pytest.raises(InputError, match="data.folds"):
-        inputs.resolve_folds("one", 4)
+        resolve_folds("one", 4)
+    # The same checks when the spec is made from a config, naming the field.
+    for field, value, match in (("planes", "XQ", "data.planes"), ("folds", "9", "data.folds"),
+                                ("order", "random", "data.order"),
+                                ("hu_window", (240.0, -100.0), "data.hu_window")):
+        c = smoke.get_config().data.to_dict()
+        c[field] = value
+        with pytest.raises(InputError, match=match):
+            DataSpec.from_config(c)
+    t = smoke.get_config().train.to_dict()
+    t["log_every"] = 0
+    with pytest.raises(InputError, match="train.log_every"):
+        LoopSpec.from_config(t)
     # Batch 2 on 8 devices uses 2 (a sample is never split); asked-for counts
     # must divide the batch.
     assert len(inputs.choose_devices(2)) == 2
@@ -150,13 +167,12 @@ def test_input_resolution_errors():
 
 
 def test_no_training_slice_for_a_plane_is_a_clear_error(tmp_path):
-    c = smoke.get_config()
-    c.data.slice_threshold = 1e9  # an absolute pixel count no slice reaches
-    ds = inputs.dataset_dir(c, tmp_path)
-    store = inputs.open_store(c, ds, tmp_path)
+    c = DataSpec.from_config(smoke.get_config().data)
+    far = dataclasses.replace(c, slice_threshold=1e9)  # a pixel count no slice reaches
+    ds = inputs.dataset_dir(far, tmp_path)
+    store = inputs.open_store(far, ds, tmp_path)
     with pytest.raises(InputError, match=r"no training slice for plane Y in fold 1"):
-        inputs.plane_data(c, store, ds, 1, "Y")
-    c.data.slice_threshold = 0.98
+        inputs.plane_data(far, store, ds, 1, "Y")
     pd = inputs.plane_data(c, store, ds, 1, "Y")
     assert len(pd.slices) > 0
     # Slices index store.case_ids and belong to training cases only.

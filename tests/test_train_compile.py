@@ -55,7 +55,7 @@ def _batch(h=32, w=32, b=2, seed=0):
     label = np.zeros((b, h, w, 3), np.float32)
     label[0, 8:14, 6:12] = 1.0
     label[1, 3:9, 10:20] = 1.0
-    return {"image": image, "label": label, "valid": np.ones((b, h, w), bool),
+    return {"image": image, "label": label, "hw": np.full((b, 2), (h, w), np.int32),
             "weight": np.ones((b,), np.float32)}
 
 

@@ -2,14 +2,16 @@
 the full-size training step checked with jax.eval_shape (never compiled)."""
 
 import importlib
+import json
 
 import jax
 import numpy as np
 import pytest
 
+from stnjax.eval.spec import EvalSpec
 from stnjax.models.rstn import RSTN
 from stnjax.train import state as st
-from stnjax.train import steps
+from stnjax.train import steps, workdir
 from stnjax.train.schedule import lr_at, parse_stages, total_steps
 
 CONFIGS = ("nih_pancreas", "phantom", "smoke", "stagewise")
@@ -25,6 +27,12 @@ def test_configs_load_and_parse(name):
     stages = parse_stages(c.train.stages, c.train.method)
     assert total_steps(stages) > 0
     RSTN.from_config(c.model)
+    spec = EvalSpec.from_config(c)  # every section into its typed spec
+    assert spec.train.loop.stage_list == stages and spec.train.data.planes
+    # The record is the config: the written config.json and the hash see the
+    # same fields the user set.
+    assert spec.record == json.loads(c.to_json())
+    assert spec.train.config_hash == workdir.config_hash(c.to_dict())
     c.lock()
     with pytest.raises(AttributeError, match="base_lr"):
         c.train.base_lrr = 1.0  # a typo names the closest field
@@ -73,7 +81,7 @@ def test_full_size_joint_step_shapes():
     b, h, w = 1, 512, 448  # an X-plane slice of 512 x L, padded to the 448 bucket
     batch = {"image": jax.ShapeDtypeStruct((b, h, w, 3), np.float32),
              "label": jax.ShapeDtypeStruct((b, h, w, 3), np.float32),
-             "valid": jax.ShapeDtypeStruct((b, h, w), np.bool_),
+             "hw": jax.ShapeDtypeStruct((b, 2), np.int32),
              "weight": jax.ShapeDtypeStruct((b,), np.float32),
              "index": jax.ShapeDtypeStruct((b,), np.int32)}
     step = steps.make_step(rstn, "J", spec.optimizer(), lam=1 / 3, axis_name=None)

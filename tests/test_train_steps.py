@@ -55,12 +55,12 @@ def _batch(seed=0, pad_last=True):
         r, c = rng.integers(2, 18, size=2)
         label[b, r:r + 8 + b % 3, c:c + 6, :] = 1.0
         image[b, r:r + 8, c:c + 6, :] += 0.5
-    valid = np.ones((B, H, W), bool)
-    valid[1, :, 28:] = False  # a narrower slice padded to the bucket
+    hw = np.full((B, 2), (H, W), np.int32)
+    hw[1, 1] = 28  # a narrower slice padded to the bucket
     weight = np.ones((B,), np.float32)
     if pad_last:
         weight[-1] = 0.0  # a padding slot of the global batch
-    return {"image": image, "label": label, "valid": valid, "weight": weight,
+    return {"image": image, "label": label, "hw": hw, "weight": weight,
             "case_index": np.arange(B, dtype=np.int32), "slice_index": np.zeros(B, np.int32)}
 
 

@@ -2,7 +2,9 @@
 
 Modules: volume_io (NIfTI and DICOM-folder reading in the canonical
 orientation, writing predictions), dicom (series reading and checks),
-manifest (dataset.json, folds, the organ id), preprocess (HU window, plane
-views, 3-slice windows), store (the decoded training cases on disk),
-sampler (random training batches of a plane).
+manifest (dataset.json, folds, the organ id), preprocess (the one volume
+path of training and test: HU window, plane views, 3-slice windows), store
+(the decoded cases on disk, read by training and evaluation), sampler
+(random training batches of a plane), spec (DataSpec, the typed data
+settings).
 """

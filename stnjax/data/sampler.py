@@ -19,7 +19,7 @@ import numpy as np
 
 from stnjax.data import preprocess
 from stnjax.checks import InputError, check_int
-from stnjax.data.store import IMAGE_LEVELS, CaseStore
+from stnjax.data.store import CaseStore
 from stnjax.data.manifest import DatasetError
 
 
@@ -213,7 +213,8 @@ class SliceSampler:
         Returns NumPy arrays, B = batch_size // num_shards (the contiguous
         slots [shard*B, (shard+1)*B) of the global batch):
           image (B, Hb, Wb, 3) float32 in [0, 1]; label (B, Hb, Wb, 3) float32
-          in {0, 1}; valid (B, Hb, Wb) bool (real pixels); weight (B,) float32
+          in {0, 1}; hw (B, 2) int32 real size of each slice (its top-left
+          region holds it; (0, 0) for padding slots); weight (B,) float32
           (1 real, 0 padding slot); case_index, slice_index (B,) int32 (-1 for
           padding slots).
         """
@@ -227,20 +228,20 @@ class SliceSampler:
         rows = rows[shard * per:(shard + 1) * per]
         out = {"image": np.zeros((per, hb, wb, 3), np.float32),
                "label": np.zeros((per, hb, wb, 3), np.float32),
-               "valid": np.zeros((per, hb, wb), bool), "weight": np.zeros(per, np.float32),
+               "hw": np.zeros((per, 2), np.int32), "weight": np.zeros(per, np.float32),
                "case_index": np.full(per, -1, np.int32), "slice_index": np.full(per, -1, np.int32)}
-        scale = np.float32(1.0 / IMAGE_LEVELS)
         for b, r in enumerate(rows):
             if r < 0:
                 continue
             c, j = (int(v) for v in self.slices[r])
             img, lab = self._img[c], self._lab[c]
-            s, h, w = img.shape
-            idx = [max(j - 1, 0), j, min(j + 1, s - 1)]
-            np.multiply(img[idx].transpose(1, 2, 0), scale, out=out["image"][b, :h, :w],
-                        casting="unsafe")
-            out["label"][b, :h, :w] = lab[idx].transpose(1, 2, 0)
-            out["valid"][b, :h, :w] = True
+            _, h, w = img.shape
+            # The same windows as the case store's and inference's (one
+            # implementation), decoded straight into the padded batch.
+            preprocess.decode_window(preprocess.gather_windows(img, j),
+                                     out=out["image"][b, :h, :w])
+            out["label"][b, :h, :w] = preprocess.gather_windows(lab, j)
+            out["hw"][b] = h, w
             out["weight"][b], out["case_index"][b], out["slice_index"][b] = 1.0, c, j
         return out
 

@@ -1,8 +1,9 @@
 """The case store: each case read once, served from a memory-mapped cache.
 
 `CaseStore` loads a case of a dataset manifest (`stnjax.data.manifest`) with
-`io.load_case`, windows it and caches the result, so training reads 3-slice
-windows from plane-ordered arrays without touching the source files again.
+`volume_io.load_case`, windows it and caches the result, so training reads
+3-slice windows from plane-ordered arrays and evaluation reads whole
+volumes (and their geometry) without touching the source files again.
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ import numpy as np
 
 from stnjax import fileio
 from stnjax.data import preprocess
-from stnjax.data import volume_io as stio
-from stnjax.checks import InputError
+from stnjax.data import volume_io
+from stnjax.checks import InputError, check_int
 from stnjax.data.manifest import CaseEntry, DatasetError, Manifest, _write_json
 
 log = logging.getLogger(__name__)
 
-#: Cached images are the HU window quantised to uint16: x = q / 65535, an
-#: error <= 7.7e-6 (0.003 HU for the [-100, 240] window), far below CT noise.
-IMAGE_LEVELS = 65535
-_CACHE_VERSION = 1
+#: Cached images are the HU window quantised to uint16 (preprocess.encode_window).
+IMAGE_LEVELS = preprocess.IMAGE_LEVELS
+_CACHE_VERSION = 2  # 2: the record holds the source geometry
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -50,10 +50,10 @@ def _source_stamp(path: Path | None) -> list:
 class CaseStore:
     """Loads each case once and serves memory-mapped arrays from a cache.
 
-    The first use of a case reads it with `io.load_case`, windows the HU
-    (`preprocess.window_hu`) and writes, atomically, into `cache_dir`:
-    the window quantised to uint16 (see IMAGE_LEVELS), the bool organ mask
-    and a JSON record (shape, spacing, affine). Files are keyed by a hash of
+    The first use of a case reads it with `volume_io.load_case`, windows the
+    HU (`preprocess.encode_window`, uint16) and writes, atomically, into
+    `cache_dir`: the window levels, the bool organ mask and a JSON record
+    (shape, spacing, affine, source geometry). Files are keyed by a hash of
     the manifest entry, the source files' sizes and mtimes, the organ id and
     the window, so a changed input or setting never reuses a stale cache.
     Per-plane copies with the slicing axis first are made on first use, so
@@ -109,14 +109,16 @@ class CaseStore:
 
     def _build(self, case_id: str, base: Path) -> None:
         e = self._entry(case_id)
-        case = stio.load_case(e.image, e.label, organ_id=self.manifest.organ_id, case_id=case_id)
-        x = preprocess.window_hu(case.image, *self.hu_window)
-        _save_npy(Path(f"{base}.image.npy"), np.round(x * IMAGE_LEVELS).astype(np.uint16))
+        case = volume_io.load_case(e.image, e.label, organ_id=self.manifest.organ_id, case_id=case_id)
+        _save_npy(Path(f"{base}.image.npy"), preprocess.encode_window(case.image, *self.hu_window))
         if case.label is not None:
             _save_npy(Path(f"{base}.label.npy"), case.label.astype(bool))
         meta = {"case_id": case_id, "shape": list(case.image.shape),
                 "spacing": [float(s) for s in case.geometry.spacing],
                 "affine": np.asarray(case.geometry.affine).tolist(),
+                "source_affine": np.asarray(case.geometry.source_affine).tolist(),
+                "source_shape": list(case.geometry.source_shape),
+                "source": case.geometry.source,
                 "has_label": case.label is not None,
                 "image": str(e.image), "label": None if e.label is None else str(e.label),
                 "hu_window": list(self.hu_window), "organ_id": self.manifest.organ_id}
@@ -140,19 +142,26 @@ class CaseStore:
         """(4, 4) float64 canonical voxel -> RAS mm."""
         return np.asarray(self._meta_of(case_id)["affine"], np.float64)
 
+    def geometry(self, case_id: str) -> volume_io.Geometry:
+        """The case's Geometry (canonical and source layout, for writing
+        predictions that overlay the input), without reading the source."""
+        m = self._meta_of(case_id)
+        return volume_io.Geometry.from_affine(np.asarray(m["source_affine"], np.float64),
+                                         m["source_shape"], m["source"])
+
     def has_label(self, case_id: str) -> bool:
         return bool(self._meta_of(case_id)["has_label"])
 
-    def load_case(self, case_id: str) -> stio.Case:
+    def load_case(self, case_id: str) -> volume_io.Case:
         """The case read afresh from its source (for its Geometry, e.g. to
         write predictions that overlay the input)."""
         e = self._entry(case_id)
-        return stio.load_case(e.image, e.label, organ_id=self.manifest.organ_id, case_id=case_id)
+        return volume_io.load_case(e.image, e.label, organ_id=self.manifest.organ_id, case_id=case_id)
 
     def plane(self, case_id: str, plane: str, kind: str = "image") -> np.ndarray:
         """Read-only memory map (S, H, W) of the plane view, slicing axis first
         and contiguous: uint16 quantised window for kind="image" (decode with
-        `decode_image`), bool for kind="label". The same layout as
+        `preprocess.decode_window`), bool for kind="label". The same layout as
         `preprocess.plane_view`."""
         preprocess.check_plane(plane)
         if kind not in ("image", "label"):
@@ -174,7 +183,7 @@ class CaseStore:
 
     def image(self, case_id: str) -> np.ndarray:
         """float32 (X, Y, Z) windowed image in [0, 1] (a decoded copy)."""
-        return decode_image(self.plane(case_id, "X", "image"))
+        return preprocess.decode_window(self.plane(case_id, "X", "image"))
 
     def label(self, case_id: str) -> np.ndarray:
         """bool (X, Y, Z) organ mask (read-only memory map)."""
@@ -184,18 +193,8 @@ class CaseStore:
         """One training window: image and label, float32 (H, W, 3) each,
         slices [max(0, j-1), j, min(S-1, j+1)] of the plane view."""
         img = self.plane(case_id, plane, "image")
-        idx = _window_index(j, img.shape[0])
+        check_int(j, "j", 0, img.shape[0] - 1)
         lab = self.plane(case_id, plane, "label")
-        return (decode_image(img[idx]).transpose(1, 2, 0),
-                lab[idx].transpose(1, 2, 0).astype(np.float32))
+        return (preprocess.decode_window(preprocess.gather_windows(img, j)),
+                preprocess.gather_windows(lab, j).astype(np.float32))
 
-
-def decode_image(q: np.ndarray) -> np.ndarray:
-    """uint16 quantised window -> float32 in [0, 1]."""
-    return np.multiply(q, np.float32(1.0 / IMAGE_LEVELS), dtype=np.float32)
-
-
-def _window_index(j: int, s: int) -> list[int]:
-    if not 0 <= j < s:
-        raise InputError(f"j: slice {j} out of range [0, {s})")
-    return [max(j - 1, 0), j, min(j + 1, s - 1)]

@@ -14,75 +14,36 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from stnjax.data import manifest as stdata
-from stnjax.eval import summaries
-from stnjax.infer import rounds as infer
-from stnjax.data import volume_io
 from stnjax import metrics
-from stnjax.eval import plots
-from stnjax.eval import report as text_report
 from stnjax.checks import InputError
-from stnjax.fileio import atomic_write_text
-from stnjax.models.rstn import RSTN
+from stnjax.data import volume_io
+from stnjax.data.store import CaseStore
+from stnjax.eval import plots, summaries
+from stnjax.eval import report as text_report
 from stnjax.eval.records import CaseRecord, read_records, threshold_key, write_records
+from stnjax.eval.spec import EvalSpec
 from stnjax.infer.segmenter import CaseResult, Segmenter
 from stnjax.train import inputs, workdir as wd
 from stnjax.train.checkpoint import load_trained_params
+from stnjax.train.spec import TrainSpec
+from stnjax.train.workdir import write_config_files
 
 log = logging.getLogger("stnjax.eval")
 
 
-def inference_spec(config: Any) -> infer.InferenceSpec:
-    """The static inference settings of a config (the stage-wise baseline
-    fuses round 0 by majority vote and crops the raw image, as C2F)."""
-    baseline = config.train.method == "stagewise"
-    return infer.InferenceSpec(
-        planes=tuple(inputs.resolve_planes(config.data.planes)),
-        batch_size=int(config.infer.batch_size), max_rounds=int(config.infer.max_rounds),
-        lcc_threshold=float(config.infer.lcc_threshold),
-        report_thresholds=tuple(float(t) for t in config.infer.report_thresholds),
-        fusion="majority" if baseline else "mean", use_saliency=not baseline,
-        quantize_coarse=bool(config.infer.quantize_coarse),
-        saliency_input=str(config.infer.saliency_input))
-
-
-def method_label(config: Any) -> str:
-    """The `method` of evaluation records: the training method, plus the
-    saliency input when it is not the reference's ("rstn-sal-mask",
-    "rstn-sal-coarse"), so that a sweep over several evaluation folders of
-    the same models tells the variants apart."""
-    spec = inference_spec(config)
-    if spec.use_saliency and spec.saliency_input != "score":
-        return f"{config.train.method}-sal-{spec.saliency_input}"
-    return str(config.train.method)
-
-
-def with_inference(config: Any, **fields: Any) -> Any:
-    """A copy of `config` with config.infer fields replaced (checked: an
-    unknown field or a bad value raises InputError)."""
-    out = config.copy_and_resolve_references()
-    for k, v in fields.items():
-        if k not in out.infer:
-            raise InputError(f"infer.{k}: no such inference setting")
-        out.infer[k] = v
-    inference_spec(out)
-    return out
-
-
-def load_models(config: Any, workdir: str | os.PathLike, fold: int,
-                planes: Sequence[str]) -> tuple[RSTN, dict[str, Any]]:
-    """The RSTN structure and {plane: params} of the finished runs of a fold.
+def load_models(train: TrainSpec, workdir: str | os.PathLike, fold: int,
+                planes: Sequence[str]) -> dict[str, Any]:
+    """{plane: params} of the finished runs of a fold for `train.model`.
 
     Raises InputError when a run is missing or incomplete, was trained for
     another plane or fold, or with another config (hash of the fields that
     define the model and its training).
     """
-    rstn = RSTN.from_config(config.model)
-    want = wd.config_hash(config)
+    want = train.config_hash
     params = {}
     for p in planes:
         rd = wd.run_dir(workdir, fold, p)
@@ -95,15 +56,14 @@ def load_models(config: Any, workdir: str | os.PathLike, fold: int,
                              f"(hash {meta.get('config_hash')}, this config {want}); "
                              "evaluate with the config it was trained with")
         params[p] = tree
-    return rstn, params
+    return params
 
 
-def make_segmenter(config: Any, rstn: RSTN, params: dict[str, Any]) -> Segmenter:
-    """A Segmenter with the config's buckets, HU window and timing mode."""
-    return Segmenter(rstn, params, inference_spec(config),
-                     volume_buckets=tuple(int(b) for b in config.infer.volume_buckets),
-                     hu_window=tuple(config.data.hu_window),
-                     per_round_timing=bool(config.infer.per_round_timing))
+def make_segmenter(spec: EvalSpec, params: dict[str, Any]) -> Segmenter:
+    """A Segmenter of the spec's models with its buckets, HU window and timing mode."""
+    return Segmenter(spec.train.model, params, spec.inference,
+                     volume_buckets=spec.volume_buckets, hu_window=spec.train.data.hu_window,
+                     per_round_timing=spec.per_round_timing)
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
@@ -120,9 +80,10 @@ def check_writable(folder: str | os.PathLike) -> Path:
     return out
 
 
-def case_record(res: CaseResult, case: volume_io.Case, *, fold: int, method: str,
-                t: float) -> CaseRecord:
-    """The per-case record of one evaluated volume.
+def case_record(res: CaseResult, case_id: str, label: np.ndarray,
+                spacing: Sequence[float], *, fold: int, method: str, t: float) -> CaseRecord:
+    """The per-case record of one evaluated volume (label (X, Y, Z) bool,
+    spacing (3,) mm).
 
     Rounds not run (an early stop) keep the last mask: their DSC repeats the
     last value and their inter-iteration DSC is 1. Full metrics (Jaccard,
@@ -133,14 +94,14 @@ def case_record(res: CaseResult, case: volume_io.Case, *, fold: int, method: str
     inter = [None] + [float(v) for v in res.inter[1:res.rounds + 1]]
     dsc += [dsc[-1]] * (n - res.rounds)
     inter += [1.0] * (n - res.rounds)
-    label, spacing = case.label, tuple(float(s) for s in case.geometry.spacing)
+    spacing = tuple(float(s) for s in spacing)
     main = res.mask
     full = {"dsc": metrics.dsc(main, label), "jaccard": metrics.jaccard(main, label),
             "hd95_mm": metrics.hd95(main, label, spacing),
             "surface_dice": metrics.surface_dice(main, label, spacing),
-            "round": int(res.round_at[min(res.round_at, key=lambda k: abs(k - t))])}
+            "round": int(res.main_round)}
     return CaseRecord(
-        case_id=case.case_id, fold=int(fold), method=method, gt_voxels=int(label.sum()),
+        case_id=case_id, fold=int(fold), method=method, gt_voxels=int(label.sum()),
         spacing=spacing, dsc_rounds=dsc, inter_dsc=inter, rounds_run=int(res.rounds),
         time_coarse_s=res.time_coarse_s, time_rounds_s=list(res.time_rounds_s),
         metrics_at={threshold_key(t): full}, oracle=res.oracles or None,
@@ -148,36 +109,33 @@ def case_record(res: CaseResult, case: volume_io.Case, *, fold: int, method: str
                "overflow": res.overflow})
 
 
-def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
+def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
                   out_dir: str | os.PathLike | None = None,
                   write_predictions: bool = True, resume: bool = True) -> list[CaseRecord]:
     """Evaluates the test cases of one fold; writes predictions and records.
 
-    Returns the per-case records (also written to `<out>/cases.{json,csv}`,
-    rewritten atomically after every case; predictions to
+    Cases are read through the training's case store (`inputs.open_store`:
+    the same windowed volumes the models were trained on). Returns the
+    per-case records (also written to `<out>/cases.{json,csv}`, rewritten
+    atomically after every case; predictions to
     `<out>/predictions/<case>.nii.gz` in the source geometry). With
     `resume`, cases already recorded in `<out>` by an interrupted run with
     the same models and inference settings (its config.json) are taken from
     there, not run again; other settings mean a fresh evaluation.
     """
-    spec = inference_spec(config)  # bad settings fail before any folder is made
     out = check_writable(out_dir or Path(workdir) / "eval" / f"fold{int(fold)}")
-    ds_dir = inputs.dataset_dir(config, workdir)
-    manifest = stdata.load_manifest(ds_dir)
-    table = stdata.load_or_create_fold_table(ds_dir, manifest.case_ids,
-                                             n_folds=int(config.data.n_folds))
-    _, test_ids = stdata.split(table, fold, manifest.case_ids)
-    rstn, params = load_models(config, workdir, fold, spec.planes)
-    seg = make_segmenter(config, rstn, params)
-    done = _finished_cases(config, out, test_ids, write_predictions) if resume else {}
-    write_provenance(config, out)
-    organ = manifest.organ_id if int(config.data.organ_id) < 0 else int(config.data.organ_id)
-    t = float(config.infer.threshold)
+    data, inf = spec.train.data, spec.inference
+    ds_dir = inputs.dataset_dir(data, workdir)
+    store = inputs.open_store(data, ds_dir, workdir)
+    _, test_ids = inputs.fold_split(data, ds_dir, store, fold)
+    seg = make_segmenter(spec, load_models(spec.train, workdir, fold, inf.planes))
+    done = _finished_cases(spec, out, test_ids, write_predictions) if resume else {}
+    write_config_files(out, spec.record)
     preds = check_writable(out / "predictions") if write_predictions else None
     log.info("fold %d: %d test cases; inference: planes %s, margin %d, up to %d rounds, "
              "saliency input %r, fusion %r, t = %.2f", fold, len(test_ids),
-             "".join(spec.planes), rstn.margin, spec.max_rounds, spec.saliency_input,
-             spec.fusion, t)
+             "".join(inf.planes), spec.train.model.margin, inf.max_rounds, inf.saliency_input,
+             inf.fusion, spec.threshold)
     if done:
         log.info("fold %d: resuming, %d of %d cases already evaluated in %s", fold,
                  len(done), len(test_ids), out)
@@ -186,25 +144,33 @@ def evaluate_fold(config: Any, workdir: str | os.PathLike, fold: int, *,
         if cid in done:
             records.append(done[cid])
             continue
-        entry = manifest.case(cid)
-        case = volume_io.load_case(manifest.root / entry.image, manifest.root / entry.label,
-                            organ_id=organ, case_id=cid)
-        t0 = time.perf_counter()
-        res = seg.segment(case.image, label=case.label, t=t,
-                          run_all_rounds=bool(config.infer.run_all_rounds),
-                          oracles=bool(config.infer.oracles))
-        rec = case_record(res, case, fold=fold, method=method_label(config), t=t)
-        records.append(rec)
-        if preds is not None:
-            volume_io.save_mask(res.mask, case.geometry, preds / f"{cid}.nii.gz")
+        records.append(_evaluate_case(spec, seg, store, cid, fold, preds))
+        rec, t = records[-1], spec.threshold
         log.info("fold %d case %d/%d %s: DSC round 0 %.2f %%, at t=%.2f %.2f %% "
                  "(round %d), %.1f s", fold, i + 1, len(test_ids), cid,
                  100 * rec.dsc_rounds[0], t, 100 * rec.metrics_at[threshold_key(t)]["dsc"],
-                 rec.metrics_at[threshold_key(t)]["round"], time.perf_counter() - t0)
+                 rec.metrics_at[threshold_key(t)]["round"],
+                 rec.time_coarse_s + sum(rec.time_rounds_s))
         write_records(records, out)  # after every case: an interrupted run resumes here
     log.info("fold %d: %d compilations %s", fold, seg.compile_count, seg.compiled_buckets())
     write_records(records, out)
     return records
+
+
+def _evaluate_case(spec: EvalSpec, seg: Segmenter, store: CaseStore, cid: str, fold: int,
+                   preds: Path | None) -> CaseRecord:
+    """Segments one stored case (its prediction into `preds` when given)."""
+    if not store.has_label(cid):
+        raise InputError(f"case {cid!r}: has no label in {store.manifest.path}; evaluation "
+                         "needs one (use launch.segment for unlabelled volumes)")
+    label = np.asarray(store.label(cid))
+    res = seg.segment_image(store.image(cid), label=label, t=spec.threshold,
+                            run_all_rounds=spec.run_all_rounds, oracles=spec.oracles)
+    rec = case_record(res, cid, label, store.spacing(cid), fold=fold, method=spec.method,
+                      t=spec.threshold)
+    if preds is not None:
+        volume_io.save_mask(res.mask, store.geometry(cid), preds / f"{cid}.nii.gz")
+    return rec
 
 
 def _result_fields(config_dict: dict) -> dict[str, Any]:
@@ -216,7 +182,7 @@ def _result_fields(config_dict: dict) -> dict[str, Any]:
             "data.planes": config_dict.get("data", {}).get("planes")}
 
 
-def _finished_cases(config: Any, out: Path, test_ids: Sequence[str],
+def _finished_cases(spec: EvalSpec, out: Path, test_ids: Sequence[str],
                     write_predictions: bool) -> dict[str, CaseRecord]:
     """{case id: record} of the cases an earlier run in `out` finished with
     the same models and inference settings (and whose prediction file
@@ -230,11 +196,11 @@ def _finished_cases(config: Any, out: Path, test_ids: Sequence[str],
     except (OSError, ValueError, InputError) as e:
         log.warning("%s: earlier records unreadable (%s); evaluating every case", out, e)
         return {}
-    if _result_fields(old) != _result_fields(json.loads(config.to_json_best_effort())):
+    if _result_fields(old) != _result_fields(spec.record):
         log.info("%s: earlier records were made with other settings; evaluating every case",
                  out)
         return {}
-    method = method_label(config)
+    method = spec.method
     return {r.case_id: r for r in recs
             if r.case_id in test_ids and r.method == method
             and (not write_predictions or (out / "predictions" / f"{r.case_id}.nii.gz").is_file())}
@@ -242,13 +208,13 @@ def _finished_cases(config: Any, out: Path, test_ids: Sequence[str],
 
 def report(records: Sequence[CaseRecord], out_dir: str | os.PathLike, *,
            thresholds: Sequence[float], main_threshold: float,
-           config: Any | None = None) -> str:
+           record: Mapping[str, Any] | None = None) -> str:
     """Writes summary.{json,txt}, sweep.csv and the PNG plots (and, given
-    the config, the provenance files of `write_provenance`); returns the
-    printed summary text."""
+    the resolved config `record`, config.json, config.txt and
+    versions.json); returns the printed summary text."""
     out = check_writable(out_dir)
-    if config is not None:
-        write_provenance(config, out)
+    if record is not None:
+        write_config_files(out, record)
     summary = summaries.summarize(records, thresholds=tuple(thresholds),
                                  main_threshold=main_threshold)
     text_report.write_summary(summary, out)
@@ -260,20 +226,19 @@ def report(records: Sequence[CaseRecord], out_dir: str | os.PathLike, *,
     return text_report.format_summary(summary)
 
 
-def saliency_variants(config: Any, names: Sequence[str]) -> list[Any]:
-    """Copies of `config` with each other infer.saliency_input in `names`
-    (the config's own is skipped); bad names raise InputError."""
-    return [with_inference(config, saliency_input=v) for v in names
-            if v != config.infer.saliency_input]
+def saliency_variants(spec: EvalSpec, names: Sequence[str]) -> list[EvalSpec]:
+    """The same models with each other infer.saliency_input in `names` (the
+    spec's own is skipped); bad names raise InputError."""
+    return [spec.with_inference(saliency_input=v) for v in names if v != spec.saliency_input]
 
 
-def evaluate_and_report(config: Any, workdir: str | os.PathLike, *,
+def evaluate_and_report(spec: EvalSpec, workdir: str | os.PathLike, *,
                         out_dir: str | os.PathLike | None = None,
-                        variants: Sequence[Any] = (), write_predictions: bool = True,
+                        variants: Sequence[EvalSpec] = (), write_predictions: bool = True,
                         resume: bool = True) -> str:
-    """Evaluates every fold of config.data.folds and reports over them.
+    """Evaluates every fold of spec.train.data.folds and reports over them.
 
-    Per fold, the records go to `<out>/fold<f>` and, for each config in
+    Per fold, the records go to `<out>/fold<f>` and, for each spec in
     `variants` (other inference settings of the same models, e.g. from
     `saliency_variants`), to `<out>/fold<f>-<method>` without predictions;
     then `report` writes the summary of all of them to `<out>` (default
@@ -281,32 +246,17 @@ def evaluate_and_report(config: Any, workdir: str | os.PathLike, *,
     """
     out = Path(out_dir) if out_dir else Path(workdir) / "eval"
     records = []
-    for fold in inputs.resolve_folds(config.data.folds, int(config.data.n_folds)):
-        records += evaluate_fold(config, workdir, fold, out_dir=out / f"fold{int(fold)}",
+    for fold in spec.train.data.folds:
+        records += evaluate_fold(spec, workdir, fold, out_dir=out / f"fold{int(fold)}",
                                  write_predictions=write_predictions, resume=resume)
-        for vc in variants:
-            records += evaluate_fold(vc, workdir, fold,
-                                     out_dir=out / f"fold{int(fold)}-{method_label(vc)}",
+        for v in variants:
+            records += evaluate_fold(v, workdir, fold, out_dir=out / f"fold{int(fold)}-{v.method}",
                                      write_predictions=False, resume=resume)
-    return report(records, out, thresholds=config.infer.report_thresholds,
-                  main_threshold=config.infer.threshold, config=config)
+    return report(records, out, thresholds=spec.report_thresholds,
+                  main_threshold=spec.threshold, record=spec.record)
 
 
-def write_provenance(config: Any, out_dir: str | os.PathLike) -> None:
-    """Writes config.json, config.txt and versions.json beside results.
-
-    The training workdir holds the config the models were trained with, but
-    inference settings (config.infer.*) may change at evaluation time, so
-    every result folder gets the resolved config it was made with.
-    """
-    out = check_writable(out_dir)
-    atomic_write_text(out / "config.json", config.to_json_best_effort(indent=2) + "\n")
-    atomic_write_text(out / "config.txt", str(config))
-    atomic_write_text(out / "versions.json",
-                      json.dumps(wd.package_versions(), indent=2) + "\n")
-
-
-def segment_files(config: Any, workdir: str | os.PathLike, inputs_: Sequence[str], *,
+def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[str], *,
                   out_dir: str | os.PathLike, fold: int = 0) -> list[Path]:
     """Segments NIfTI files or DICOM folders without labels.
 
@@ -318,15 +268,12 @@ def segment_files(config: Any, workdir: str | os.PathLike, inputs_: Sequence[str
         raise InputError("inputs: give at least one NIfTI file or DICOM folder")
     out = check_writable(out_dir)
     volumes = [(Path(p), volume_io.load_image(p)) for p in inputs_]  # fail before writing
-    spec = inference_spec(config)
-    rstn, params = load_models(config, workdir, fold, spec.planes)
-    seg = make_segmenter(config, rstn, params)
-    write_provenance(config, out)
+    seg = make_segmenter(spec, load_models(spec.train, workdir, fold, spec.inference.planes))
+    write_config_files(out, spec.record)
     written = []
     for i, (path, vol) in enumerate(volumes):
         t0 = time.perf_counter()
-        res = seg.segment(vol.data, t=float(config.infer.threshold),
-                          run_all_rounds=False)
+        res = seg.segment(vol.data, t=spec.threshold, run_all_rounds=False)
         name = path.name.removesuffix(".gz").removesuffix(".nii") or "volume"
         dest = out / f"{name}_mask.nii.gz"
         volume_io.save_mask(res.mask, vol.geometry, dest)

@@ -40,7 +40,9 @@ from jax import lax
 from stnjax.checks import InputError
 from stnjax.metrics import dsc_jax, largest_components_jax
 from stnjax.models.rstn import RSTN
-from stnjax.data.preprocess import PLANE_AXIS, PLANES, check_plane
+from stnjax.data.preprocess import (PLANE_AXIS, PLANES, add_windows, check_plane, from_plane_view,
+                                    gather_windows, plane_view, window_counts)
+from stnjax.models.crop import extent_mask
 
 FUSIONS = ("mean", "majority")
 # What drives the saliency transformation in round r (see InferenceSpec).
@@ -128,45 +130,12 @@ def valid_mask(shape: tuple[int, int, int], extent: jax.Array) -> jax.Array:
     return ax[0][:, None, None] & ax[1][None, :, None] & ax[2][None, None, :]
 
 
-def _view(volume: jax.Array, plane: str) -> jax.Array:
-    return jnp.moveaxis(volume, PLANE_AXIS[plane], 0)
-
-
-def _unview(view: jax.Array, plane: str) -> jax.Array:
-    return jnp.moveaxis(view, 0, PLANE_AXIS[plane])
-
-
-def _windows(view: jax.Array, j: jax.Array, n: jax.Array) -> jax.Array:
-    """(B, H, W, 3) windows [j-1, j, j+1] of view (S, H, W), clamped to the
-    real slices [0, n) (edge slices replicated, reference 1.7)."""
-    jc = jnp.clip(j, 0, n - 1)
-    idx = jnp.stack([jnp.clip(jc - 1, 0, n - 1), jc, jnp.clip(jc + 1, 0, n - 1)], -1)
-    return jnp.moveaxis(view[idx], 1, -1)
-
-
-def _accumulate(acc: jax.Array, prob: jax.Array, j: jax.Array, n: jax.Array,
-                use: jax.Array) -> jax.Array:
-    """Adds window outputs prob (B, H, W, 3) of centres j into acc (S+2, H, W).
-
-    acc[k + 1] collects slice k. Channel c of window j belongs to slice
-    j - 1 + c; terms outside [0, n) (the replicated edge channel) and unused
-    windows are dropped.
-    """
-    s2 = acc.shape[0]
-    for c in range(3):
-        k = j - 1 + c
-        ok = use & (k >= 0) & (k < n)
-        acc = acc.at[jnp.where(ok, k + 1, s2 - 1)].add(
-            jnp.where(ok[:, None, None], prob[..., c], 0.0))
-    return acc
-
-
-def _window_counts(s: int, n: jax.Array) -> jax.Array:
-    """(S,) number of windows holding each slice: 3 inside, 2 at the ends,
-    1 if n == 1; 1 for padded slices (their sums are 0)."""
-    k = jnp.arange(s)
-    cnt = 1 + (k - 1 >= 0).astype(jnp.int32) + (k + 1 < n).astype(jnp.int32)
-    return jnp.where(k < n, cnt, 1).astype(jnp.float32)
+def _slice_extent(extent: jax.Array, plane: str) -> tuple[jax.Array, jax.Array]:
+    """A padded volume's real size int32 (3,) -> (real slice count along the
+    plane, int32 (2,) real size of its slices)."""
+    a = PLANE_AXIS[plane]
+    hw = jnp.stack([extent[i] for i in range(3) if i != a]).astype(jnp.int32)
+    return extent[a], hw
 
 
 def _plane_loop(view_fn, s: int, h: int, w: int, start: jax.Array,
@@ -183,12 +152,12 @@ def _plane_loop(view_fn, s: int, h: int, w: int, start: jax.Array,
         j = start + c * batch + jnp.arange(batch)
         use = j <= stop
         prob, ov = view_fn(j, use)
-        acc = _accumulate(acc, prob, j, n, use)
+        acc = add_windows(acc, prob, j, n, use)
         return c + 1, acc, over + jnp.sum(jnp.where(use, ov, 0.0)).astype(jnp.int32)
 
     init = (jnp.int32(0), jnp.zeros((s + 2, h, w), jnp.float32), jnp.int32(0))
     _, acc, over = lax.while_loop(lambda st: st[0] < chunks, body, init)
-    return acc[1:s + 1] / _window_counts(s, n)[:, None, None], over
+    return acc[1:s + 1] / window_counts(s, n)[:, None, None], over
 
 
 # --------------------------------------------------------------------------
@@ -208,23 +177,21 @@ def coarse_plane_prob(rstn: RSTN, params: Any, image: jax.Array, extent: jax.Arr
       (X, Y, Z) float32, each voxel the mean of the windows holding it; 0 in
       the padding.
     """
-    view = _view(image, plane)
+    view = plane_view(image, plane)
     s, h, w = view.shape
-    n = extent[PLANE_AXIS[plane]]
-    pix = _view(valid_mask(image.shape, extent), plane)[0]  # (H, W) real pixels
-
+    n, hw = _slice_extent(extent, plane)
     # Each slice's real size: the network on the padded slice then equals the
     # network on the unpadded slice (FCN8s valid_hw masking).
-    hw = jnp.stack([extent[a] for a in range(3) if a != PLANE_AXIS[plane]]).astype(jnp.int32)
+    pix = extent_mask(hw, (h, w))  # (H, W) real pixels
 
     def run(j, use):
         del use
-        win = _windows(view, j, n) * pix[None, :, :, None]
+        win = gather_windows(view, j, n) * pix[None, :, :, None]
         valid_hw = jnp.broadcast_to(hw, (j.shape[0], 2))
         return rstn.coarse_prob(params, win, valid_hw), jnp.zeros(j.shape, jnp.float32)
 
     prob, _ = _plane_loop(run, s, h, w, jnp.int32(0), n - 1, n, batch_size)
-    return _unview(prob * pix[None], plane)
+    return from_plane_view(prob * pix[None], plane)
 
 
 def coarse_probs(rstn: RSTN, params: Mapping[str, Any], image: jax.Array,
@@ -275,10 +242,10 @@ def fine_plane_prob(rstn: RSTN, params: Any, image: jax.Array, score: jax.Array,
       prob (X, Y, Z) float32 (0 in skipped windows' share, outside boxes and
       in the padding) and the overflow count.
     """
-    img_v, sc_v, ref_v = (_view(v, plane) for v in (image, score, crop_ref))
+    img_v, sc_v, ref_v = (plane_view(v, plane) for v in (image, score, crop_ref))
     s, h, w = img_v.shape
-    n = extent[PLANE_AXIS[plane]]
-    pix = _view(valid_mask(image.shape, extent), plane)[0]
+    n, hw = _slice_extent(extent, plane)
+    pix = extent_mask(hw, (h, w))
     has = jnp.any(ref_v, axis=(1, 2))
     lo = jnp.argmax(has).astype(jnp.int32)
     hi = (s - 1 - jnp.argmax(has[::-1])).astype(jnp.int32)
@@ -286,13 +253,13 @@ def fine_plane_prob(rstn: RSTN, params: Any, image: jax.Array, score: jax.Array,
     stop = jnp.where(jnp.any(has), jnp.minimum(hi + 1, n - 1), start - 1)
 
     def run(j, use):
-        ref = _windows(ref_v, j, n).astype(jnp.float32) * use[:, None, None, None]
-        valid = jnp.broadcast_to(pix, (j.shape[0],) + pix.shape)
-        return rstn.fine_round(params, _windows(img_v, j, n), _windows(sc_v, j, n), ref,
-                               valid=valid, use_saliency=spec.use_saliency)
+        ref = gather_windows(ref_v, j, n).astype(jnp.float32) * use[:, None, None, None]
+        img, sc = gather_windows(img_v, j, n), gather_windows(sc_v, j, n)
+        return rstn.fine_round(params, img, sc, ref, hw=jnp.broadcast_to(hw, (j.shape[0], 2)),
+                               use_saliency=spec.use_saliency)
 
     prob, over = _plane_loop(run, s, h, w, start, stop, n, spec.batch_size)
-    return _unview(prob * pix[None], plane), over
+    return from_plane_view(prob * pix[None], plane), over
 
 
 def fine_round(rstn: RSTN, params: Mapping[str, Any], image: jax.Array,
@@ -442,6 +409,17 @@ def gt_crop_oracle(rstn: RSTN, params: Mapping[str, Any], image: jax.Array,
     out = [fine_plane_prob(rstn, params[p], image, probs[i], label, extent, plane=p,
                            spec=spec)[0] for i, p in enumerate(spec.planes)]
     return (jnp.mean(jnp.stack(out), axis=0) >= 0.5) & valid
+
+
+def report_threshold(spec: InferenceSpec, t: float) -> float:
+    """The report threshold of `spec` equal to t (the loop keeps a mask for
+    each report threshold only; equal means within 1e-9). Raises InputError
+    naming infer.report_thresholds otherwise."""
+    for tk in spec.report_thresholds:
+        if abs(tk - float(t)) < 1e-9:
+            return tk
+    raise InputError(f"t: {t} is not among the report thresholds {spec.report_thresholds}; "
+                     "add it to infer.report_thresholds")
 
 
 def volume_bucket(shape: tuple[int, ...], buckets: tuple[int, ...]) -> tuple[int, int, int]:

@@ -20,7 +20,7 @@ from stnjax.infer import rounds as infer
 from stnjax import metrics
 from stnjax.checks import InputError, check_array
 from stnjax.models.rstn import RSTN
-from stnjax.data.preprocess import HU_WINDOW, window_hu
+from stnjax.data.preprocess import HU_WINDOW, model_input
 
 
 @dataclasses.dataclass
@@ -35,7 +35,8 @@ class CaseResult:
     {plane: DSC of that plane's coarse mask} (with label); oracles: {name:
     DSC} (with label and oracles=True); times in seconds (compilation
     excluded); bucket: the padded shape; overflow: crops cut to the largest
-    canvas (0 by default).
+    canvas (0 by default); main_round: the round whose mask is `mask` (the
+    first with inter-DSC >= t, else the last run).
     """
     mask: np.ndarray
     score: np.ndarray
@@ -51,6 +52,7 @@ class CaseResult:
     time_rounds_s: list[float]
     bucket: tuple[int, int, int]
     overflow: int
+    main_round: int = 0
 
 
 class Segmenter:
@@ -113,49 +115,55 @@ class Segmenter:
         return self._compiled[key](*args)
 
     # -------------------------------------------------------------- prepare
-    def prepare(self, hu: np.ndarray, label: np.ndarray | None = None):
-        """Windows and pads a HU volume; returns (image, extent, label, bucket)
-        as device arrays (label None if not given)."""
-        check_array(hu, "volume", rank=3, dtype_kind="iuf", finite=True)
-        short = [p for p in self.spec.planes if hu.shape[infer.PLANE_AXIS[p]] < 2]
+    def prepare(self, image: np.ndarray, label: np.ndarray | None = None):
+        """Pads a network-input volume (`preprocess.model_input`, float32 in
+        [0, 1]) to its bucket; returns (image, extent, label, bucket) as
+        device arrays (label None if not given)."""
+        check_array(image, "volume", rank=3, dtype_kind="iuf", finite=True)
+        short = [p for p in self.spec.planes if image.shape[infer.PLANE_AXIS[p]] < 2]
         if short:
-            raise InputError(f"volume: shape {tuple(hu.shape)} has a single slice along "
+            raise InputError(f"volume: shape {tuple(image.shape)} has a single slice along "
                              f"plane(s) {short}; 3-slice windows need at least 2")
-        bucket = infer.volume_bucket(hu.shape, self.volume_buckets)
-        pad = [(0, b - n) for b, n in zip(bucket, hu.shape)]
-        image = np.pad(window_hu(np.asarray(hu, np.float32), *self.hu_window), pad)
+        bucket = infer.volume_bucket(image.shape, self.volume_buckets)
+        pad = [(0, b - n) for b, n in zip(bucket, image.shape)]
+        padded = np.pad(np.asarray(image, np.float32), pad)
         lab = None
         if label is not None:
-            if tuple(label.shape) != tuple(hu.shape):
+            if tuple(label.shape) != tuple(image.shape):
                 raise InputError(f"label: shape {tuple(label.shape)} differs from the "
-                                 f"volume's {tuple(hu.shape)}")
+                                 f"volume's {tuple(image.shape)}")
             lab = jnp.asarray(np.pad(np.asarray(label, bool), pad))
-        return jnp.asarray(image), jnp.asarray(np.array(hu.shape, np.int32)), lab, bucket
+        return jnp.asarray(padded), jnp.asarray(np.array(image.shape, np.int32)), lab, bucket
 
     # ------------------------------------------------------------------ run
     def _report_key(self, t: float) -> float:
         """The report threshold equal to t (its mask is kept by the loop)."""
-        for tk in self.spec.report_thresholds:
-            if abs(tk - float(t)) < 1e-9:
-                return tk
-        raise InputError(f"t: {t} is not among the report thresholds "
-                         f"{self.spec.report_thresholds}; add it to "
-                         "config.infer.report_thresholds")
+        return infer.report_threshold(self.spec, t)
 
     def segment(self, hu: np.ndarray, *, label: np.ndarray | None = None,
                 t: float = 0.99, run_all_rounds: bool = True,
                 oracles: bool = False) -> CaseResult:
-        """Segments one volume.
+        """Segments one volume of Hounsfield units.
 
         Args:
-          hu: (X, Y, Z) Hounsfield units in the canonical orientation.
+          hu: (X, Y, Z) Hounsfield units in the canonical orientation; windowed
+            with the training's HU window and precision (`preprocess.model_input`).
           label: optional (X, Y, Z) bool organ mask (per-round DSC, oracles).
           t: the main stopping threshold.
           run_all_rounds: run all T rounds and read every report threshold
             exactly (the reference); False stops at t.
           oracles: also run the strong, weak and ground-truth-crop oracles.
         """
-        image, extent, lab, bucket = self.prepare(hu, label)
+        check_array(hu, "volume", rank=3, dtype_kind="iuf", finite=True)
+        return self.segment_image(model_input(hu, *self.hu_window), label=label, t=t,
+                                  run_all_rounds=run_all_rounds, oracles=oracles)
+
+    def segment_image(self, image: np.ndarray, *, label: np.ndarray | None = None,
+                      t: float = 0.99, run_all_rounds: bool = True,
+                      oracles: bool = False) -> CaseResult:
+        """`segment` of a volume already windowed: image (X, Y, Z) float32 in
+        [0, 1], as `preprocess.model_input` or `CaseStore.image` give it."""
+        image, extent, lab, bucket = self.prepare(image, label)
         ex = tuple(int(v) for v in extent)
         crop = lambda a: np.asarray(a)[:ex[0], :ex[1], :ex[2]]
         t_loop = 2.0 if run_all_rounds else float(t)
@@ -187,7 +195,8 @@ class Segmenter:
         thresholds = self.spec.report_thresholds
         masks_at = {tk: crop(res.masks_at[i]) for i, tk in enumerate(thresholds)}
         round_at = {tk: int(res.round_at[i]) for i, tk in enumerate(thresholds)}
-        main = masks_at[self._report_key(t)]
+        t_key = self._report_key(t)
+        main = masks_at[t_key]
         plane_dsc, orc = {}, {}
         if label is not None:
             lab_np = np.asarray(label, bool)
@@ -201,7 +210,7 @@ class Segmenter:
             inter=inter, dsc=None if label is None else dsc, masks_at=masks_at,
             round_at=round_at, plane_dsc=plane_dsc, oracles=orc,
             time_coarse_s=time_coarse, time_rounds_s=times, bucket=bucket,
-            overflow=int(res.overflow))
+            overflow=int(res.overflow), main_round=round_at[t_key])
 
     def _stepwise(self, bucket, image, extent, score0, mask0, t, lab):
         """The loop from the host, one compiled round at a time (timing)."""

@@ -59,11 +59,30 @@ def _first_last(flags: jax.Array) -> tuple[jax.Array, jax.Array]:
     return first.astype(jnp.int32), last.astype(jnp.int32)
 
 
+def extent_mask(hw: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """Pixel mask of real sizes: hw int32 (..., 2) -> bool (..., H, W).
+
+    The real content of a padded slice is its top-left `hw` region (the
+    padding convention of DESIGN.md: arrays carry sizes, and a mask is made
+    only where a loss or a reduction needs one).
+    """
+    hw = jnp.asarray(hw)
+    rows = jnp.arange(shape[0]) < hw[..., 0:1]
+    cols = jnp.arange(shape[1]) < hw[..., 1:2]
+    return rows[..., :, None] & cols[..., None, :]
+
+
+def _check_hw(hw: jax.Array, name: str, lead: tuple[int, ...]) -> None:
+    check_array(hw, name, dtype_kind="iu")
+    if tuple(hw.shape) != lead + (2,):
+        raise InputError(f"{name}: expected shape {lead + (2,)}, got {tuple(hw.shape)}")
+
+
 def box_from_map(
     ref: jax.Array,
     margins: jax.Array,
     *,
-    valid: jax.Array | None = None,
+    hw: jax.Array | None = None,
     threshold: float = 0.5,
 ) -> tuple[jax.Array, jax.Array]:
     """Bounding box of `ref >= threshold` (any channel) plus margins.
@@ -71,16 +90,16 @@ def box_from_map(
     Args:
       ref: (H, W, C) map (probability or label) of one sample.
       margins: int (4,) `[top, bottom, left, right]`, >= 0.
-      valid: optional (H, W) bool; the real image is its top-left region (a
-        padded bucket). Pixels outside it never activate and the box is
-        clamped to the valid extent.
+      hw: optional int32 (2,) real size (Hv, Wv) of a padded bucket, whose
+        real image is the top-left region. Pixels outside it never activate
+        and the box is clamped to it. None: the whole map is real.
       threshold: activation threshold (reference: 0.5).
 
     Returns:
       box: int32 (4,) `[r0, r1, c0, c1]` =
         `[max(minr - top, 0), min(maxr + bottom + 1, Hv))` x
-        `[max(minc - left, 0), min(maxc + right + 1, Wv))`, Hv, Wv the valid
-        extent. For an empty map, the whole valid image.
+        `[max(minc - left, 0), min(maxc + right + 1, Wv))`. For an empty
+        map, the whole real image.
       nonempty: bool scalar, False when no pixel is activated.
     """
     check_array(ref, "ref", rank=3)
@@ -89,15 +108,10 @@ def box_from_map(
         raise InputError(f"margins: expected shape (4,), got {tuple(margins.shape)}")
     h, w = ref.shape[0], ref.shape[1]
     act = jnp.any(ref >= threshold, axis=-1)
-    if valid is not None:
-        check_array(valid, "valid", rank=2)
-        if tuple(valid.shape) != (h, w):
-            raise InputError(
-                f"valid: expected shape {(h, w)} to match ref, got {tuple(valid.shape)}")
-        valid = valid.astype(bool)
-        act = act & valid
-        hv = jnp.sum(jnp.any(valid, axis=1)).astype(jnp.int32)
-        wv = jnp.sum(jnp.any(valid, axis=0)).astype(jnp.int32)
+    if hw is not None:
+        _check_hw(hw, "hw", ())
+        hv, wv = (jnp.minimum(jnp.asarray(hw[i], jnp.int32), n) for i, n in enumerate((h, w)))
+        act = act & extent_mask(jnp.stack([hv, wv]), (h, w))
     else:
         hv, wv = jnp.int32(h), jnp.int32(w)
     rows = jnp.any(act, axis=1)
@@ -120,21 +134,21 @@ def boxes_from_maps(
     refs: jax.Array,
     margins: jax.Array,
     *,
-    valid: jax.Array | None = None,
+    hw: jax.Array | None = None,
     threshold: float = 0.5,
 ) -> tuple[jax.Array, jax.Array]:
     """`box_from_map` for a batch: refs (B, H, W, C), margins (4,) or (B, 4),
-    valid (B, H, W) or None -> boxes int32 (B, 4), nonempty bool (B,)."""
+    hw int32 (B, 2) or None -> boxes int32 (B, 4), nonempty bool (B,)."""
     check_array(refs, "refs", rank=4)
     check_array(margins, "margins", rank=(1, 2), dtype_kind="iu")
     b = refs.shape[0]
     if margins.ndim == 1:
         margins = jnp.broadcast_to(margins, (b, margins.shape[0]))
-    fn = lambda r, m, v: box_from_map(r, m, valid=v, threshold=threshold)
-    if valid is None:
+    fn = lambda r, m, v: box_from_map(r, m, hw=v, threshold=threshold)
+    if hw is None:
         return jax.vmap(lambda r, m: fn(r, m, None))(refs, margins)
-    check_array(valid, "valid", rank=3)
-    return jax.vmap(fn)(refs, margins, valid)
+    _check_hw(hw, "hw", (b,))
+    return jax.vmap(fn)(refs, margins, hw)
 
 
 def fixed_margins(margin: int = 20) -> jax.Array:
@@ -164,7 +178,7 @@ def box_with_fallback(
     pred_ref: jax.Array,
     label_ref: jax.Array,
     margins: jax.Array,
-    valid: jax.Array | None = None,
+    hw: jax.Array | None = None,
     *,
     threshold: float = 0.5,
 ) -> tuple[jax.Array, jax.Array]:
@@ -174,15 +188,15 @@ def box_with_fallback(
       pred_ref: (H, W, C) coarse probability.
       label_ref: (H, W, C) label.
       margins: int (4,).
-      valid: optional (H, W) bool validity of a padded bucket.
+      hw: optional int32 (2,) real size of a padded bucket.
 
     Returns:
       box: int32 (4,); the whole valid image when both maps are empty.
       source: int32 scalar, SOURCE_PREDICTION, SOURCE_LABEL or SOURCE_NONE
         (both empty: the caller skips or zeros the fine branch).
     """
-    box_p, ok_p = box_from_map(pred_ref, margins, valid=valid, threshold=threshold)
-    box_l, ok_l = box_from_map(label_ref, margins, valid=valid, threshold=threshold)
+    box_p, ok_p = box_from_map(pred_ref, margins, hw=hw, threshold=threshold)
+    box_l, ok_l = box_from_map(label_ref, margins, hw=hw, threshold=threshold)
     box = jnp.where(ok_p, box_p, box_l)  # box_l is the whole image if empty
     source = jnp.where(ok_p, SOURCE_PREDICTION,
                        jnp.where(ok_l, SOURCE_LABEL, SOURCE_NONE))

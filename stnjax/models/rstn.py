@@ -18,9 +18,10 @@ fine probabilities for the joint loss:
 The stage-wise baseline (Zhou et al. 2016) trains with the S forward for its
 whole schedule: two independent networks, raw-image crops by the label box.
 
-Test-time pieces (used by `stnjax.infer`): `coarse_prob`, `fine_round`
-(reference mode 'F': saliency from an external score map, crop from an
-external mask) and `oracle_gt_crop` (reference mode 'O').
+Test-time pieces (used by `stnjax.infer`, which also holds the oracles):
+`coarse_prob` and `fine_round` (reference mode 'F': saliency from an
+external score map, crop from an external mask; with the label as the mask
+it is the ground-truth-crop oracle, mode 'O').
 
 Every sample has its own box (not the reference's union box over a batch,
 reference section 7, issue #12). Random margins and dropout masks are drawn
@@ -213,7 +214,7 @@ class RSTN:
         return keys[:, 0], keys[:, 1], keys[:, 2]
 
     def _label_boxes(self, batch: Mapping[str, jax.Array], margins: jax.Array):
-        boxes, nonempty = crop.boxes_from_maps(batch["label"], margins, valid=batch["valid"])
+        boxes, nonempty = crop.boxes_from_maps(batch["label"], margins, hw=batch["hw"])
         return boxes, nonempty & (batch["weight"] > 0)
 
     def _train_forward(self, params: Params, batch: Mapping[str, jax.Array],
@@ -222,7 +223,7 @@ class RSTN:
         image = batch["image"]
         k_coarse, k_fine, k_margin = self._sample_keys(key, batch["index"])
         coarse_prob = jax.nn.sigmoid(self.fcn_logits(params["coarse"], image, k_coarse,
-                                                     valid_hw=valid_extent(batch["valid"])))
+                                                     valid_hw=batch["hw"]))
         margins = jax.vmap(lambda k: crop.random_margins(
             k, margin=self.margin, prob_fixed=self.prob_fixed))(k_margin)
         fallback = jnp.zeros(image.shape[0], bool)
@@ -231,7 +232,7 @@ class RSTN:
             # makes that explicit for the coarse map it is read from.
             ref = jax.lax.stop_gradient(coarse_prob)
             boxes, source = jax.vmap(crop.box_with_fallback)(
-                ref, batch["label"], margins, batch["valid"])
+                ref, batch["label"], margins, batch["hw"])
             active = (source != crop.SOURCE_NONE) & (batch["weight"] > 0)
             fallback = (source == crop.SOURCE_LABEL) & active
         else:
@@ -258,7 +259,7 @@ class RSTN:
         """Mode S: the fine net sees the raw image cropped by the label box;
         no gradient of the fine loss reaches the coarse net.
 
-        batch: image (B,H,W,3) f32, label (B,H,W,3) f32, valid (B,H,W) bool,
+        batch: image (B,H,W,3) f32, label (B,H,W,3) f32, hw (B,2) int32 (real size),
         weight (B,) f32, index (B,) int32 (position in the global batch).
         """
         return self._train_forward(params, batch, key, "S")
@@ -289,7 +290,7 @@ class RSTN:
 
     # ------------------------------------------------------------ test time
     def fine_round(self, params: Params, image: jax.Array, score: jax.Array,
-                   mask: jax.Array, *, valid: jax.Array | None = None,
+                   mask: jax.Array, *, hw: jax.Array | None = None,
                    use_saliency: bool = True) -> tuple[jax.Array, jax.Array]:
         """One fine pass on 3-slice windows (reference mode 'F').
 
@@ -298,8 +299,8 @@ class RSTN:
           score: (B, H, W, 3) float map fed to the saliency transformation
             (previous round's fused probability).
           mask: (B, H, W, 3) map whose >= 0.5 box (margin K) is the crop.
-          valid: optional (B, H, W) bool real pixels of a padded bucket
-            (boxes are clamped to them, as the reference clamps to the image).
+          hw: optional int32 (B, 2) real size of a padded bucket (boxes are
+            clamped to it, as the reference clamps to the image).
           use_saliency: False for the stage-wise baseline (raw crops).
 
         Returns:
@@ -307,17 +308,10 @@ class RSTN:
           mask is empty, which are skipped) and overflow (B,) float32.
         """
         boxes, active = crop.boxes_from_maps(mask, crop.fixed_margins(self.margin),
-                                             valid=valid)
+                                             hw=hw)
         fine_in = image * self.saliency_weights(params, score) if use_saliency else image
         logits, info = self.fine_logits(params, fine_in.astype(jnp.float32), boxes, active)
         return jax.nn.sigmoid(logits), info["overflow"]
-
-    def oracle_gt_crop(self, params: Params, image: jax.Array, label: jax.Array
-                       ) -> jax.Array:
-        """Reference mode 'O': saliency from the model's own coarse map, crop
-        from the label box (margin K), one pass -> (B, H, W, 3) float32."""
-        score = self.coarse_prob(params, image)
-        return self.fine_round(params, image, score, label)[0]
 
 
 def _shift_head(net: Params, shift: float) -> Params:
@@ -326,23 +320,15 @@ def _shift_head(net: Params, shift: float) -> Params:
     return {**net, "score_pool3": {**head, "bias": head["bias"] + shift}}
 
 
-def valid_extent(valid: jax.Array) -> jax.Array:
-    """int32 (B, 2) real (h, w) of each sample from its (B, H, W) validity
-    mask (the real image is the top-left region of a padded bucket)."""
-    rows = jnp.sum(jnp.any(valid, axis=2), axis=1)
-    cols = jnp.sum(jnp.any(valid, axis=1), axis=1)
-    return jnp.stack([rows, cols], axis=-1).astype(jnp.int32)
-
-
 def _check_batch(batch: Mapping[str, jax.Array]) -> None:
     """Shape checks of a training batch at the API boundary."""
-    for name in ("image", "label", "valid", "weight", "index"):
+    for name in ("image", "label", "hw", "weight", "index"):
         if name not in batch:
             raise InputError(f"batch: missing {name!r} (has {sorted(batch)})")
     check_array(batch["image"], "batch['image']", rank=4, channels=3, dtype_kind="f",
                 finite=True)
     b, h, w, _ = batch["image"].shape
-    expect = {"label": (b, h, w, 3), "valid": (b, h, w), "weight": (b,), "index": (b,)}
+    expect = {"label": (b, h, w, 3), "hw": (b, 2), "weight": (b,), "index": (b,)}
     for name, shape in expect.items():
         if tuple(batch[name].shape) != shape:
             raise InputError(f"batch[{name!r}]: expected shape {shape}, "

@@ -346,7 +346,7 @@ def _gut(rng, g, cv, anc, cavity, wob, tex, num_loops):
                     _T["artery"] if i % 2 else _T["portal_vein"], 0, P_MESO, clip=cavity)
 
 
-def _pancreas(rng, g, cv, anc, cavity, lob, cfg):
+def _pancreas(rng, g, cv, anc, cavity, lob, cfg: PhantomConfig):
     """Pancreas (label 7) with lobulated outline and fatty clefts, the
     splenic vein along its back and a tortuous splenic artery above it."""
     a_cf, b_cf, c_cf, b_v = anc["a_cf"], anc["b_cf"], anc["c_cf"], anc["b_v"]

@@ -19,9 +19,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from stnjax.data import manifest as stdata
+from stnjax.data import manifest
 from stnjax import fileio
-from stnjax.data import volume_io as stio
+from stnjax.data import volume_io
 from stnjax.checks import InputError
 from stnjax.phantom.volumes import LABELS, PANCREAS_ID, PhantomConfig, render_phantom
 
@@ -66,13 +66,13 @@ def write_phantom_dataset(out_dir: str | os.PathLike, *, num_cases: int = 8, see
     spec = {"generator": "stnjax.phantom", "version": PHANTOM_VERSION, "seed": int(seed),
             "num_cases": num_cases, "n_folds": n_folds, "config": config.to_dict()}
     if out.exists() and any(out.iterdir()):
-        manifest = out / stdata.MANIFEST_FILE
-        if not manifest.is_file():
+        manifest_file = out / manifest.MANIFEST_FILE
+        if not manifest_file.is_file():
             raise FileExistsError(f"{out}: exists and is not a dataset folder (no "
-                                  f"{stdata.MANIFEST_FILE}); refusing to replace it")
+                                  f"{manifest.MANIFEST_FILE}); refusing to replace it")
         try:
-            same = (stdata.load_manifest(out).extra.get("generator") == spec
-                    and (out / stdata.FOLDS_FILE).is_file())
+            same = (manifest.load_manifest(out).extra.get("generator") == spec
+                    and (out / manifest.FOLDS_FILE).is_file())
         except InputError:
             same = False
         if same:
@@ -90,17 +90,17 @@ def write_phantom_dataset(out_dir: str | os.PathLike, *, num_cases: int = 8, see
             cid, cseed = f"phantom_{i:03d}", case_seed(seed, i)
             ph = render_phantom(cseed, config)
             affine = canonical_affine(config.shape, ph.spacing)
-            geom = stio.Geometry.from_affine(affine, config.shape, cid)
-            stio.save_volume(ph.hu, geom, tmp / "images" / f"{cid}.nii.gz", dtype=np.int16)
-            stio.save_volume(ph.labels, geom, tmp / "labels" / f"{cid}.nii.gz", dtype=np.uint8)
+            geom = volume_io.Geometry.from_affine(affine, config.shape, cid)
+            volume_io.save_volume(ph.hu, geom, tmp / "images" / f"{cid}.nii.gz", dtype=np.int16)
+            volume_io.save_volume(ph.labels, geom, tmp / "labels" / f"{cid}.nii.gz", dtype=np.uint8)
             cases.append({"id": cid, "image": f"images/{cid}.nii.gz",
                           "label": f"labels/{cid}.nii.gz", "seed": cseed})
-        stdata.write_manifest(tmp, name=f"phantom-seed{seed}", organ_id=PANCREAS_ID, cases=cases,
+        manifest.write_manifest(tmp, name=f"phantom-seed{seed}", organ_id=PANCREAS_ID, cases=cases,
                               description="Synthetic abdominal CT phantoms (stnjax.phantom); "
                                           "labels use TotalSegmentator v2 ids, pancreas = 7.",
                               extra={"generator": spec,
                                      "labels": {str(k): v for k, v in LABELS.items()}})
-        stdata.write_fold_table(tmp, stdata.folds_by_position([c["id"] for c in cases], n_folds),
+        manifest.write_fold_table(tmp, manifest.folds_by_position([c["id"] for c in cases], n_folds),
                                 rule="position")
         if out.exists():  # swap: old aside, new in, old removed
             old = fileio.make_temp_dir(out)
@@ -128,9 +128,9 @@ def summarize_dataset(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
     organ id), organ_slices and max_organ_fraction (largest fraction of an
     axial slice), and mean_hu_<group> for `SUMMARY_GROUPS` present.
     """
-    manifest = stdata.load_manifest(dataset_dir)
+    man = manifest.load_manifest(dataset_dir)
     rows = []
-    for case in manifest.cases:
+    for case in man.cases:
         if case.label is None or case.image.is_dir():
             raise InputError(f"case {case.id}: summarize_dataset needs NIfTI image and label files")
         img, lab = nib.load(str(case.image)), nib.load(str(case.label))
@@ -138,7 +138,7 @@ def summarize_dataset(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
         if hu.shape != labels.shape:
             raise InputError(f"case {case.id}: image {hu.shape} and label {labels.shape} differ")
         z = [i for i, code in enumerate(nib.aff2axcodes(img.affine)) if code in "SI"][0]
-        organ = labels == manifest.organ_id
+        organ = labels == man.organ_id
         per_slice = np.count_nonzero(organ, axis=tuple(a for a in range(3) if a != z))
         area = hu.size // hu.shape[z]
         row = {"id": case.id, "shape": list(hu.shape),

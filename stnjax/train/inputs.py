@@ -1,9 +1,10 @@
 """Training inputs: the dataset folder, folds and planes, slices, samplers, devices.
 
-Host-side set-up between the config and the training loop. The built-in
-synthetic dataset is written under the workdir when `config.data.dir` is
-empty (`<workdir>/phantom-<hash of data.phantom>`); decoded volumes are
-cached in `config.data.cache_dir` (default `<workdir>/cache`).
+Host-side set-up between the data spec (`stnjax.data.spec.DataSpec`) and the
+training loop or an evaluation. The built-in synthetic dataset is written
+under the workdir when `data.dir` is empty (`<workdir>/phantom-<hash of
+data.phantom>`); decoded volumes are cached in `data.cache_dir` (default
+`<workdir>/cache`).
 """
 
 from __future__ import annotations
@@ -19,69 +20,42 @@ from typing import Any
 import jax
 import numpy as np
 
-from stnjax.data import manifest as stdata
+from stnjax.data import manifest
 from stnjax.data.store import CaseStore
 from stnjax.data import sampler
 from stnjax.checks import InputError
+from stnjax.data.spec import DataSpec, PhantomSpec
 
 log = logging.getLogger("stnjax.train")
 
-PLANES = ("X", "Y", "Z")
-
-
-def resolve_planes(spec: str) -> list[str]:
-    """"XYZ", "Z", "X,Z" ... -> ordered unique planes; InputError naming data.planes."""
-    planes = [p for p in str(spec).upper().replace(",", "") if not p.isspace()]
-    bad = [p for p in planes if p not in PLANES]
-    if not planes or bad:
-        raise InputError(f"data.planes: expected letters from 'XYZ', got {spec!r}")
-    return [p for p in PLANES if p in planes]
-
-
-def resolve_folds(spec: str, n_folds: int) -> list[int]:
-    """"0", "0,2" or "all" -> sorted fold numbers; InputError naming data.folds."""
-    s = str(spec).strip().lower()
-    if s == "all":
-        return list(range(int(n_folds)))
-    try:
-        folds = sorted({int(x) for x in s.split(",") if x.strip()})
-    except ValueError:
-        raise InputError(f"data.folds: expected 'all' or comma-separated ints, got {spec!r}") from None
-    if not folds or any(not 0 <= f < n_folds for f in folds):
-        raise InputError(f"data.folds: expected folds in [0, {n_folds}), got {spec!r}")
-    return folds
-
-
-def _phantom_config(cfg: Any):
+def _phantom_config(ph: PhantomSpec):
     from stnjax.phantom.volumes import PhantomConfig
-    return PhantomConfig(shape=tuple(int(s) for s in cfg.shape),
-                         spacing=None if cfg.spacing is None else
-                         tuple(float(s) for s in cfg.spacing))
+    return PhantomConfig(shape=ph.shape, spacing=ph.spacing)
 
 
-def dataset_dir(config: Any, workdir: str | os.PathLike) -> Path:
-    """The dataset folder: config.data.dir, or the built-in phantom dataset.
+def dataset_dir(data: DataSpec, workdir: str | os.PathLike) -> Path:
+    """The dataset folder: data.dir, or the built-in phantom dataset.
 
     The phantom dataset is written once (by process 0) into
     `<workdir>/phantom-<hash>`, the hash covering data.phantom and n_folds,
     and reused afterwards.
     """
-    if config.data.dir:
-        d = Path(config.data.dir).expanduser()
-        if not (d / stdata.MANIFEST_FILE).is_file():
-            raise InputError(f"data.dir: {d} holds no {stdata.MANIFEST_FILE}")
+    if data.dir:
+        d = Path(data.dir).expanduser()
+        if not (d / manifest.MANIFEST_FILE).is_file():
+            raise InputError(f"data.dir: {d} holds no {manifest.MANIFEST_FILE}")
         return d
     from stnjax.phantom.dataset import write_phantom_dataset
-    ph = config.data.phantom
-    spec = json.dumps({"phantom": ph.to_dict(), "n_folds": int(config.data.n_folds)},
+    ph = data.phantom
+    spec = json.dumps({"phantom": ph.to_dict(), "n_folds": data.n_folds},
                       sort_keys=True, default=list)
     out = Path(workdir) / f"phantom-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-    if jax.process_index() == 0 and not (out / stdata.MANIFEST_FILE).is_file():
+    if jax.process_index() == 0 and not (out / manifest.MANIFEST_FILE).is_file():
         log.info("writing the built-in phantom dataset (%d cases, shape %s) to %s",
-                 ph.num_cases, tuple(ph.shape), out)
+                 ph.num_cases, ph.shape, out)
     if jax.process_index() == 0:
-        write_phantom_dataset(out, num_cases=int(ph.num_cases), seed=int(ph.seed),
-                              config=_phantom_config(ph), n_folds=int(config.data.n_folds))
+        write_phantom_dataset(out, num_cases=ph.num_cases, seed=ph.seed,
+                              config=_phantom_config(ph), n_folds=data.n_folds)
     return out
 
 
@@ -96,25 +70,33 @@ class PlaneData:
     train_ids: list[str]
 
 
-def open_store(config: Any, ds_dir: Path, workdir: str | os.PathLike) -> CaseStore:
-    """The CaseStore of the dataset, cached in data.cache_dir or <workdir>/cache."""
-    manifest = stdata.load_manifest(ds_dir)
-    if config.data.organ_id not in (-1, None) and int(config.data.organ_id) != manifest.organ_id:
-        manifest = dataclasses.replace(manifest, organ_id=int(config.data.organ_id))
-    cache = Path(config.data.cache_dir) if config.data.cache_dir else Path(workdir) / "cache"
-    return CaseStore(manifest, cache, hu_window=tuple(config.data.hu_window))
+def open_store(data: DataSpec, ds_dir: Path, workdir: str | os.PathLike) -> CaseStore:
+    """The CaseStore of the dataset (organ id per `data.organ`), cached in
+    data.cache_dir or <workdir>/cache: training and evaluation read it."""
+    man = manifest.load_manifest(ds_dir)
+    organ = data.organ(man.organ_id)
+    if organ != man.organ_id:
+        man = dataclasses.replace(man, organ_id=organ)
+    cache = Path(data.cache_dir) if data.cache_dir else Path(workdir) / "cache"
+    return CaseStore(man, cache, hu_window=data.hu_window)
 
 
-def plane_data(config: Any, store: CaseStore, ds_dir: Path, fold: int,
+def fold_split(data: DataSpec, ds_dir: Path, store: CaseStore, fold: int
+               ) -> tuple[list[str], list[str]]:
+    """(training ids, test ids) of a fold (folds.json, made once by data.fold_rule)."""
+    table = manifest.load_or_create_fold_table(ds_dir, store.case_ids, n_folds=data.n_folds,
+                                             rule=data.fold_rule)
+    return manifest.split(table, fold, store.case_ids)
+
+
+def plane_data(data: DataSpec, store: CaseStore, ds_dir: Path, fold: int,
                plane: str) -> PlaneData:
     """Selects the training slices of one fold and plane (reference 1.6).
 
     Raises InputError naming the dataset, plane and fold when no slice
     qualifies (e.g. a dataset without any labelled organ in that view).
     """
-    table = stdata.load_or_create_fold_table(ds_dir, n_folds=int(config.data.n_folds),
-                                             rule=str(config.data.fold_rule))
-    train_ids, _ = stdata.split(table, fold, store.case_ids)
+    train_ids, _ = fold_split(data, ds_dir, store, fold)
     train_ids = [c for c in train_ids if store.has_label(c)]
     if not train_ids:
         raise InputError(f"data.dir: {ds_dir} has no labelled training case in fold {fold}")
@@ -124,7 +106,7 @@ def plane_data(config: Any, store: CaseStore, ds_dir: Path, fold: int,
     counts = sampler.slice_organ_counts(store, labelled, plane)
     try:
         slices = sampler.select_training_slices(
-            counts, train_ids, float(config.data.slice_threshold), plane=plane, fold=fold)
+            counts, train_ids, data.slice_threshold, plane=plane, fold=fold)
     except InputError as e:
         raise InputError(f"data.dir: {ds_dir}: no training slice for plane {plane} in fold "
                          f"{fold} ({e})") from e
@@ -135,12 +117,11 @@ def plane_data(config: Any, store: CaseStore, ds_dir: Path, fold: int,
     return PlaneData(store=store, slices=slices, plane=plane, fold=fold, train_ids=train_ids)
 
 
-def make_sampler(config: Any, pd: PlaneData, seed: int) -> sampler.SliceSampler:
+def make_sampler(data: DataSpec, pd: PlaneData, seed: int) -> sampler.SliceSampler:
     """The slice sampler of a (fold, plane) with the given seed."""
     return sampler.SliceSampler(pd.store, pd.slices, plane=pd.plane,
-                               batch_size=int(config.data.batch_size),
-                               buckets=tuple(int(b) for b in config.data.buckets),
-                               seed=int(seed), order=str(config.data.order))
+                               batch_size=data.batch_size, buckets=data.buckets,
+                               seed=int(seed), order=data.order)
 
 
 def choose_devices(batch_size: int, requested: int = 0) -> list[Any]:

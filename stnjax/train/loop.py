@@ -1,10 +1,11 @@
 """The training loop: runs, stages, logging, the convergence guard, resume.
 
-`train(config, workdir)` trains one model per (fold, plane) of the config,
-sequentially, each in `<workdir>/fold<f>/<plane>` (see `workdir.py`), and
-`train_run` trains one of them:
+`train(spec, workdir)` trains one model per (fold, plane) of a `TrainSpec`
+(`spec.py`, made from the config by the launcher), sequentially, each in
+`<workdir>/fold<f>/<plane>` (see `workdir.py`), and `train_run` trains one
+of them:
 
-- the stages of `config.train.stages` run one after the other with one
+- the stages of `spec.loop.stages` run one after the other with one
   optimiser state (reference 3.2 / 3.3); every step is the step of its mode
   (`steps.py`), pmapped over several devices or jitted on one
   (`placement.py`), fed by the data sampler, a pure function of (seed,
@@ -58,12 +59,11 @@ from stnjax.train import inputs
 from stnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from stnjax.train.guard import ConvergenceGuard
 from stnjax.train.reporting import Pending, StepReporter, fmt_duration
-from stnjax.train.schedule import parse_stages, stage_at, total_steps
+from stnjax.train.schedule import stage_at, total_steps
+from stnjax.train.spec import TrainSpec
 from stnjax.train.placement import placement_for
 from stnjax.train.state import init_key, init_train_state, sampler_seed, tree_all_finite
-from stnjax.train.steps import OptimizerSpec
-from stnjax.train.workdir import (MetricsWriter, check_workdir, config_hash, run_dir,
-                                  write_workdir_files)
+from stnjax.train.workdir import MetricsWriter, check_workdir, run_dir, write_workdir_files
 
 log = logging.getLogger("stnjax.train")
 
@@ -71,17 +71,18 @@ INIT_HW = (32, 32)  # parameter shapes do not depend on the image size
 _COMPILED: set = set()  # (id of a cached step function, bucket) already run in this process
 
 
-def initialize_distributed(config: Any, force: bool = False, *,
-                           coordinator: str | None = None, num_processes: int | None = None,
+def initialize_distributed(multihost: bool, *, coordinator: str | None = None,
+                           num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-    """jax.distributed.initialize() when config.train.multihost (or force).
+    """jax.distributed.initialize() when `multihost` (train.multihost or a
+    launcher flag).
 
     Must run before anything else touches the devices. Without arguments the
     coordinator and process ids are detected (Cloud TPU pods, SLURM, Open MPI,
     Kubernetes); elsewhere give all three (the coordinator address may also
     come from JAX_COORDINATOR_ADDRESS).
     """
-    if not (force or bool(config.train.multihost)):
+    if not multihost:
         return
     jax.distributed.initialize(coordinator_address=coordinator or None,
                                num_processes=num_processes, process_id=process_id)
@@ -136,45 +137,42 @@ class _Run:
     log_every: int
 
 
-def _open_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
-              store: CaseStore | None, ds_dir: Path | None, rstn: RSTN | None,
-              tag: str) -> tuple[_Run, Any, int]:
+def _open_run(spec: TrainSpec, workdir: str | os.PathLike, fold: int, plane: str, *,
+              store: CaseStore | None, ds_dir: Path | None, tag: str
+              ) -> tuple[_Run, Any, int]:
     """The run's schedule, data, devices, step functions, checkpointer and
     metrics file; returns (run, plane data, device count)."""
-    tc = config.train
-    stages = parse_stages(tc.stages, tc.method)
+    lp, data, rstn, seed = spec.loop, spec.data, spec.model, spec.seed
+    stages = lp.stage_list
     total = total_steps(stages)
-    seed = int(config.seed)
     pid, nproc = jax.process_index(), jax.process_count()
     rdir = run_dir(workdir, fold, plane)
-    ds_dir = ds_dir or inputs.dataset_dir(config, workdir)
-    store = store or inputs.open_store(config, ds_dir, workdir)
-    pdata = inputs.plane_data(config, store, ds_dir, fold, plane)
-    rstn = rstn or RSTN.from_config(config.model)
-    batch_size = int(config.data.batch_size)
-    devices = inputs.choose_devices(batch_size, int(tc.devices))
-    spec = OptimizerSpec.from_config(tc)
+    ds_dir = ds_dir or inputs.dataset_dir(data, workdir)
+    store = store or inputs.open_store(data, ds_dir, workdir)
+    pdata = inputs.plane_data(data, store, ds_dir, fold, plane)
+    devices = inputs.choose_devices(data.batch_size, lp.devices)
     # pmap over several devices (all devices of all hosts when there are
     # several), jit on a single one (placement.py says why).
     place = placement_for(devices, process_count=nproc)
     modes = list(dict.fromkeys(st.mode for st in stages))
-    step_fns = {m: place.step(rstn, m, spec, float(tc.coarse_weight), float(tc.bce_weight))
+    step_fns = {m: place.step(rstn, m, spec.optimizer, lp.coarse_weight, lp.bce_weight)
                 for m in modes}
 
     def fresh_state(attempt: int):
-        return init_train_state(_init_params(rstn, seed), spec.optimizer(), seed, attempt)
+        return init_train_state(_init_params(rstn, seed), spec.optimizer.optimizer(), seed,
+                                attempt)
 
     def make_batches(step0: int, attempt: int):
-        sampler = inputs.make_sampler(config, pdata, sampler_seed(seed, attempt))
+        sampler = inputs.make_sampler(data, pdata, sampler_seed(seed, attempt))
         return prefetch(sampler, range(step0, total), shard=pid, num_shards=nproc)
 
-    run = _Run(tag=tag, fold=int(fold), plane=plane, rdir=rdir, chash=config_hash(config),
-               stages=stages, total=total, method=tc.method, place=place, step_fns=step_fns,
-               ck=Checkpointer(rdir / CHECKPOINT_DIR, keep=int(tc.keep_checkpoints)),
+    run = _Run(tag=tag, fold=int(fold), plane=plane, rdir=rdir, chash=spec.config_hash,
+               stages=stages, total=total, method=lp.method, place=place, step_fns=step_fns,
+               ck=Checkpointer(rdir / CHECKPOINT_DIR, keep=lp.keep_checkpoints),
                writer=MetricsWriter(rdir / "metrics.jsonl") if pid == 0 else None,
                fresh_state=fresh_state, make_batches=make_batches,
-               per_host=batch_size // nproc, pid=pid,
-               checkpoint_every=int(tc.checkpoint_every), log_every=int(tc.log_every))
+               per_host=data.batch_size // nproc, pid=pid,
+               checkpoint_every=lp.checkpoint_every, log_every=lp.log_every)
     return run, pdata, len(devices)
 
 
@@ -302,17 +300,16 @@ def _train_steps(run: _Run, prog: _Progress, guard: ConvergenceGuard, state: Any
     return compile_s
 
 
-def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
+def train_run(spec: TrainSpec, workdir: str | os.PathLike, fold: int, plane: str, *,
               store: CaseStore | None = None, ds_dir: Path | None = None,
-              rstn: RSTN | None = None, run_label: str = "") -> dict:
+              run_label: str = "") -> dict:
     """Trains (or resumes, or finds complete) the model of one fold and plane.
 
     Args:
-      config: the resolved config (launch/configs/common.py schema).
+      spec: the run's settings (`TrainSpec.from_config`).
       workdir: the workdir; the run lives in <workdir>/fold<fold>/<plane>.
       store, ds_dir: an open CaseStore and its dataset folder (default: from
-        the config).
-      rstn: the model structure (default: RSTN.from_config(config.model)).
+        spec.data).
       run_label: a prefix for log lines, e.g. "run 2/3".
 
     Returns:
@@ -323,14 +320,13 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
       TrainingDivergedError on a non-finite loss; InputError on bad config or
       data (no training slice for the plane, a run folder of another config).
     """
-    tc = config.train
+    lp = spec.loop
     tag = f"{run_label + ' ' if run_label else ''}fold {fold} plane {plane}"
-    run, pdata, n_devices = _open_run(config, workdir, fold, plane, store=store,
-                                      ds_dir=ds_dir, rstn=rstn, tag=tag)
+    run, pdata, n_devices = _open_run(spec, workdir, fold, plane, store=store,
+                                      ds_dir=ds_dir, tag=tag)
     write = run.writer.write if run.writer else None  # metrics.jsonl: first host only
-    guard_args = dict(on=tc.method == "rstn" and int(tc.guard_max_restarts) > 0,
-                      window=int(tc.guard_window), threshold=float(tc.guard_coarse_loss),
-                      max_restarts=int(tc.guard_max_restarts), tag=tag, write=write)
+    guard_args = dict(on=lp.guard_on, window=lp.guard_window, threshold=lp.guard_coarse_loss,
+                      max_restarts=lp.guard_max_restarts, tag=tag, write=write)
     prog, host_state, guard = _restore(run, guard_args)
     summary = {"fold": fold, "plane": plane, "run_dir": str(run.rdir), "total_steps": run.total,
                "slices": int(len(pdata.slices)), "devices": n_devices}
@@ -340,13 +336,14 @@ def train_run(config: Any, workdir: str | os.PathLike, fold: int, plane: str, *,
         return dict(summary, steps=prog.step, iterations=prog.iteration,
                     restarts=guard.restarts, complete=True)
     log.info("%s: %d training slices, buckets %s, %d device(s), global batch %d, stages %s",
-             tag, len(pdata.slices), inputs.make_sampler(config, pdata, int(config.seed)).buckets(),
-             n_devices, int(config.data.batch_size), tc.stages)
+             tag, len(pdata.slices), inputs.make_sampler(spec.data, pdata, spec.seed).buckets(),
+             n_devices, spec.data.batch_size, lp.stages)
     state = run.place.put_state(host_state)
     del host_state
     reporter = StepReporter(host_metrics=run.place.host_metrics, write=write,
                             tag=tag, fold=fold, plane=plane, stages=run.stages, total=run.total,
-                            base_lr=float(tc.base_lr), j_halving_every=int(tc.j_halving_every))
+                            base_lr=spec.optimizer.base_lr,
+                            j_halving_every=spec.optimizer.j_halving_every)
     compile_s = _train_steps(run, prog, guard, state, reporter)
     return _finish(run, prog, guard, reporter, summary, compile_s)
 
@@ -368,33 +365,27 @@ def _finish(run: _Run, prog: _Progress, guard: ConvergenceGuard, reporter: StepR
     return out
 
 
-def train(config: Any, workdir: str | os.PathLike, *, overwrite: bool = False) -> list[dict]:
-    """Trains every (fold, plane) of the config in turn; see `train_run`.
+def train(spec: TrainSpec, workdir: str | os.PathLike, *, overwrite: bool = False
+          ) -> list[dict]:
+    """Trains every (fold, plane) of spec.data in turn; see `train_run`.
 
-    Checks the config (stages, folds, planes) before any work, refuses a
-    workdir holding checkpoints of another config unless `overwrite`, and
-    writes the resolved config and package versions into the workdir.
-    Returns one summary per run.
+    Refuses a workdir holding checkpoints of another config unless
+    `overwrite` (the spec was checked when it was made), and writes the
+    resolved config and package versions into the workdir. Returns one
+    summary per run.
     """
-    parse_stages(config.train.stages, config.train.method)
-    for name in ("log_every", "checkpoint_every", "keep_checkpoints", "guard_window"):
-        if int(config.train[name]) < 1:
-            raise InputError(f"train.{name}: must be >= 1, got {config.train[name]}")
-    folds = inputs.resolve_folds(config.data.folds, int(config.data.n_folds))
-    planes = inputs.resolve_planes(config.data.planes)
     workdir = Path(workdir)
     if jax.process_index() == 0:
-        check_workdir(workdir, config, overwrite=overwrite)
-        write_workdir_files(workdir, config)
-    ds_dir = inputs.dataset_dir(config, workdir)
+        check_workdir(workdir, spec.record, overwrite=overwrite)
+        write_workdir_files(workdir, spec.record)
+    ds_dir = inputs.dataset_dir(spec.data, workdir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("stnjax: dataset ready")
-    store = inputs.open_store(config, ds_dir, workdir)
-    rstn = RSTN.from_config(config.model)
-    runs = [(f, p) for f in folds for p in planes]
+    store = inputs.open_store(spec.data, ds_dir, workdir)
+    runs = [(f, p) for f in spec.data.folds for p in spec.data.planes]
     out = []
     for i, (fold, plane) in enumerate(runs):
-        out.append(train_run(config, workdir, fold, plane, store=store, ds_dir=ds_dir, rstn=rstn,
+        out.append(train_run(spec, workdir, fold, plane, store=store, ds_dir=ds_dir,
                              run_label=f"run {i + 1}/{len(runs)}"))
     return out

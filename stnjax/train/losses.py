@@ -7,8 +7,9 @@ in numerator and denominator, the sums running over all pixels and all
 `lam * L(Y, P_coarse) + (1 - lam) * L(Y, P_fine)` with lam = 1/3, where the
 fine probability is the full-size pasted map (0 outside the box).
 
-Batches are padded to fixed shapes (DESIGN.md): `valid (B, H, W)` masks
-padded pixels and `weight (B,)` is 0 on padded batch slots. Metrics are kept
+Batches are padded to fixed shapes (DESIGN.md): they carry each sample's
+real size `hw (B, 2)`, from which the step makes the `valid (B, H, W)` mask
+of real pixels (`crop.extent_mask`) and `weight (B,)` is 0 on padded batch slots. Metrics are kept
 as (sum, count) pairs so that padded batches and several devices average
 exactly: add sums and counts (e.g. `lax.psum` under pmap), divide once.
 
@@ -17,7 +18,8 @@ Example under pmap (axis name "batch")::
     def step(params, batch):
         def objective(params):
             cp, fp = forward(params, batch)
-            return joint_loss(cp, fp, batch["label"], valid=batch["valid"],
+            valid = extent_mask(batch["hw"], batch["label"].shape[1:3])
+            return joint_loss(cp, fp, batch["label"], valid=valid,
                               weight=batch["weight"], axis_name="batch")
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
         grads = jax.lax.psum(grads, "batch")       # gradient of the global mean

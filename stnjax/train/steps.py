@@ -44,6 +44,7 @@ import optax
 from jax import lax
 
 from stnjax.checks import InputError
+from stnjax.models.crop import extent_mask
 from stnjax.train.losses import joint_loss, psum_metrics
 from stnjax.train.optim import OPTIMIZERS, caffe_sgd, grouped_adam
 from stnjax.train.schedule import Stage, make_lr_schedule, parse_stages
@@ -57,7 +58,7 @@ MODE_TRAINABLE: dict[str, tuple[str, ...] | None] = {
     "S": ("coarse", "fine"), "I": None, "J": None,
     "C": ("coarse",), "F": ("fine",), "CF": ("coarse", "fine")}
 
-BATCH_KEYS = ("image", "label", "valid", "weight")
+BATCH_KEYS = ("image", "label", "hw", "weight")
 
 
 def make_step(rstn: Any, mode: str, tx: optax.GradientTransformation, *,
@@ -78,7 +79,7 @@ def make_step(rstn: Any, mode: str, tx: optax.GradientTransformation, *,
 
     Returns:
       step(state, batch) -> (new_state, metrics). batch holds image
-      (b, H, W, 3) f32, label (b, H, W, 3) f32, valid (b, H, W) bool,
+      (b, H, W, 3) f32, label (b, H, W, 3) f32, hw (b, 2) int32 (real sizes),
       weight (b,) f32 and index (b,) int32 (global batch positions); metrics
       maps 'loss', 'loss_coarse', 'loss_fine' and every model counter
       ('stat_<name>') to global (sum, count) float32 pairs.
@@ -92,8 +93,10 @@ def make_step(rstn: Any, mode: str, tx: optax.GradientTransformation, *,
 
         def objective(params):
             out = forward(params, batch, key)
+            # The loss is the one reduction that needs a pixel mask.
+            valid = extent_mask(batch["hw"], batch["label"].shape[1:3])
             loss, metrics = joint_loss(
-                out.coarse_prob, out.fine_prob, batch["label"], valid=batch["valid"],
+                out.coarse_prob, out.fine_prob, batch["label"], valid=valid,
                 weight=batch["weight"], lam=lam, axis_name=axis_name,
                 bce_weight=bce_weight, fine_region=out.fine_region)
             return loss, (metrics, out.stats)
@@ -148,14 +151,18 @@ class OptimizerSpec(NamedTuple):
     name: str = "sgd"
 
     @classmethod
-    def from_config(cls, train_config: Any) -> "OptimizerSpec":
-        tc = train_config
-        if tc.optimizer not in OPTIMIZERS:
+    def from_config(cls, train: Mapping[str, Any]) -> "OptimizerSpec":
+        """The spec of a config's `train` section (a mapping or ConfigDict)."""
+        t = train
+        if t["optimizer"] not in OPTIMIZERS:
             raise InputError(f"train.optimizer: expected one of {OPTIMIZERS}, "
-                             f"got {tc.optimizer!r}")
-        return cls(parse_stages(tc.stages, tc.method), float(tc.base_lr), int(tc.j_halving_every),
-                   float(tc.momentum), float(tc.weight_decay), tuple(float(m) for m in tc.lr_mult),
-                   tc.optimizer)
+                             f"got {t['optimizer']!r}")
+        if len(t["lr_mult"]) != 4:
+            raise InputError(f"train.lr_mult: expected 4 multipliers (coarse W, coarse b, "
+                             f"fine W, fine b), got {tuple(t['lr_mult'])}")
+        return cls(parse_stages(t["stages"], t["method"]), float(t["base_lr"]),
+                   int(t["j_halving_every"]), float(t["momentum"]), float(t["weight_decay"]),
+                   tuple(float(m) for m in t["lr_mult"]), str(t["optimizer"]))
 
     def schedule(self) -> Callable:
         return make_lr_schedule(self.stages, self.base_lr, self.j_halving_every)

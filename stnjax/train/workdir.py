@@ -27,7 +27,7 @@ import platform
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 
@@ -55,16 +55,17 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def identity_fields(config: Any) -> dict[str, Any]:
-    """The flattened config fields that define the trained models."""
-    flat = _flatten(config.to_dict() if hasattr(config, "to_dict") else config)
+def identity_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened fields of a config record (the resolved config as a
+    nested dict, `TrainSpec.record`) that define the trained models."""
+    flat = _flatten(record)
     return {k: v for k, v in sorted(flat.items())
             if k not in _IGNORED and k.split(".")[0] not in _IGNORED_SECTIONS}
 
 
-def config_hash(config: Any) -> str:
-    """A short SHA-256 of `identity_fields(config)` (16 hex digits)."""
-    text = json.dumps(identity_fields(config), sort_keys=True, default=str)
+def config_hash(record: Mapping[str, Any]) -> str:
+    """A short SHA-256 of `identity_fields(record)` (16 hex digits)."""
+    text = json.dumps(identity_fields(record), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -77,10 +78,11 @@ def _run_dirs(workdir: Path) -> list[Path]:
     return sorted(p for p in workdir.glob("fold*/*") if (p / "checkpoints").exists())
 
 
-def check_workdir(workdir: str | os.PathLike, config: Any, *, overwrite: bool = False) -> None:
+def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any], *,
+                  overwrite: bool = False) -> None:
     """Refuses a workdir whose checkpoints belong to another config.
 
-    The identity fields of the config (see `identity_fields`) are compared
+    The identity fields of the config record (see `identity_fields`) are compared
     with <workdir>/train_config.json. On a difference, with checkpoints
     present: InputError listing the differing fields, unless `overwrite`,
     which deletes every run folder (fold*/) and the old config files; the
@@ -98,8 +100,8 @@ def check_workdir(workdir: str | os.PathLike, config: Any, *, overwrite: bool = 
             _wipe_runs(workdir)
         return
     old = json.loads(rec.read_text())
-    new_fields = identity_fields(config)
-    if old.get("hash") == config_hash(config):
+    new_fields = identity_fields(record)
+    if old.get("hash") == config_hash(record):
         return
     old_fields = old.get("fields", {})
     diff = sorted(k for k in set(old_fields) | set(new_fields)
@@ -112,7 +114,7 @@ def check_workdir(workdir: str | os.PathLike, config: Any, *, overwrite: bool = 
         more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
         raise InputError(
             f"workdir: {workdir} holds checkpoints of another config "
-            f"(hash {old.get('hash')} vs {config_hash(config)}); differing fields: "
+            f"(hash {old.get('hash')} vs {config_hash(record)}); differing fields: "
             f"{shown}{more}. Use another workdir, or --overwrite to delete them")
     _wipe_runs(workdir)
 
@@ -145,16 +147,27 @@ def package_versions() -> dict[str, Any]:
     return out
 
 
-def write_workdir_files(workdir: str | os.PathLike, config: Any) -> None:
+def format_config(record: Mapping[str, Any]) -> str:
+    """A config record as text, one `section.field = value` line per field."""
+    return "".join(f"{k} = {v!r}\n" for k, v in sorted(_flatten(record).items()))
+
+
+def write_config_files(out: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Writes the resolved config (config.json, config.txt) and the package
+    versions (versions.json) into `out`: beside every result."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_text(out / "config.txt", format_config(record))
+    atomic_write_text(out / "versions.json", json.dumps(package_versions(), indent=2) + "\n")
+
+
+def write_workdir_files(workdir: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Writes config.json, config.txt, train_config.json and versions.json."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
-    atomic_write_text(workdir / "config.txt", str(config))
-    atomic_write_text(workdir / "train_config.json", json.dumps(
-        {"hash": config_hash(config), "fields": identity_fields(config)},
+    write_config_files(workdir, record)
+    atomic_write_text(Path(workdir) / "train_config.json", json.dumps(
+        {"hash": config_hash(record), "fields": identity_fields(record)},
         indent=2, default=str) + "\n")
-    atomic_write_text(workdir / "versions.json", json.dumps(package_versions(), indent=2) + "\n")
 
 
 class MetricsWriter:

@@ -1,0 +1,132 @@
+"""The typed data settings of a run: which dataset, folds, planes and batches.
+
+`DataSpec` is what the library reads; a launcher makes it from the config's
+`data` section once, at the top (`DataSpec.from_config`), where every field
+is checked and a bad one raises InputError naming `data.<field>`. Nothing
+below the launchers reads the config itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from stnjax.checks import InputError
+from stnjax.data.preprocess import HU_WINDOW, PLANES
+
+ORDERS = ("uniform", "epoch")
+FOLD_RULES = ("position", "nih_pancreas")
+
+
+def resolve_planes(spec: Any) -> tuple[str, ...]:
+    """"XYZ", "Z", "X,Z" ... -> ordered unique planes; InputError naming data.planes."""
+    planes = [p for p in str(spec).upper().replace(",", "") if not p.isspace()]
+    bad = [p for p in planes if p not in PLANES]
+    if not planes or bad:
+        raise InputError(f"data.planes: expected letters from 'XYZ', got {spec!r}")
+    return tuple(p for p in PLANES if p in planes)
+
+
+def resolve_folds(spec: Any, n_folds: int) -> tuple[int, ...]:
+    """"0", "0,2" or "all" -> sorted fold numbers; InputError naming data.folds."""
+    s = str(spec).strip().lower()
+    if s == "all":
+        return tuple(range(int(n_folds)))
+    try:
+        folds = sorted({int(x) for x in s.split(",") if x.strip()})
+    except ValueError:
+        raise InputError(f"data.folds: expected 'all' or comma-separated ints, got {spec!r}") from None
+    if not folds or any(not 0 <= f < n_folds for f in folds):
+        raise InputError(f"data.folds: expected folds in [0, {n_folds}), got {spec!r}")
+    return tuple(folds)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomSpec:
+    """The built-in synthetic dataset (used when DataSpec.dir is empty)."""
+    num_cases: int = 8
+    shape: tuple[int, int, int] = (128, 128, 64)
+    spacing: tuple[float, float, float] | None = (0.8, 0.8, 2.5)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as the config spells them (the phantom folder's hash)."""
+        return {"num_cases": self.num_cases, "seed": self.seed, "shape": list(self.shape),
+                "spacing": None if self.spacing is None else list(self.spacing)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Dataset, folds, planes, slice selection and batching of a run.
+
+    Attributes (the config's `data.*` fields, launch/configs/common.py):
+      dir: dataset folder with dataset.json; "" for the built-in phantoms.
+      organ_id: the label value of the organ; -1 takes dataset.json's.
+      hu_window: (low, high) HU window.
+      planes, folds: resolved, e.g. ("X", "Y", "Z") and (0,).
+      n_folds, fold_rule: the fold table made when folds.json is absent.
+      slice_threshold: training slice selection (reference 1.6).
+      buckets: padded slice sides; batch_size: the global batch.
+      order: "uniform" (Caffe) or "epoch" (PyTorch) sampling.
+      cache_dir: decoded volumes ("" : <workdir>/cache).
+      phantom: the built-in dataset's settings.
+    """
+    dir: str = ""
+    organ_id: int = -1
+    hu_window: tuple[float, float] = HU_WINDOW
+    planes: tuple[str, ...] = PLANES
+    folds: tuple[int, ...] = (0,)
+    n_folds: int = 4
+    fold_rule: str = "position"
+    slice_threshold: float = 0.98
+    buckets: tuple[int, ...] = (512,)
+    batch_size: int = 1
+    order: str = "uniform"
+    cache_dir: str = ""
+    phantom: PhantomSpec = PhantomSpec()
+
+    def __post_init__(self):
+        lo, hi = self.hu_window
+        if not lo < hi:
+            raise InputError(f"data.hu_window: expected low < high, got {self.hu_window}")
+        if self.batch_size < 1:
+            raise InputError(f"data.batch_size: expected >= 1, got {self.batch_size}")
+        if not self.buckets or min(self.buckets) < 1:
+            raise InputError(f"data.buckets: expected positive sizes, got {self.buckets}")
+        if self.order not in ORDERS:
+            raise InputError(f"data.order: expected one of {ORDERS}, got {self.order!r}")
+        if self.fold_rule not in FOLD_RULES:
+            raise InputError(f"data.fold_rule: expected one of {FOLD_RULES}, "
+                             f"got {self.fold_rule!r}")
+        if any(not 0 <= f < self.n_folds for f in self.folds) or not self.folds:
+            raise InputError(f"data.folds: expected folds in [0, {self.n_folds}), "
+                             f"got {self.folds}")
+        if tuple(resolve_planes("".join(self.planes))) != tuple(self.planes):
+            raise InputError(f"data.planes: expected ordered planes from {PLANES}, "
+                             f"got {self.planes}")
+
+    @classmethod
+    def from_config(cls, data: Any) -> "DataSpec":
+        """The spec of a config's `data` section (a ConfigDict or a mapping)."""
+        d = data if isinstance(data, Mapping) else data.to_dict()
+        ph = d["phantom"]
+        n_folds = int(d["n_folds"])
+        phantom = PhantomSpec(num_cases=int(ph["num_cases"]),
+                              shape=tuple(int(s) for s in ph["shape"]),
+                              spacing=None if ph["spacing"] is None else
+                              tuple(float(s) for s in ph["spacing"]),
+                              seed=int(ph["seed"]))
+        organ = d["organ_id"]
+        return cls(dir=str(d["dir"] or ""), organ_id=-1 if organ is None else int(organ),
+                   hu_window=tuple(float(v) for v in d["hu_window"]),
+                   planes=resolve_planes(d["planes"]), folds=resolve_folds(d["folds"], n_folds),
+                   n_folds=n_folds, fold_rule=str(d["fold_rule"]),
+                   slice_threshold=float(d["slice_threshold"]),
+                   buckets=tuple(int(b) for b in d["buckets"]),
+                   batch_size=int(d["batch_size"]), order=str(d["order"]),
+                   cache_dir=str(d["cache_dir"] or ""), phantom=phantom)
+
+    def organ(self, manifest_organ_id: int) -> int:
+        """The organ label of the run: organ_id, or the manifest's when -1
+        (the one home of the override)."""
+        return int(manifest_organ_id) if self.organ_id < 0 else int(self.organ_id)
