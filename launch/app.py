@@ -16,7 +16,8 @@ A launcher is then its flags and a `main` of a few lines:
 the library's errors about the user's input and runs (`stnjax.checks`:
 `InputError` and its kinds, `CheckpointError`, `TrainingDivergedError`)
 into "error: <message>" and exit status 1, logged to the command's log file
-too; anything else is a bug and keeps its traceback. jax is imported only
+too; Ctrl-C into a one-line message and exit status 130; anything else is
+a bug and keeps its traceback. jax is imported only
 after flag parsing (so --help is fast and multi-host start-up stays first).
 """
 
@@ -94,3 +95,11 @@ def exit_on_error(log: logging.Logger | None = None) -> Iterator[None]:
         if log is not None:
             log.error("%s", e)  # into the log file as well
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        # The training loop's `finally` has let a checkpoint in flight finish
+        # (or orbax abandoned it as a temporary folder, removed on resume).
+        msg = "interrupted (Ctrl-C); rerunning the same command resumes where it stopped"
+        if log is not None:
+            log.error("%s", msg)
+        print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -5,7 +5,9 @@
 
 No labels needed. Masks are written as <out>/<name>_mask.nii.gz in the
 source geometry (they overlay the input in 3D Slicer / ITK-SNAP). Every
-input is read and checked before anything is written. Runs on CPU too.
+input is read and checked before anything is written: two inputs with the
+same name (p1/ct.nii.gz, p2/ct.nii.gz) are an error, and so is an existing
+mask unless --overwrite. Runs on CPU too.
 """
 
 
@@ -17,6 +19,7 @@ _CONFIG = app.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for the masks.")
 _FOLD = flags.DEFINE_integer("fold", 0, "Which fold's models to use.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace masks that exist in --out.")
 flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
@@ -30,7 +33,8 @@ def main(argv):
     with app.exit_on_error(log):
         spec = EvalSpec.from_config(_CONFIG.value)
         written = runs.segment_files(spec, _WORKDIR.value, argv[1:],
-                                     out_dir=_OUT.value, fold=_FOLD.value)
+                                     out_dir=_OUT.value, fold=_FOLD.value,
+                                     overwrite=_OVERWRITE.value)
     for p in written:
         print(f"wrote {p}")
 

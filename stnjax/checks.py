@@ -106,3 +106,23 @@ def check_int(v: Any, name: str, lo: int, hi: int | None = None) -> int:
         want = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise InputError(f"{name}: expected an int {want}, got {v!r}")
     return int(v)
+
+
+def check_range(v: Any, name: str, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False) -> float:
+    """Returns `v` as a float if it is a finite number in the given range
+    (open or closed at each end; None: unbounded); raises `InputError`
+    naming `name` and the range otherwise (a config value read at the top)."""
+    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    x = float(v) if ok else float("nan")
+    ok = ok and np.isfinite(x)
+    if ok and lo is not None:
+        ok = x > lo if lo_open else x >= lo
+    if ok and hi is not None:
+        ok = x < hi if hi_open else x <= hi
+    if not ok:
+        left = "-inf" if lo is None else f"{lo:g}"
+        right = "inf" if hi is None else f"{hi:g}"
+        want = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
+        raise InputError(f"{name}: expected a number in {want}, got {v!r}")
+    return x

@@ -49,3 +49,14 @@ def test_a_misspelt_override_is_one_line_naming_the_field(tmp_path):
     assert res.stderr.startswith("error: invalid --config override") and "stagez" in res.stderr
     assert res.stderr.count("\n") == 1  # one line, no traceback
     assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_ctrl_c_is_a_one_line_message_and_exit_130(caplog, capsys):
+    log = logging.getLogger("stnjax.test_app")
+    with caplog.at_level(logging.ERROR, logger="stnjax.test_app"):
+        with pytest.raises(SystemExit) as exit_:
+            with app.exit_on_error(log):
+                raise KeyboardInterrupt
+    assert exit_.value.code == 130
+    assert "interrupted (Ctrl-C); rerunning the same command resumes" in capsys.readouterr().err
+    assert "interrupted" in caplog.text

@@ -216,6 +216,22 @@ def test_segment_files_without_labels(trained, tmp_path):
     assert img.shape == nib.load(src[0]).shape
     assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
     assert (tmp_path / "config.json").is_file() and (tmp_path / "versions.json").is_file()
+    # No silent overwrite: an existing mask is refused unless asked for.
+    before = written[0].read_bytes()
+    with pytest.raises(InputError, match=r"_mask.nii.gz exists .*--overwrite"):
+        runs.segment_files(spec, work, [str(p) for p in src], out_dir=tmp_path)
+    assert runs.segment_files(spec, work, [str(p) for p in src], out_dir=tmp_path,
+                              overwrite=True) == written
+    assert written[0].read_bytes() == before  # same models, same input: the same mask
+    # Two inputs with one name (p1/ct.nii.gz, p2/ct.nii.gz): an error before any output.
+    for d in ("p1", "p2"):
+        (tmp_path / d).mkdir()
+        shutil.copy(src[0], tmp_path / d / "ct.nii.gz")
+    out = tmp_path / "same"
+    with pytest.raises(InputError, match=r"p1/ct.nii.gz and .*p2/ct.nii.gz would both write"):
+        runs.segment_files(spec, work, [str(tmp_path / d / "ct.nii.gz") for d in ("p1", "p2")],
+                           out_dir=out)
+    assert not any(p for p in out.iterdir() if not p.name.startswith("."))
 
 
 DATA = ROOT.parent / "shared" / "data"
@@ -279,4 +295,9 @@ def test_unwritable_output_is_an_error_before_any_output(trained, tmp_path):
     out = tmp_path / "masks"
     with pytest.raises(InputError):
         runs.segment_files(spec, work, [str(tmp_path / "missing.nii.gz")], out_dir=out)
+    assert not any(p for p in out.iterdir() if not p.name.startswith("."))
+    # A volume too thin for 3-slice windows: named, before anything is written.
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 1), np.int16), np.eye(4)), str(tmp_path / "thin.nii.gz"))
+    with pytest.raises(InputError, match=r"thin\.nii\.gz: shape \(20, 20, 1\) has a single slice"):
+        runs.segment_files(spec, work, [str(tmp_path / "thin.nii.gz")], out_dir=out)
     assert not any(p for p in out.iterdir() if not p.name.startswith("."))

@@ -198,6 +198,11 @@ def test_coarse_to_fine_matches_reference_driver(setup):
     np.testing.assert_array_equal(np.asarray(res.mask), mask)
     np.testing.assert_allclose(np.asarray(res.score), score, atol=1e-5)
     assert np.isnan(np.asarray(res.inter)[0])
+    # Per-round diagnostics of the last round: its mask's voxels and overlap.
+    r = int(res.rounds)
+    assert int(res.voxels[r]) == mask.sum() and int(res.hits[r]) == (mask & label).sum()
+    assert (int(res.voxels[0]), int(res.hits[0])) == (mask0_np.sum(), (mask0_np & label).sum())
+    assert np.isnan(np.asarray(res.boxes[0])).all() and np.isfinite(np.asarray(res.boxes[1])).all()
     # Per-round DSC against the label, round 0 included.
     assert abs(float(res.dsc[0]) - metrics.dsc(mask0_np, label)) < 1e-6
     assert abs(float(res.dsc[-1]) - metrics.dsc(mask, label)) < 1e-6
@@ -278,6 +283,9 @@ def test_segmenter_buckets_compiles_and_crops(setup):
     res2 = step.segment(hu, label=label, t=0.99)
     np.testing.assert_array_equal(res2.mask, res.mask)
     np.testing.assert_allclose(res2.dsc, res.dsc)
+    np.testing.assert_array_equal(res2.voxels, res.voxels)
+    np.testing.assert_allclose(res2.boxes, res.boxes)
+    assert res.planes == ("Z",) and res.boxes.shape == (SPEC.max_rounds + 1, 1, 2)
 
 
 def test_bucket_padding_does_not_change_the_result(setup):

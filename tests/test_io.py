@@ -121,6 +121,23 @@ def test_scaling_is_applied(tmp_path):
                                   -824.0)
 
 
+
+def test_implausible_hu_is_a_warning_naming_the_file(tmp_path, caplog):
+    """HU far outside body CT (a wrong rescale, 3e10) is loaded but warned
+    about, with the file and the fraction of voxels; plausible HU is quiet."""
+    data = np.full((4, 5, 6), 40.0, np.float32)
+    data[0, :2, :3] = 3e10  # 6 of 120 voxels
+    _write(tmp_path / "hot.nii.gz", data, AFFINES["RAS"])
+    _write(tmp_path / "ok.nii.gz", np.full((4, 5, 6), -1000.0, np.float32), AFFINES["RAS"])
+    with caplog.at_level("WARNING", logger="stnjax.data"):
+        volume_io.load_image(tmp_path / "ok.nii.gz")
+        assert not caplog.records
+        vol = volume_io.load_image(tmp_path / "hot.nii.gz")
+    assert vol.data.max() == np.float32(3e10)
+    (rec,) = caplog.records
+    assert "hot.nii.gz" in rec.getMessage() and "5.0000 %" in rec.getMessage()
+
+
 # --------------------------------------------------------------- real data
 
 @needs_data
@@ -269,6 +286,15 @@ def test_missing_and_non_nifti_files(tmp_path):
     with pytest.raises(volume_io.VolumeError, match=r"lab\.nii: no such file"):
         volume_io.load_label_map(tmp_path / "lab.nii",
                           volume_io.Geometry.from_affine(np.eye(4), (2, 2, 2), "x"))
+    # A symlink loop and a broken link say so (not "no such file").
+    (tmp_path / "loop_a.nii.gz").symlink_to(tmp_path / "loop_b.nii.gz")
+    (tmp_path / "loop_b.nii.gz").symlink_to(tmp_path / "loop_a.nii.gz")
+    with pytest.raises(volume_io.VolumeError, match=r"loop_a\.nii\.gz: a symbolic link loop"):
+        volume_io.load_image(tmp_path / "loop_a.nii.gz")
+    (tmp_path / "dangling.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(volume_io.VolumeError, match=r"dangling\.nii\.gz: a broken symbolic link "
+                                                    r"\(to .*gone\.nii\.gz"):
+        volume_io.load_image(tmp_path / "dangling.nii.gz")
 
 
 @pytest.mark.parametrize("shape, kind", [((5, 6), "2D"), ((4, 4, 4, 2), "4D")])

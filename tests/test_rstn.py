@@ -189,3 +189,32 @@ def test_init_prior_sets_the_initial_probability():
         np.testing.assert_allclose(np.asarray(prob[0, 8:24, 8:24]), 0.05, rtol=1e-4)
     with pytest.raises(InputError, match="init_prior"):
         small_rstn(init_prior=1.5)
+
+
+def test_fine_round_on_a_padded_slice_equals_the_unpadded_one(model_and_params):
+    """A box that reaches the real border of a slice padded to a bucket: with
+    a trained (nonzero) saliency, the fine round's probabilities inside the
+    real size equal those of the unpadded slice (the saliency and the FCNs
+    are masked to hw), and are 0 in the padding."""
+    rstn, params = model_and_params
+    k = jax.random.key(7)
+    sal = params["saliency"]
+    params = dict(params, saliency={
+        "saliency1": dict(sal["saliency1"], bias=jnp.asarray([0.7, 1.1, 0.4])),
+        "saliency2": dict(sal["saliency2"], kernel=0.3 * jax.random.normal(
+            k, sal["saliency2"]["kernel"].shape))})
+    h, w = 40, 37
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, (1, h, w, 3)).astype(np.float32)
+    score = rng.uniform(0, 1, (1, h, w, 3)).astype(np.float32)
+    mask = np.zeros((1, h, w, 3), np.float32)
+    mask[:, h - 12:, w - 10:] = 1.0  # the box touches the bottom-right real border
+    pad = lambda a, v: np.pad(a, ((0, 0), (0, H - h), (0, W - w), (0, 0)), constant_values=v)
+    fine = jax.jit(rstn.fine_round)
+    want, _ = fine(params, jnp.asarray(image), jnp.asarray(score), jnp.asarray(mask))
+    got, _ = fine(params, jnp.asarray(pad(image, 0)), jnp.asarray(pad(score, 0.5)),
+                  jnp.asarray(pad(mask, 0)), hw=jnp.asarray([[h, w]], jnp.int32))
+    got, want = np.asarray(got), np.asarray(want)
+    assert want[:, h - 12:, w - 10:].std() > 0.01  # a real prediction on the box
+    np.testing.assert_allclose(got[:, :h, :w], want, rtol=2e-5, atol=2e-5)
+    assert not got[:, h:].any() and not got[:, :, w:].any()

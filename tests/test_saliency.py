@@ -90,3 +90,42 @@ def test_bad_input_errors():
         Saliency(last_bias=(1.0, 2.0)).init(_key(0), jnp.zeros((1, 4, 4, 3)))
     with pytest.raises(InputError, match="differs"):
         apply_saliency(jnp.ones((1, 4, 4, 3)), jnp.ones((1, 4, 5, 3)))
+
+
+def _trained(model, seed=3):
+    """Params with a nonzero (as if trained) last layer, and first-layer
+    biases that make relu(bias) > 0 on zero input (the padding problem)."""
+    params = model.init(_key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    k1, k2 = jax.random.split(_key(seed))
+    last = params["saliency2"]
+    params = {"saliency1": dict(params["saliency1"], bias=jnp.asarray([0.7, 1.1, 0.4])),
+              "saliency2": dict(last, kernel=0.4 * jax.random.normal(k2, last["kernel"].shape))}
+    return {"params": params}
+
+
+def test_padding_does_not_change_the_weights_inside_with_valid_hw():
+    """A slice padded to a bucket (its padded coarse map at 0.5, as a
+    sigmoid(0) coarse head gives there) gets, inside its real size, exactly
+    the weights of the unpadded slice, with a trained last layer; without
+    valid_hw the last rows and columns differ (the bug this guards)."""
+    model = Saliency()
+    variables = _trained(model)
+    rng = np.random.default_rng(0)
+    h, w, hb, wb = 20, 23, 32, 32
+    prob = rng.uniform(0, 1, (1, h, w, 3)).astype(np.float32)
+    padded = np.full((1, hb, wb, 3), 0.5, np.float32)
+    padded[:, :h, :w] = prob
+    want = np.asarray(model.apply(variables, jnp.asarray(prob)))
+    got = np.asarray(model.apply(variables, jnp.asarray(padded),
+                                 jnp.asarray([[h, w]], jnp.int32)))
+    np.testing.assert_allclose(got[:, :h, :w], want, rtol=1e-6, atol=1e-6)
+    assert not got[:, h:].any() and not got[:, :, w:].any()
+    unmasked = np.asarray(model.apply(variables, jnp.asarray(padded)))
+    border = np.abs(unmasked[:, :h, :w] - want)
+    assert border[:, h - 2:].max() > 1e-2 and border[:, :h - 4, :w - 4].max() < 1e-6
+    # A NumPy forward of the unpadded slice agrees (zero 'SAME' padding).
+    p = variables["params"]
+    h1 = np.maximum(np_conv_same(prob, np.asarray(p["saliency1"]["kernel"]),
+                                 np.asarray(p["saliency1"]["bias"])), 0)
+    ref = np_conv_same(h1, np.asarray(p["saliency2"]["kernel"]), np.asarray(p["saliency2"]["bias"]))
+    np.testing.assert_allclose(got[:, :h, :w], ref, rtol=1e-5, atol=1e-5)

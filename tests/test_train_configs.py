@@ -3,11 +3,13 @@ the full-size training step checked with jax.eval_shape (never compiled)."""
 
 import importlib
 import json
+import time
 
 import jax
 import numpy as np
 import pytest
 
+from stnjax.checks import InputError
 from stnjax.eval.spec import EvalSpec
 from stnjax.models.rstn import RSTN
 from stnjax.train import state as st
@@ -91,3 +93,36 @@ def test_full_size_joint_step_shapes():
         assert a.shape == b_.shape and a.dtype == b_.dtype
     for k, (s_, c_) in metrics.items():
         assert s_.shape == () and s_.dtype == np.float32, k
+
+
+@pytest.mark.parametrize("section,field,value,match", [
+    ("train", "base_lr", -1e-3, "train.base_lr"),
+    ("train", "momentum", 1.0, "train.momentum"),
+    ("train", "weight_decay", -1.0, "train.weight_decay"),
+    ("train", "lr_mult", (1.0, 2.0, -1.0, 1.0), r"train.lr_mult\[2\]"),
+    ("train", "j_halving_every", 0, "train.j_halving_every"),
+    ("train", "coarse_weight", 1.5, "train.coarse_weight"),
+    ("train", "guard_coarse_loss", 2.0, "train.guard_coarse_loss"),
+    ("train", "stages", "S:0", "train.stages"),
+    ("model", "prob_fixed_margin", 7.0, "model.prob_fixed_margin"),
+    ("model", "margin", -2, "model.margin"),
+    ("model", "dropout_rate", 1.0, "model.dropout_rate"),
+    ("model", "canvases", (0, 32), "model.canvases"),
+    ("model", "saliency_kernels", (4,), "kernel_sizes"),
+    ("data", "batch_size", 0, "data.batch_size"),
+    ("data", "buckets", (0,), "data.buckets"),
+    ("data", "slice_threshold", 0.0, "data.slice_threshold"),
+    ("infer", "lcc_threshold", 2.0, "infer.lcc_threshold"),
+    ("infer", "max_rounds", 0, "infer.max_rounds"),
+    ("infer", "batch_size", 0, "infer.batch_size"),
+    ("infer", "threshold", 0.97, "infer.threshold"),
+])
+def test_out_of_range_values_fail_when_the_config_is_read(section, field, value, match):
+    """Every range is checked when the launcher makes the specs: before any
+    work (no jax computation, well under a second), naming the field."""
+    c = _config("smoke")
+    c[section][field] = value
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=match):
+        EvalSpec.from_config(c)
+    assert time.perf_counter() - t0 < 1.0

@@ -15,6 +15,7 @@ compiles (init, S, I, J); the others load the compiled programs. Runs:
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,71 @@ def test_config_typo_is_rejected(tmp_path):
     assert r.returncode != 0
     assert "base_lrr" in r.stderr
     assert not (tmp_path / "w" / "fold0").exists()
+
+
+def test_damaged_latest_checkpoint_is_moved_aside_and_retrained(runs, tmp_path):
+    """The newest checkpoint of a finished run damaged (array files
+    truncated): evaluation refuses it with a message naming the damage and
+    the fix, leaving it in place; a rerun of the training command moves it
+    aside (never deletes it), resumes from the newest good checkpoint,
+    retrains the lost steps and ends with the parameters of the
+    uninterrupted run, bit for bit."""
+    assert runs["A"].returncode == 0
+    work = tmp_path / "D"
+    shutil.copytree(runs["base"] / "A", work, ignore=shutil.ignore_patterns("jax_cache"))
+    ckpts = work / "fold0" / "Z" / "checkpoints"
+    files = sorted((ckpts / "12" / "state").rglob("d/*"))
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    from stnjax.checks import InputError
+    from stnjax.train.checkpoint import load_trained_params
+    with pytest.raises(InputError, match=r"checkpoint 12 is damaged.*rerun the training command"):
+        load_trained_params(work / "fold0" / "Z")
+    assert (ckpts / "12").is_dir()  # evaluation moves nothing
+    r = _launch(work, runs["cache"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (work / "train.log").read_text()
+    assert "checkpoint 12 in" in log and "moved aside to" in log
+    assert "resuming from checkpoint 8" in log
+    assert (ckpts.parent / "checkpoints-damaged" / "12" / "state").is_dir()
+    _, (ita, sa, ma) = _final_state(runs["base"] / "A" / "fold0" / "Z")
+    _, (itd, sd, md) = _final_state(work / "fold0" / "Z")
+    assert ita == itd == 12 and md["step"] == md["total_steps"]
+    import jax
+    for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sd)):
+        np.testing.assert_array_equal(x, y)
+    assert _records(runs["base"] / "A" / "fold0" / "Z") == _records(work / "fold0" / "Z")
+    params, _ = load_trained_params(work / "fold0" / "Z")  # complete again
+    assert params
+
+
+def test_ctrl_c_stops_with_a_clean_message_and_the_rerun_resumes(runs, tmp_path):
+    """SIGINT while training: exit status 130, one line saying how to go on,
+    no traceback; the rerun finishes with the uninterrupted run's result."""
+    assert runs["A"].returncode == 0
+    work = tmp_path / "C"
+    args = [sys.executable, "-m", "launch.train", f"--config={ROOT / 'launch/configs/smoke.py'}",
+            f"--workdir={work}", f"--compilation_cache={runs['cache']}",
+            "--config.train.log_every=1"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "step 5/12" in line:  # past the first checkpoint (iteration 4)
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    err = "".join(seen) + rest
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted (Ctrl-C); rerunning the same command resumes" in rest
+    assert "Traceback" not in err
+    r = _launch(work, runs["cache"], "--config.train.log_every=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from checkpoint" in (work / "train.log").read_text()
+    _, (_, sa, _) = _final_state(runs["base"] / "A" / "fold0" / "Z")
+    _, (_, sc, _) = _final_state(work / "fold0" / "Z")
+    import jax
+    for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sc)):
+        np.testing.assert_array_equal(x, y)

@@ -34,7 +34,7 @@ def _segmenter():
     rstn = RSTN.from_config({
         "width": 1 / 16, "variant": "pad32", "dtype": "float32", "dropout_rate": 0.0,
         "init": "he", "pretrained": "", "init_prior": 0.5, "saliency_kernels": (3,),
-        "saliency_bias": (1.0,), "margin": 5, "prob_fixed_margin": 0.5, "canvases": (32,)})
+        "saliency_bias": (1.0, 1.5, 2.0), "margin": 5, "prob_fixed_margin": 0.5, "canvases": (32,)})
     # prepare() pads; it needs no parameters.
     return Segmenter(rstn, {p: {} for p in "XYZ"}, InferenceSpec(), volume_buckets=(32, 48, 64))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from stnjax.checks import InputError
+from stnjax.checks import InputError, check_range
 from stnjax.data.preprocess import HU_WINDOW, PLANES
 
 ORDERS = ("uniform", "epoch")
@@ -89,6 +89,12 @@ class DataSpec:
         lo, hi = self.hu_window
         if not lo < hi:
             raise InputError(f"data.hu_window: expected low < high, got {self.hu_window}")
+        check_range(self.slice_threshold, "data.slice_threshold", 0.0, lo_open=True)
+        if self.n_folds < 2:
+            raise InputError(f"data.n_folds: expected >= 2, got {self.n_folds}")
+        if not self.dir and self.phantom.num_cases < self.n_folds:
+            raise InputError(f"data.phantom.num_cases: expected >= data.n_folds "
+                             f"({self.n_folds}), got {self.phantom.num_cases}")
         if self.batch_size < 1:
             raise InputError(f"data.batch_size: expected >= 1, got {self.batch_size}")
         if not self.buckets or min(self.buckets) < 1:

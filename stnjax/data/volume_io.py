@@ -15,6 +15,7 @@ to canonical on its own and its affine is compared with the image's.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -230,16 +231,51 @@ def load_image(path: str | os.PathLike, *, series_uid: str | None = None
     """
     path = Path(path)
     if not path.exists():
-        raise VolumeError(f"image {path}: no such file or folder")
+        raise VolumeError(f"image {path}: {_missing_reason(path)}")
     if path.is_dir():
         from stnjax.data import dicom  # lazy: pydicom loads only for DICOM input
         series = dicom.read_series(path, series_uid=series_uid)
         geom = Geometry.from_affine(series.affine, series.data.shape, str(path))
-        return Volume(geom.from_source(series.data), geom)
-    if series_uid is not None:
+        vol = Volume(geom.from_source(series.data), geom)
+    elif series_uid is not None:
         raise InputError(f"series_uid: only for DICOM folders, but {path} is "
                          "a file")
-    return _load_nifti(path)
+    else:
+        vol = _load_nifti(path)
+    warn_implausible_hu(vol.data, path)
+    return vol
+
+
+#: HU outside this range (after rescale) is not CT of a body: a wrong
+#: rescale slope/intercept, or not a CT image at all.
+PLAUSIBLE_HU = (-2000.0, 5000.0)
+
+
+def warn_implausible_hu(hu: np.ndarray, source: str | os.PathLike) -> float:
+    """Logs a warning naming `source` when voxels lie outside PLAUSIBLE_HU;
+    returns the fraction of such voxels (the volume is still used: the HU
+    window clips them, but the result is likely meaningless)."""
+    lo, hi = PLAUSIBLE_HU
+    frac = float(np.count_nonzero((hu < lo) | (hu > hi))) / max(hu.size, 1)
+    if frac > 0:
+        logging.getLogger("stnjax.data").warning(
+            "image %s: %.4f %% of the voxels lie outside %g..%g HU (min %g, max %g): check "
+            "its rescale slope and intercept", source, 100 * frac, lo, hi,
+            float(np.min(hu)), float(np.max(hu)))
+    return frac
+
+
+def _missing_reason(path: Path) -> str:
+    """Why `path` cannot be opened: a symlink loop, a broken symlink (and
+    its target), or no such file."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:
+            return "a symbolic link loop"
+        except OSError:
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    return "no such file or folder"
 
 
 def _integer_labels(data: np.ndarray, path: Path) -> np.ndarray:

@@ -164,15 +164,54 @@ def plot_comparison(records: Sequence[CaseRecord], path: str | os.PathLike, meth
     return _save(fig, path)
 
 
+def plot_round_diagnostics(records: Sequence[CaseRecord], path: str | os.PathLike) -> Path:
+    """How the rounds change the masks: per round 0..R, the mean mask volume
+    relative to the label's, precision and recall (%), one colour per method
+    (records with per-round diagnostics only, `runs.round_diagnostics`)."""
+    recs = [r for r in check_records(records, f"plot {Path(path).name}")
+            if isinstance(r.extra.get("rounds"), dict)]
+    methods = method_order(r.method for r in recs)
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    for m in methods:
+        mine = [r for r in recs if r.method == m]
+        c = _color(m, methods)
+        vol = [[v / (r.gt_voxels * np.prod(r.spacing) / 1000) for v in r.extra["rounds"]["volume_ml"]]
+               for r in mine if r.gt_voxels]
+        rows = {"volume / label volume": vol,
+                "precision (%)": [[np.nan if v is None else 100 * v
+                                   for v in r.extra["rounds"]["precision"]] for r in mine],
+                "recall (%)": [[np.nan if v is None else 100 * v
+                                for v in r.extra["rounds"]["recall"]] for r in mine]}
+        for ax, (name, y) in zip(axes, rows.items()):
+            y = np.array(y, float)
+            if not y.size:
+                continue
+            x = np.arange(y.shape[1])
+            for row in y:
+                ax.plot(x, row, color=c, lw=0.6, alpha=0.25)
+            ax.plot(x, np.nanmean(y, axis=0), color=c, lw=2.2, marker="o", ms=3,
+                    label=f"{method_name(m)} (n = {len(y)})")
+            ax.set(xlabel="round", title=name)
+    axes[0].axhline(1.0, color="k", ls=":", lw=1)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
 def write_plots(records: Sequence[CaseRecord], rows: Sequence[ThresholdRow],
                 out_dir: str | os.PathLike, t: float = MAIN_THRESHOLD) -> list[Path]:
     """All figures of a convergence study into out_dir: sweep.png,
-    round_dsc.png, inter_dsc.png, and comparison_<a>_vs_<b>.png for the first
+    round_dsc.png, inter_dsc.png, round_diagnostics.png (when the records
+    hold per-round diagnostics), and comparison_<a>_vs_<b>.png for the first
     method against every other one that shares cases. Returns the paths."""
     t = check_threshold(t, "t")
     out = Path(out_dir)
     paths = [plot_sweep(rows, out / "sweep.png"), plot_round_dsc(records, out / "round_dsc.png"),
              plot_inter_dsc(records, out / "inter_dsc.png", t)]
+    if any(isinstance(r.extra.get("rounds"), dict) for r in records):
+        paths.append(plot_round_diagnostics(records, out / "round_diagnostics.png"))
     methods = method_order(r.method for r in records)
     for b in methods[1:]:
         ka = {(r.fold, r.case_id) for r in records if r.method == methods[0]}

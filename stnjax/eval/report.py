@@ -59,6 +59,11 @@ def _row_time(r: ThresholdRow) -> str:
     return f"{r.mean_time_s:9.1f} s" if r.mean_time_s is not None else "        -  "
 
 
+def _opt(v: float | None, scale: float, width: int) -> str:
+    """A right-aligned number with 2 decimals (scaled), or "-" for None."""
+    return f"{'-':>{width}}" if v is None else f"{scale * v:{width}.2f}"
+
+
 def format_threshold_table(rows: Sequence[ThresholdRow], title: str = "") -> str:
     """A table of ThresholdRows (one summary group or a sweep)."""
     lines = [title] if title else []
@@ -88,11 +93,17 @@ def _format_group(g: GroupSummary, main_t: float) -> list[str]:
     if g.inter_at:
         L.append(f"Mean inter-iteration DSC after rounds {', '.join(map(str, g.inter_at))}: "
                  + ", ".join(f"{v:.4f}" for v in g.inter_at.values()))
-    L.append("Per round:\n  round   DSC %    std    min    max  inter-DSC")
+    diag = g.round_diagnostics
+    head = "Per round:\n  round   DSC %    std    min    max  inter-DSC"
+    L.append(head + ("   vol mL  prec %  recall %" if diag else ""))
     for r, s in enumerate(g.per_round):
         inter = "        -" if r == 0 else f"{g.inter_mean[r]:9.4f}"
-        L.append(f"  {r:5d}  {100 * s.mean:6.2f} {100 * s.std:6.2f} {100 * s.min:6.2f} "
-                 f"{100 * s.max:6.2f}  {inter}")
+        line = (f"  {r:5d}  {100 * s.mean:6.2f} {100 * s.std:6.2f} {100 * s.min:6.2f} "
+                f"{100 * s.max:6.2f}  {inter}")
+        if diag:
+            line += (f"  {_opt(diag['volume_ml'][r], 1, 7)}  {_opt(diag['precision'][r], 100, 6)}"
+                     f"  {_opt(diag['recall'][r], 100, 8)}")
+        L.append(line)
     L.append(format_threshold_table(g.thresholds, "Stopping threshold t:"))
     for key, ms in g.metrics.items():
         names = sorted(ms, key=lambda k: (_METRIC_ORDER + (k,)).index(k))

@@ -21,6 +21,7 @@ import numpy as np
 from stnjax import metrics
 from stnjax.checks import InputError
 from stnjax.data import volume_io
+from stnjax.data.preprocess import PLANE_AXIS
 from stnjax.data.store import CaseStore
 from stnjax.eval import plots, summaries
 from stnjax.eval import report as text_report
@@ -106,7 +107,28 @@ def case_record(res: CaseResult, case_id: str, label: np.ndarray,
         time_coarse_s=res.time_coarse_s, time_rounds_s=list(res.time_rounds_s),
         metrics_at={threshold_key(t): full}, oracle=res.oracles or None,
         extra={"plane_dsc": res.plane_dsc, "bucket": list(res.bucket),
-               "overflow": res.overflow})
+               "overflow": res.overflow, "rounds": round_diagnostics(res, label, spacing)})
+
+
+def round_diagnostics(res: CaseResult, label: np.ndarray, spacing: Sequence[float]
+                      ) -> dict[str, Any]:
+    """Per round 0..T: mask volume (mL), precision and recall against the
+    label (None for an empty mask / label), and per plane the mean crop-box
+    (height, width) in pixels the round cut (None at round 0 or without a
+    box). Rounds not run repeat the last round's mask (their box: None)."""
+    n = len(res.inter) - 1
+    ran = int(res.rounds)
+    vox = [int(v) for v in res.voxels[:ran + 1]] + [int(res.voxels[ran])] * (n - ran)
+    hits = [int(v) for v in res.hits[:ran + 1]] + [int(res.hits[ran])] * (n - ran)
+    ml = float(np.prod(spacing)) / 1000.0
+    gt = int(np.count_nonzero(label))
+    boxes = {p: [None if r > ran or not np.all(np.isfinite(res.boxes[r, i]))
+                 else [round(float(v), 2) for v in res.boxes[r, i]] for r in range(n + 1)]
+             for i, p in enumerate(res.planes)}
+    return {"volume_ml": [round(v * ml, 4) for v in vox],
+            "precision": [h / v if v else None for v, h in zip(vox, hits)],
+            "recall": [h / gt if gt else None for h in hits],
+            "box_hw": boxes}
 
 
 def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
@@ -256,26 +278,53 @@ def evaluate_and_report(spec: EvalSpec, workdir: str | os.PathLike, *,
                   main_threshold=spec.threshold, record=spec.record)
 
 
+def mask_names(inputs_: Sequence[str], out: Path, *, overwrite: bool = False) -> list[Path]:
+    """The mask file of each input, `<out>/<name>_mask.nii.gz` (name: the file
+    without .nii/.nii.gz, or the DICOM folder's name). Raises InputError,
+    before anything runs, when two inputs would write the same file, or
+    when a mask exists already and `overwrite` is False."""
+    dests, seen = [], {}
+    for p in inputs_:
+        path = Path(p)
+        name = path.name.removesuffix(".gz").removesuffix(".nii") or "volume"
+        dest = out / f"{name}_mask.nii.gz"
+        if dest in seen:
+            raise InputError(f"inputs: {seen[dest]} and {p} would both write {dest}; segment "
+                             "them into separate --out folders (or rename one)")
+        if dest.exists() and not overwrite:
+            raise InputError(f"output {dest} exists (for input {p}); pass --overwrite to "
+                             "replace it, or choose another --out")
+        seen[dest] = p
+        dests.append(dest)
+    return dests
+
+
 def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[str], *,
-                  out_dir: str | os.PathLike, fold: int = 0) -> list[Path]:
+                  out_dir: str | os.PathLike, fold: int = 0, overwrite: bool = False
+                  ) -> list[Path]:
     """Segments NIfTI files or DICOM folders without labels.
 
-    Every input is checked (readable, a 3D volume) before anything is
-    written; masks are written to `<out>/<name>_mask.nii.gz` in the source
-    geometry. Returns the written paths.
+    Every input is checked (readable, a 3D volume, a mask name of its own,
+    no existing mask unless `overwrite`) before anything is written; masks
+    are written to `<out>/<name>_mask.nii.gz` in the source geometry.
+    Returns the written paths.
     """
     if not inputs_:
         raise InputError("inputs: give at least one NIfTI file or DICOM folder")
     out = check_writable(out_dir)
+    dests = mask_names(inputs_, out, overwrite=overwrite)
     volumes = [(Path(p), volume_io.load_image(p)) for p in inputs_]  # fail before writing
+    for path, vol in volumes:
+        thin = [p for p in spec.inference.planes if vol.data.shape[PLANE_AXIS[p]] < 2]
+        if thin:
+            raise InputError(f"image {path}: shape {vol.data.shape} has a single slice along "
+                             f"plane(s) {thin}; the 3-slice windows need at least 2")
     seg = make_segmenter(spec, load_models(spec.train, workdir, fold, spec.inference.planes))
     write_config_files(out, spec.record)
     written = []
-    for i, (path, vol) in enumerate(volumes):
+    for i, ((path, vol), dest) in enumerate(zip(volumes, dests)):
         t0 = time.perf_counter()
         res = seg.segment(vol.data, t=spec.threshold, run_all_rounds=False)
-        name = path.name.removesuffix(".gz").removesuffix(".nii") or "volume"
-        dest = out / f"{name}_mask.nii.gz"
         volume_io.save_mask(res.mask, vol.geometry, dest)
         written.append(dest)
         log.info("%d/%d %s: %d voxels, %d rounds, %.1f s (coarse %.1f s)", i + 1,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from stnjax.checks import InputError
+from stnjax.checks import InputError, check_range
 from stnjax.infer.rounds import InferenceSpec, report_threshold
 from stnjax.train.spec import TrainSpec
 
@@ -39,6 +39,12 @@ class EvalSpec:
             self.inference  # noqa: B018 - builds and checks the InferenceSpec
         except InputError as e:
             raise InputError(f"infer.{e}") from None
+        check_range(self.lcc_threshold, "infer.lcc_threshold", 0.0, 1.0)
+        for t in self.report_thresholds:
+            check_range(t, "infer.report_thresholds", 0.0, 2.0, lo_open=True)
+        if any(b < 1 for b in self.volume_buckets):
+            raise InputError(f"infer.volume_buckets: expected positive sizes, "
+                             f"got {self.volume_buckets}")
         try:  # the main threshold's mask must be one the loop keeps
             report_threshold(self.inference, self.threshold)
         except InputError:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -147,6 +147,10 @@ class GroupSummary:
     oracle: dict[str, Stats]
     time: dict[str, float]               # mean seconds per case: coarse, rounds, total; per_round
     mean_rounds_run: float
+    # Per round 0..R, means over the cases that hold the value (records'
+    # extra["rounds"], `runs.round_diagnostics`): volume_ml, precision,
+    # recall; {} for records without diagnostics.
+    round_diagnostics: dict[str, list[float | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,25 @@ def _group(recs: list[CaseRecord], fold: int | None, ts: tuple[float, ...],
         inter_at={r: inter_mean[r] for r in INTER_REPORT_ROUNDS if r <= R},
         thresholds=[_threshold_row(recs, t) for t in ts], metrics=metrics,
         oracle=oracle, time=time,
-        mean_rounds_run=float(np.mean([r.rounds_run for r in recs])))
+        mean_rounds_run=float(np.mean([r.rounds_run for r in recs])),
+        round_diagnostics=_round_diagnostics(recs, R))
+
+
+DIAGNOSTICS = ("volume_ml", "precision", "recall")
+
+
+def _round_diagnostics(recs: list[CaseRecord], R: int) -> dict[str, list[float | None]]:
+    """Per-round means of the diagnostics the records hold (None where no
+    case has a value); {} when none has them."""
+    held = [r.extra["rounds"] for r in recs if isinstance(r.extra.get("rounds"), dict)]
+    if not held:
+        return {}
+    out = {}
+    for name in DIAGNOSTICS:
+        cols = [[h[name][k] for h in held if k < len(h.get(name, [])) and h[name][k] is not None]
+                for k in range(R + 1)]
+        out[name] = [float(np.mean(c)) if c else None for c in cols]
+    return out
 
 
 def compare(records: Sequence[CaseRecord], method: str, baseline: str,

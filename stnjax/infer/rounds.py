@@ -38,6 +38,7 @@ import numpy as np
 from jax import lax
 
 from stnjax.checks import InputError
+from stnjax.infer import diagnostics
 from stnjax.metrics import dsc_jax, largest_components_jax
 from stnjax.models.rstn import RSTN
 from stnjax.data.preprocess import (PLANE_AXIS, PLANES, add_windows, check_plane, from_plane_view,
@@ -108,7 +109,12 @@ class C2FResult(NamedTuple):
     dsc: (T+1,) float32 DSC against the label of rounds 0..T (NaN when not
     run or no label); masks_at: (K, X, Y, Z) bool, the mask reported at each
     report threshold; round_at: (K,) int32 its round; overflow: int32 crops
-    cut to the largest canvas (0 with the default canvas set).
+    cut to the largest canvas (0 with the default canvas set). Per-round
+    diagnostics (`diagnostics.py`; -1 / NaN for rounds not run): voxels
+    (T+1,) int32 voxels in each round's mask; hits (T+1,) int32 of them in
+    the label (-1 without label); boxes (T+1, P, 2) float32 per plane the
+    mean (height, width) of the crop boxes round r cut (NaN at round 0 and
+    for a plane without any box).
     """
     mask: jax.Array
     score: jax.Array
@@ -118,6 +124,9 @@ class C2FResult(NamedTuple):
     masks_at: jax.Array
     round_at: jax.Array
     overflow: jax.Array
+    voxels: jax.Array
+    hits: jax.Array
+    boxes: jax.Array
 
 
 # --------------------------------------------------------------------------
@@ -293,6 +302,9 @@ class LoopState(NamedTuple):
     round_at: jax.Array
     hit: jax.Array
     overflow: jax.Array
+    voxels: jax.Array
+    hits: jax.Array
+    boxes: jax.Array
 
 
 def init_state(score0: jax.Array, mask0: jax.Array, *, spec: InferenceSpec,
@@ -301,9 +313,14 @@ def init_state(score0: jax.Array, mask0: jax.Array, *, spec: InferenceSpec,
     t_rounds, k = spec.max_rounds, len(spec.report_thresholds)
     nan = jnp.full((t_rounds + 1,), jnp.nan, jnp.float32)
     dsc0 = nan if label is None else nan.at[0].set(dsc_jax(mask0, label))
-    return LoopState(jnp.int32(0), score0.astype(jnp.float32), mask0.astype(bool), nan, dsc0,
+    mask0 = mask0.astype(bool)
+    vox0, hit0 = diagnostics.overlap(mask0, label)
+    none = jnp.full((t_rounds + 1,), -1, jnp.int32)
+    boxes = jnp.full((t_rounds + 1, len(spec.planes), 2), jnp.nan, jnp.float32)
+    return LoopState(jnp.int32(0), score0.astype(jnp.float32), mask0, nan, dsc0,
                      jnp.zeros((k,) + mask0.shape, bool), jnp.zeros((k,), jnp.int32),
-                     jnp.zeros((k,), bool), jnp.int32(0))
+                     jnp.zeros((k,), bool), jnp.int32(0), none.at[0].set(vox0),
+                     none.at[0].set(hit0), boxes)
 
 
 def saliency_map(st: LoopState, score0: jax.Array | None, *, spec: InferenceSpec
@@ -341,8 +358,11 @@ def round_step(rstn: RSTN, params: Mapping[str, Any], image: jax.Array,
     dsc = st.dsc if label is None else st.dsc.at[r].set(dsc_jax(new_mask, label))
     newly = (~st.hit) & (d_inter >= jnp.asarray(spec.report_thresholds, jnp.float32))
     masks_at = jnp.where(newly[:, None, None, None], new_mask[None], st.masks_at)
+    vox, hits = diagnostics.overlap(new_mask, label)
+    boxes = diagnostics.box_sizes(ref, extent, planes=spec.planes, margin=rstn.margin)
     return LoopState(r, new_score, new_mask, st.inter.at[r].set(d_inter), dsc, masks_at,
-                     jnp.where(newly, r, st.round_at), st.hit | newly, st.overflow + ov)
+                     jnp.where(newly, r, st.round_at), st.hit | newly, st.overflow + ov,
+                     st.voxels.at[r].set(vox), st.hits.at[r].set(hits), st.boxes.at[r].set(boxes))
 
 
 def should_continue(st: LoopState, t: jax.Array, *, spec: InferenceSpec) -> jax.Array:
@@ -356,7 +376,8 @@ def finish(st: LoopState) -> C2FResult:
     round run."""
     masks_at = jnp.where(st.hit[:, None, None, None], st.masks_at, st.mask[None])
     return C2FResult(st.mask, st.score, st.r, st.inter, st.dsc, masks_at,
-                     jnp.where(st.hit, st.round_at, st.r), st.overflow)
+                     jnp.where(st.hit, st.round_at, st.r), st.overflow, st.voxels, st.hits,
+                     st.boxes)
 
 
 def coarse_to_fine(rstn: RSTN, params: Mapping[str, Any], image: jax.Array,

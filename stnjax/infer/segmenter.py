@@ -36,7 +36,9 @@ class CaseResult:
     DSC} (with label and oracles=True); times in seconds (compilation
     excluded); bucket: the padded shape; overflow: crops cut to the largest
     canvas (0 by default); main_round: the round whose mask is `mask` (the
-    first with inter-DSC >= t, else the last run).
+    first with inter-DSC >= t, else the last run); voxels, hits (T+1,) and
+    boxes (T+1, P, 2): the per-round diagnostics of `C2FResult`, P the
+    planes in `planes` order.
     """
     mask: np.ndarray
     score: np.ndarray
@@ -53,6 +55,10 @@ class CaseResult:
     bucket: tuple[int, int, int]
     overflow: int
     main_round: int = 0
+    voxels: np.ndarray | None = None
+    hits: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    planes: tuple[str, ...] = ()
 
 
 class Segmenter:
@@ -210,7 +216,9 @@ class Segmenter:
             inter=inter, dsc=None if label is None else dsc, masks_at=masks_at,
             round_at=round_at, plane_dsc=plane_dsc, oracles=orc,
             time_coarse_s=time_coarse, time_rounds_s=times, bucket=bucket,
-            overflow=int(res.overflow), main_round=round_at[t_key])
+            overflow=int(res.overflow), main_round=round_at[t_key],
+            voxels=np.asarray(res.voxels), hits=np.asarray(res.hits),
+            boxes=np.asarray(res.boxes), planes=tuple(self.spec.planes))
 
     def _stepwise(self, bucket, image, extent, score0, mask0, t, lab):
         """The loop from the host, one compiled round at a time (timing)."""

@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from stnjax.models import crop
-from stnjax.checks import InputError, check_array
+from stnjax.checks import InputError, check_array, check_int, check_range
 from stnjax.models.fcn8s import FCN8s
-from stnjax.models.saliency import Saliency
+from stnjax.models.saliency import Saliency, check_kernel_sizes
 
 Params = dict[str, Any]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -108,6 +108,17 @@ class RSTN:
                              f"got {model['init_prior']}")
         if model["init"] not in INITS:
             raise InputError(f"config.model.init: expected one of {INITS}, got {model['init']!r}")
+        check_range(model["width"], "config.model.width", 0.0, 4.0, lo_open=True)
+        check_range(model["dropout_rate"], "config.model.dropout_rate", 0.0, 1.0, hi_open=True)
+        check_range(model["prob_fixed_margin"], "config.model.prob_fixed_margin", 0.0, 1.0)
+        check_int(model["margin"], "config.model.margin", 0)
+        canv = tuple(model["canvases"])
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in canv):
+            raise InputError(f"config.model.canvases: expected positive int sizes, got {canv}")
+        if len(tuple(model["saliency_bias"])) != 3:
+            raise InputError(f"config.model.saliency_bias: expected 3 values (one per slice "
+                             f"channel), got {tuple(model['saliency_bias'])}")
+        check_kernel_sizes(tuple(model["saliency_kernels"]))
         if model["init"] == "pretrained" and not model["pretrained"]:
             raise InputError("config.model.pretrained: a weights file is needed when "
                              "config.model.init is 'pretrained'")
@@ -174,9 +185,12 @@ class RSTN:
         valid_hw as in `fcn_logits`."""
         return jax.nn.sigmoid(self.fcn_logits(params["coarse"], image, valid_hw=valid_hw))
 
-    def saliency_weights(self, params: Params, prob: jax.Array) -> jax.Array:
-        """g(prob): (B, H, W, 3) float32 weights for the image."""
-        return self.saliency.apply({"params": params["saliency"]}, prob)
+    def saliency_weights(self, params: Params, prob: jax.Array,
+                         hw: jax.Array | None = None) -> jax.Array:
+        """g(prob): (B, H, W, 3) float32 weights for the image; hw: optional
+        int32 (B, 2) real sizes of a padded bucket (`Saliency` masks to them,
+        so padding does not change the weights inside)."""
+        return self.saliency.apply({"params": params["saliency"]}, prob, hw)
 
     def canvases(self, image_hw: tuple[int, int]) -> crop.Canvases:
         """The canvas set for slices of `image_hw` (ends with the full size)."""
@@ -240,7 +254,7 @@ class RSTN:
         if mode == "S":
             fine_in = image.astype(jnp.float32)
         else:
-            fine_in = image * self.saliency_weights(params, coarse_prob)
+            fine_in = image * self.saliency_weights(params, coarse_prob, batch["hw"])
         logits, info = self.fine_logits(params, fine_in, boxes, active, k_fine)
         area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
         stats = {"skipped": (~active & (batch["weight"] > 0)).astype(jnp.float32),
@@ -309,7 +323,7 @@ class RSTN:
         """
         boxes, active = crop.boxes_from_maps(mask, crop.fixed_margins(self.margin),
                                              hw=hw)
-        fine_in = image * self.saliency_weights(params, score) if use_saliency else image
+        fine_in = image * self.saliency_weights(params, score, hw) if use_saliency else image
         logits, info = self.fine_logits(params, fine_in.astype(jnp.float32), boxes, active)
         return jax.nn.sigmoid(logits), info["overflow"]
 

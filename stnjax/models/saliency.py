@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from stnjax.checks import InputError, check_array
+from stnjax.models.crop import extent_mask
 from stnjax.models.layers import Conv2D
 
 ALLOWED_KERNELS = (1, 3, 5, 7)
@@ -79,14 +80,22 @@ class Saliency(nn.Module):
     last_bias: tuple[float, ...] = (1.0, 1.5, 2.0)
 
     @nn.compact
-    def __call__(self, prob: jax.Array) -> jax.Array:
+    def __call__(self, prob: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
         """Weights for the image.
 
         Args:
           prob: (N, H, W, channels) float coarse probabilities.
+          valid_hw: optional int32 (N, 2) real size of each sample's content
+            at the top-left of a padded bucket. The input and every layer's
+            output are zeroed beyond it, so the weights inside equal those of
+            the unpadded slice (whose 'SAME' convs see zeros there); without
+            it the bias and ReLU of the first layer would make the padding
+            nonzero, and a trained last layer would carry that into the last
+            rows and columns of the real image.
 
         Returns:
-          (N, H, W, channels) float32 weights (no output activation).
+          (N, H, W, channels) float32 weights (no output activation; 0
+          beyond valid_hw when given).
         """
         ks = check_kernel_sizes(self.kernel_sizes)
         if self.channels < 1:
@@ -97,7 +106,16 @@ class Saliency(nn.Module):
                 f"channel), got {tuple(self.last_bias)!r}")
         check_array(prob, "Saliency input prob", rank=4, channels=self.channels,
                     dtype_kind="f")
+        keep = None
+        if valid_hw is not None:
+            check_array(valid_hw, "Saliency valid_hw", rank=2, dtype_kind="iu")
+            if tuple(valid_hw.shape) != (prob.shape[0], 2):
+                raise InputError(f"Saliency valid_hw: expected shape {(prob.shape[0], 2)}, "
+                                 f"got {tuple(valid_hw.shape)}")
+            keep = extent_mask(valid_hw, prob.shape[1:3])[..., None]
         h = prob.astype(jnp.float32)
+        if keep is not None:
+            h = jnp.where(keep, h, 0.0)
         for i, k in enumerate(ks):
             last = i == len(ks) - 1
             h = Conv2D(self.channels, k, "SAME", jnp.float32,
@@ -106,6 +124,8 @@ class Saliency(nn.Module):
                        precision=lax.Precision.HIGHEST, name=f"saliency{i + 1}")(h)
             if not last:
                 h = nn.relu(h)
+            if keep is not None:
+                h = jnp.where(keep, h, 0.0)
         return h
 
 

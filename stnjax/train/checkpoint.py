@@ -17,7 +17,12 @@ host, and the files are written in a background thread. Orbax writes each
 checkpoint into a temporary folder and renames it when complete, so a save
 that fails or is killed leaves no folder that looks complete; `restore_latest`
 additionally falls back to older checkpoints when the newest cannot be read
-(a damaged folder), logging why.
+(a damaged folder: truncated arrays, missing metadata, flipped bytes),
+logging why, and a training run moves the damaged folder aside (to
+`checkpoints-damaged/`, never deleted) and retrains the lost steps.
+Evaluation never moves anything: it uses the newest readable checkpoint if
+that one completes the run, and otherwise stops with an error naming the
+damaged checkpoint and the fix (rerun the training command).
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ class Checkpointer:
         if keep < 1:
             raise InputError(f"train.keep_checkpoints: must be >= 1, got {keep}")
         self.directory = Path(directory).absolute()
+        self._read_only = bool(read_only)
+        self.damaged: list[tuple[int, str, Path | None]] = []
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(keep),
             enable_async_checkpointing=bool(async_save),
@@ -127,18 +134,42 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any | None) -> tuple[int, Any, dict] | None:
         """The newest checkpoint that can be read: (iteration, state, meta).
 
-        Checkpoints that fail to restore (damaged files) are skipped with a
-        warning, newest first. Returns None when there is no usable one.
+        Checkpoints that fail to restore (damaged files) are skipped, newest
+        first, and recorded in `self.damaged` as (iteration, reason, where).
+        A writable checkpointer moves each one aside, to
+        `<directory>-damaged/<iteration>[-n]` (renamed, never deleted), so
+        the run can save that iteration again when it retrains it; a
+        read-only one (inference) leaves them in place. Returns None when
+        there is no usable checkpoint.
         """
+        self.damaged: list[tuple[int, str, Path | None]] = []
         for it in reversed(self.steps()):
             try:
                 state, meta = self.restore(it, abstract_state)
             except Exception as e:  # noqa: BLE001 - any read failure: try an older one
-                log.warning("checkpoint %d in %s cannot be read (%s: %s); trying an older one",
-                            it, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                where = None if self._read_only else self._move_aside(it)
+                self.damaged.append((it, reason, where))
+                log.warning("checkpoint %d in %s cannot be read (%s); %s; trying an older one",
+                            it, self.directory, reason,
+                            f"moved aside to {where}" if where else "left in place")
                 continue
             return it, state, meta
         return None
+
+    def _move_aside(self, iteration: int) -> Path | None:
+        """Renames a damaged checkpoint folder out of the manager's folder."""
+        src = self.directory / str(iteration)
+        if not src.exists():
+            return None
+        aside = Path(f"{self.directory}-damaged")
+        aside.mkdir(exist_ok=True)
+        dest, n = aside / str(iteration), 1
+        while dest.exists():
+            dest, n = aside / f"{iteration}-{n}", n + 1
+        os.replace(src, dest)
+        self._manager.reload()
+        return dest
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are written.
@@ -179,11 +210,17 @@ def load_trained_params(run_dir: str | os.PathLike, *,
         got = ck.restore_latest(None)
     finally:
         ck.close()
+    damaged = "".join(f"; checkpoint {it} is damaged ({why})" for it, why, _ in ck.damaged)
     if got is None:
-        raise InputError(f"run_dir: no readable checkpoint in {ckpt_dir}")
-    _, state, meta = got
+        raise InputError(f"run_dir: no readable checkpoint in {ckpt_dir}{damaged}")
+    it, state, meta = got
     if require_complete and meta.get("step") != meta.get("total_steps"):
+        fix = ("rerun the training command: it moves the damaged checkpoint aside and "
+               "retrains from the newest good one" if damaged else "resume training")
         raise InputError(
-            f"run_dir: the run in {run_dir} is not complete (step {meta.get('step')} of "
-            f"{meta.get('total_steps')}); resume training or pass require_complete=False")
+            f"run_dir: the run in {run_dir} is not complete (newest readable checkpoint "
+            f"{it}: step {meta.get('step')} of {meta.get('total_steps')}){damaged}; {fix}, "
+            "or pass require_complete=False")
+    if damaged:  # an older, still complete checkpoint (e.g. a damaged extra save)
+        log.warning("run_dir %s: using checkpoint %d%s", run_dir, it, damaged)
     return state["params"], meta

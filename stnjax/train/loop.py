@@ -37,6 +37,7 @@ iteration, step and attempt).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -58,6 +59,7 @@ from stnjax.data.sampler import prefetch
 from stnjax.train import inputs
 from stnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from stnjax.train.guard import ConvergenceGuard
+from stnjax.train.lock import RunLock
 from stnjax.train.reporting import Pending, StepReporter, fmt_duration
 from stnjax.train.schedule import stage_at, total_steps
 from stnjax.train.spec import TrainSpec
@@ -318,10 +320,23 @@ def train_run(spec: TrainSpec, workdir: str | os.PathLike, fold: int, plane: str
 
     Raises:
       TrainingDivergedError on a non-finite loss; InputError on bad config or
-      data (no training slice for the plane, a run folder of another config).
+      data (no training slice for the plane, a run folder of another config,
+      a run folder another live process is training: `lock.RunLock`).
     """
-    lp = spec.loop
     tag = f"{run_label + ' ' if run_label else ''}fold {fold} plane {plane}"
+    # One writer per run folder (lock.py); on several hosts the first one
+    # writes the files, so it holds the lock.
+    lock = (RunLock(run_dir(workdir, fold, plane), tag) if jax.process_index() == 0
+            else contextlib.nullcontext())
+    with lock:
+        return _train_run_locked(spec, workdir, fold, plane, store=store, ds_dir=ds_dir,
+                                 tag=tag)
+
+
+def _train_run_locked(spec: TrainSpec, workdir: str | os.PathLike, fold: int, plane: str, *,
+                      store: CaseStore | None, ds_dir: Path | None, tag: str) -> dict:
+    """`train_run` once its run folder is locked."""
+    lp = spec.loop
     run, pdata, n_devices = _open_run(spec, workdir, fold, plane, store=store,
                                       ds_dir=ds_dir, tag=tag)
     write = run.writer.write if run.writer else None  # metrics.jsonl: first host only

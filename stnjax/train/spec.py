@@ -17,7 +17,7 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
-from stnjax.checks import InputError
+from stnjax.checks import InputError, check_range
 from stnjax.data.spec import DataSpec
 from stnjax.models.rstn import RSTN
 from stnjax.train.schedule import Stage, parse_stages
@@ -47,6 +47,9 @@ class LoopSpec:
         for name in ("log_every", "checkpoint_every", "keep_checkpoints", "guard_window"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        check_range(self.coarse_weight, "train.coarse_weight", 0.0, 1.0)
+        check_range(self.bce_weight, "train.bce_weight", 0.0)
+        check_range(self.guard_coarse_loss, "train.guard_coarse_loss", 0.0, 1.0)
         if self.guard_max_restarts < 0:
             raise InputError(f"train.guard_max_restarts: must be >= 0, "
                              f"got {self.guard_max_restarts}")

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from stnjax.checks import InputError
+from stnjax.checks import InputError, check_int, check_range
 from stnjax.models.crop import extent_mask
 from stnjax.train.losses import joint_loss, psum_metrics
 from stnjax.train.optim import OPTIMIZERS, caffe_sgd, grouped_adam
@@ -160,6 +160,12 @@ class OptimizerSpec(NamedTuple):
         if len(t["lr_mult"]) != 4:
             raise InputError(f"train.lr_mult: expected 4 multipliers (coarse W, coarse b, "
                              f"fine W, fine b), got {tuple(t['lr_mult'])}")
+        check_range(t["base_lr"], "train.base_lr", 0.0, lo_open=True)
+        check_range(t["momentum"], "train.momentum", 0.0, 1.0, hi_open=True)
+        check_range(t["weight_decay"], "train.weight_decay", 0.0)
+        for i, m in enumerate(t["lr_mult"]):
+            check_range(m, f"train.lr_mult[{i}]", 0.0)
+        check_int(t["j_halving_every"], "train.j_halving_every", 1)
         return cls(parse_stages(t["stages"], t["method"]), float(t["base_lr"]),
                    int(t["j_halving_every"]), float(t["momentum"]), float(t["weight_decay"]),
                    tuple(float(m) for m in t["lr_mult"]), str(t["optimizer"]))

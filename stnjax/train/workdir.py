@@ -120,6 +120,8 @@ def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any], *,
 
 
 def _wipe_runs(workdir: Path) -> None:
+    from stnjax.train.lock import check_unlocked
+    check_unlocked(p for p in workdir.glob("fold*/*") if p.is_dir())
     for p in sorted(workdir.glob("fold*")):
         if p.is_dir():
             shutil.rmtree(p)
