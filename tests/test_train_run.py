@@ -27,19 +27,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Runs launch.train's main with a fault injected: "kill" SIGKILLs the process
 # right after Checkpointer.save(iteration=N) returns (the files are still being
-# written in the background); "nan" makes the sampler's images NaN from step N.
+# written in the background); "sigint" sends it SIGINT (Ctrl-C) at the same
+# moment; "nan" makes the sampler's images NaN from step N.
 DRIVER = r"""
 import os, signal, sys
 import numpy as np
 mode, at = sys.argv[1], int(sys.argv[2])
 sys.argv = [sys.argv[0]] + sys.argv[3:]
 from stnjax.train import checkpoint, inputs
-if mode == "kill":
+if mode in ("kill", "sigint"):
     orig_save = checkpoint.Checkpointer.save
+    sig = signal.SIGKILL if mode == "kill" else signal.SIGINT
     def save(self, it, state, meta):
         orig_save(self, it, state, meta)
         if it == at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
     checkpoint.Checkpointer.save = save
 elif mode == "nan":
     orig_make = inputs.make_sampler
@@ -227,6 +229,10 @@ def test_config_typo_is_rejected(tmp_path):
     assert not (tmp_path / "w" / "fold0").exists()
 
 
+# orbax's failed restore of the damaged checkpoint (in this process, the
+# evaluation check) leaves a callback on its closed asyncio loop; the
+# "Event loop is closed" it reports at exit is not an error of this test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_latest_checkpoint_is_moved_aside_and_retrained(runs, tmp_path):
     """The newest checkpoint of a finished run damaged (array files
     truncated): evaluation refuses it with a message naming the damage and
@@ -265,27 +271,16 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_retrained(runs, tmp_path):
 
 
 def test_ctrl_c_stops_with_a_clean_message_and_the_rerun_resumes(runs, tmp_path):
-    """SIGINT while training: exit status 130, one line saying how to go on,
-    no traceback; the rerun finishes with the uninterrupted run's result."""
+    """SIGINT (Ctrl-C) while a checkpoint is being written: exit status 130,
+    one line saying how to go on, no traceback; the rerun resumes and
+    finishes with the uninterrupted run's result, bit for bit."""
     assert runs["A"].returncode == 0
     work = tmp_path / "C"
-    args = [sys.executable, "-m", "launch.train", f"--config={ROOT / 'launch/configs/smoke.py'}",
-            f"--workdir={work}", f"--compilation_cache={runs['cache']}",
-            "--config.train.log_every=1"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "step 5/12" in line:  # past the first checkpoint (iteration 4)
-            proc.send_signal(signal.SIGINT)
-            break
-    rest = proc.stderr.read()
-    proc.wait(timeout=120)
-    err = "".join(seen) + rest
-    assert proc.returncode == 130, err[-3000:]
-    assert "interrupted (Ctrl-C); rerunning the same command resumes" in rest
-    assert "Traceback" not in err
-    r = _launch(work, runs["cache"], "--config.train.log_every=1")
+    r = _launch(work, runs["cache"], driver=("sigint", "8"))
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "interrupted (Ctrl-C); rerunning the same command resumes" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _launch(work, runs["cache"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from checkpoint" in (work / "train.log").read_text()
     _, (_, sa, _) = _final_state(runs["base"] / "A" / "fold0" / "Z")
@@ -293,3 +288,4 @@ def test_ctrl_c_stops_with_a_clean_message_and_the_rerun_resumes(runs, tmp_path)
     import jax
     for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sc)):
         np.testing.assert_array_equal(x, y)
+    assert _records(runs["base"] / "A" / "fold0" / "Z") == _records(work / "fold0" / "Z")
