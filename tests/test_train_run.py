@@ -34,6 +34,11 @@ import os, signal, sys
 import numpy as np
 mode, at = sys.argv[1], int(sys.argv[2])
 sys.argv = [sys.argv[0]] + sys.argv[3:]
+# A shell's background job (a CI started with `&`) inherits SIGINT ignored,
+# and Python then installs no Ctrl-C handler; a terminal's Ctrl-C is what
+# this stands for, so give the process Python's usual one (kept over the
+# huge-pages re-exec: a handled signal is reset to the default there).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from stnjax.train import checkpoint, inputs
 if mode in ("kill", "sigint"):
     orig_save = checkpoint.Checkpointer.save
