@@ -18,6 +18,7 @@ from jax import lax
 
 from stnjax.checks import InputError
 from stnjax.models.fcn8s import FCN8s
+from stnjax.models import layers
 from stnjax.models.layers import DIMS, Conv2D, conv2d
 
 
@@ -54,9 +55,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("form", ["taps", "im2col"])
-@pytest.mark.parametrize("xs,ws,padding", CASES)
-def test_conv2d_grad_matches_numpy_and_xla(xs, ws, padding, form):
+@pytest.mark.parametrize("form", ["taps", "taps-rows", "im2col"])
+@pytest.mark.parametrize("xs,ws,padding", CASES + [((2, 88, 86, 3), (3, 3, 3, 5), ((1, 1), (1, 1)))])
+def test_conv2d_grad_matches_numpy_and_xla(xs, ws, padding, form, monkeypatch):
+    # "taps-rows": every kernel gradient through the CPU row loop
+    # (`layers._dw_rows`); "taps": through whole-map products, except on maps
+    # of at least ROW_LOOP_MIN_PIXELS (the last case), as the library runs.
+    if form == "taps-rows":
+        monkeypatch.setattr(layers, "ROW_LOOP_MIN_PIXELS", 1)
+        form = "taps"
+    elif form == "taps" and xs[1] * xs[2] < layers.ROW_LOOP_MIN_PIXELS:
+        monkeypatch.setattr(layers, "ROW_LOOP_MIN_PIXELS", 10**9)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=xs), jnp.float32)
     w = jnp.asarray(rng.normal(size=ws), jnp.float32)

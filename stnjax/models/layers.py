@@ -18,7 +18,11 @@ Each has a reason to exist beside the textbook `lax` call:
     swapped, 30-60x its forward at width 1/4, and its kernel gradient and
     forward are 2-3x slower than the same products written as im2col GEMMs;
   - the operand orders below avoid transposed copies of whole kernels and
-    of every shifted activation, which XLA:CPU otherwise inserts.
+    of every shifted activation, which XLA:CPU otherwise inserts;
+  - on CPU the kernel gradient of a large map loops over output rows, one
+    im2col product a row (`_dw_rows`): conv1_2's at full width 2x faster
+    than per-tap products, the coarse FCN-8s forward plus backward at
+    256 x 256 3.99 -> 3.22 s.
   Gradients equal XLA's to float32 rounding (tests/test_layers.py,
   tests/test_train_compile.py).
 * `upsample_bilinear`: the frozen per-channel bilinear transposed convolution
@@ -45,6 +49,10 @@ from stnjax.checks import InputError, check_array
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 CONV_GRADS = ("xla", "taps", "im2col")
+# Kernel gradients of maps with at least this many pixels (Ho x Wo) loop over
+# rows on CPU (`_dw_rows`): faster from conv2_x at 256 x 256 up (114 x 114 x
+# 128 -> 256: 102 -> 65 ms), equal at 57 x 57, slower at 29 x 29 (34 -> 49 ms).
+ROW_LOOP_MIN_PIXELS = 80 * 80
 
 
 def _explicit_padding(padding: Any) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -154,7 +162,46 @@ def _dw_taps(xp, g, kh, kw, precision):
       transposed, it was read strided by the optimiser and copied in the
       backward (0.3 s a step for the two networks, full width, 1 x 64 x 64).
     Plain 2-D matmuls, not einsums: they trace several times faster
-    (kh x kw products a layer)."""
+    (kh x kw products a layer). On CPU, maps of at least
+    ROW_LOOP_MIN_PIXELS loop over rows instead (`_dw_rows`), chosen per
+    platform by `lax.platform_dependent`: on GPU and TPU a loop of small
+    products would serialise the device."""
+    n, ho, wo, cout = g.shape
+    cin = xp.shape[-1]
+    if not _few_rows(g) and ho * wo >= ROW_LOOP_MIN_PIXELS:
+        return lax.platform_dependent(
+            xp, g, cpu=functools.partial(_dw_rows, kh=kh, kw=kw, precision=precision),
+            default=functools.partial(_dw_products, kh=kh, kw=kw, precision=precision))
+    return _dw_products(xp, g, kh=kh, kw=kw, precision=precision)
+
+
+def _dw_rows(xp, g, *, kh, kw, precision):
+    """`_dw_taps` on CPU for large maps: a loop over output rows, one im2col
+    product (Cout, N Wo) x (N Wo, kh kw Cin) a row, accumulated in float32.
+
+    Why: a per-tap product has a tiny (Cin, Cout) result and a huge
+    contraction, which XLA:CPU's matmul runs at a third of its speed (one
+    core), and one whole-map im2col matrix costs more to write than the
+    product (conv1_2 at full width: 475 MB). A row's im2col matrix (1 MB for
+    conv1_2) stays in cache. conv1_2's kernel gradient at 454 x 454 x 64
+    took 430-530 ms as per-tap products and 180-270 ms this way (PyTorch:
+    115 ms); bench/RESULTS.md, session 7."""
+    n, ho, wo, cout = g.shape
+    cin = xp.shape[-1]
+
+    def row(r, acc):
+        xr = lax.dynamic_slice_in_dim(xp, r, kh, axis=1)          # (N, kh, Wp, Cin)
+        cols = jnp.concatenate([xr[:, i, j:j + wo] for i, j in _taps(kh, kw)], axis=-1)
+        gr = lax.dynamic_index_in_dim(g, r, axis=1, keepdims=False)  # (N, Wo, Cout)
+        return acc + jnp.matmul(gr.reshape(n * wo, cout).T, cols.reshape(n * wo, -1),
+                                precision=precision, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, ho, row, jnp.zeros((cout, kh * kw * cin), jnp.float32))
+    return acc.T.reshape(kh, kw, cin, cout)
+
+
+def _dw_products(xp, g, *, kh, kw, precision):
+    """`_dw_taps` as kh x kw whole-map products (see there)."""
     n, ho, wo, cout = g.shape
     cin = xp.shape[-1]
     g2 = g.reshape(n * ho * wo, cout)
