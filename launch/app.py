@@ -16,17 +16,23 @@ A launcher is then its flags and a `main` of a few lines:
 the library's errors about the user's input and runs (`stnjax.checks`:
 `InputError` and its kinds, `CheckpointError`, `TrainingDivergedError`)
 into "error: <message>" and exit status 1, logged to the command's log file
-too; Ctrl-C into a one-line message and exit status 130; anything else is
-a bug and keeps its traceback. jax is imported only
+too; an operating-system error (a read-only or full disk, a path that is a
+file) into "error: <file>: <reason>; <what to do>", its traceback into the
+log file only (on stderr too with --verbosity=1); Ctrl-C into a one-line
+message and exit status 130; anything else is a bug and keeps its
+traceback. A --config file that is missing, not Python or has no
+`get_config()` is one line at flag parsing. jax is imported only
 after flag parsing (so --help is fast and multi-host start-up stays first).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -39,17 +45,59 @@ from launch.logs import setup_logging
 UsageError = absl_app.UsageError
 
 
+_VERBOSE = {"tracebacks": False}  # --verbosity >= 1 as the user gave it
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+    """The file of --config FILE[:ARGS] on the command line, or None."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1].split(":", 1)[0]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return None
+
+
+def _check_config_file(argv: Sequence[str]) -> None:
+    """A --config file that is missing, unreadable or not Python: one line naming it."""
+    path = _config_file(argv)
+    if path is None:
+        return
+    if not Path(path).is_file():
+        sys.exit(f"error: --config {path}: no such file")
+    try:
+        compile(Path(path).read_bytes(), path, "exec")
+    except OSError as e:
+        sys.exit(f"error: --config {path}: cannot read it ({e.strerror or e})")
+    except (SyntaxError, ValueError) as e:
+        where = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
+        sys.exit(f"error: --config {path}: not valid Python{where} ({getattr(e, 'msg', e)})")
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
     """absl flag parsing; a bad flag or --config.FIELD override exits with one
-    clear line (ml_collections names the field and suggests the closest one)."""
+    clear line (ml_collections names the field and suggests the closest one),
+    and so does a --config file that is missing, not Python or has no
+    `get_config()`."""
+    _check_config_file(argv)
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        _VERBOSE["tracebacks"] = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
+        return rest
     except flags.Error as e:
         sys.exit(f"error: {e}")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        msg = " ".join(str(a) for a in e.args) if e.args else repr(e)
-        msg = re.sub(r"\s+", " ", msg.replace("\\n", " ").replace("\\'", "").replace("'", ""))
-        sys.exit(f"error: invalid --config override: {msg.strip()}")
+    except AttributeError as e:
+        if "get_config" in str(e):
+            sys.exit(f"error: --config {_config_file(argv)}: defines no get_config()")
+        sys.exit(f"error: invalid --config override: {_one_line(e)}")
+    except (KeyError, TypeError, ValueError) as e:
+        sys.exit(f"error: invalid --config override: {_one_line(e)}")
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(a) for a in e.args) if e.args else repr(e)
+    msg = re.sub(r"\s+", " ", msg.replace("\\n", " ").replace("\\'", "").replace("'", ""))
+    return msg.strip()
 
 
 def define_config(default: str | None = None):
@@ -63,9 +111,58 @@ def define_config(default: str | None = None):
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """Starts a command: huge pages (one re-execution), flags, then `main(argv)`."""
+    """Starts a command: huge pages (one re-execution), flags, then `main(argv)`.
+    An operating-system error (read-only or full disk, a missing folder)
+    outside `exit_on_error`, in the set-up of logging for example, is one line too."""
     hugepages.reexec_with_huge_pages()
-    absl_app.run(main, flags_parser=parse_flags)
+
+    def guarded(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except OSError as e:
+            _print_traceback_if_verbose()
+            raise SystemExit(f"error: {os_error_message(e)}") from None
+    absl_app.run(guarded, flags_parser=parse_flags)
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError that names the file: "<file>: <reason>", plus
+    what to do for a full or read-only disk."""
+    reason = e.strerror or str(e)
+    text = f"{e.filename}: {reason}" if e.filename else reason
+    if e.errno in (errno.EEXIST, errno.ENOTDIR) and e.filename:
+        # A folder was needed where a file is: name the file.
+        blocker = next((p for p in (Path(e.filename), *Path(e.filename).parents)
+                        if p.is_file()), None)
+        if blocker is not None:
+            text = f"{blocker}: is a file, not a folder"
+            if blocker != Path(e.filename):
+                text += f" (needed for {e.filename})"
+    if e.filename2:
+        text += f" (-> {e.filename2})"
+    hint = {errno.ENOSPC: "free space there and rerun: the run resumes from its last checkpoint",
+            errno.EDQUOT: "free space there and rerun: the run resumes from its last checkpoint",
+            errno.EROFS: "the file system is read-only; choose a writable folder",
+            errno.EACCES: "no permission; choose a folder you can write",
+            errno.EPERM: "no permission; choose a folder you can write"}.get(e.errno)
+    return f"{text}; {hint}" if hint else text
+
+
+def _print_traceback_if_verbose() -> None:
+    if _VERBOSE["tracebacks"]:
+        traceback.print_exc()
+
+
+def _log_traceback(log: logging.Logger | None) -> None:
+    """The current exception's traceback into the log's files only (stderr
+    gets it with --verbosity=1)."""
+    if log is None:
+        return
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "traceback of the error above",
+                            (), sys.exc_info())
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def no_arguments(argv: Sequence[str]) -> None:
@@ -95,6 +192,14 @@ def exit_on_error(log: logging.Logger | None = None) -> Iterator[None]:
         if log is not None:
             log.error("%s", e)  # into the log file as well
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # the disk or the file system, not the user's input
+        msg = os_error_message(e)
+        if log is not None:
+            with contextlib.suppress(OSError):  # the log itself may be on the full disk
+                log.error("%s", msg)
+                _log_traceback(log)
+        _print_traceback_if_verbose()
+        raise SystemExit(f"error: {msg}") from None
     except KeyboardInterrupt:
         # The training loop's `finally` has let a checkpoint in flight finish
         # (or orbax abandoned it as a temporary folder, removed on resume).

@@ -13,6 +13,7 @@ and a `<output>.sha256` file beside it.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from absl import flags, logging
 
 from launch import app
 
+from stnjax.checks import InputError
 from stnjax.models import weights
 
 FLAGS = flags.FLAGS
@@ -39,23 +41,37 @@ def _unwrap(obj: Any) -> Any:
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """{key: float array} from a .pth / .pt (needs torch) or a .npz (NumPy only)."""
+    """{key: float array} from a .pth / .pt (needs torch) or a .npz (NumPy only).
+    Raises InputError naming the file for a missing file, a missing torch, a
+    .npz with pickled objects or a damaged archive, and a file that does not
+    hold a state dict."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"convert_weights: --input {str(path)!r} does not exist")
+        raise InputError(f"convert_weights: --input {str(path)!r} does not exist")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except ValueError as e:  # object arrays: loading them would run pickle
+            raise InputError(f"convert_weights: {path} holds pickled objects ({e}); save the "
+                             "state dict as plain arrays (numpy.savez(path, **arrays))") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise InputError(f"convert_weights: {path} is not a readable .npz ({e})") from None
     try:
         import torch  # optional dependency, only for PyTorch files
-    except ImportError as e:
-        raise ImportError(
-            f"convert_weights: reading {path.name} needs PyTorch, which is not installed "
+    except ImportError:
+        raise InputError(
+            f"convert_weights: reading {path} needs PyTorch, which is not installed "
             "(pip install 'stnjax[torch]', or save the state dict as .npz with NumPy "
-            "on a machine that has torch)") from e
-    obj = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+            "on a machine that has torch)") from None
+    try:
+        obj = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise InputError(f"convert_weights: {path} is not a PyTorch state dict torch can "
+                         f"load safely ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                         ) from None
     if not isinstance(obj, dict):
-        raise ValueError(f"convert_weights: {path.name} holds a {type(obj).__name__}, "
+        raise InputError(f"convert_weights: {path} holds a {type(obj).__name__}, "
                          "not a state dict")
     return {str(k): v.detach().cpu().float().numpy() for k, v in obj.items()
             if hasattr(v, "detach")}
@@ -79,7 +95,8 @@ def main(argv: list[str]) -> None:
     del argv
     if not FLAGS.input or not FLAGS.output:
         raise app.UsageError("--input and --output are required")
-    digest = convert(FLAGS.input, FLAGS.output, FLAGS.style, FLAGS.width)
+    with app.exit_on_error():
+        digest = convert(FLAGS.input, FLAGS.output, FLAGS.style, FLAGS.width)
     logging.info("wrote %s (sha256 %s)", FLAGS.output, digest)
     print(f"{FLAGS.output}: sha256 {digest}")
 

@@ -13,6 +13,9 @@ def setup_logging(log_file: Path | None, *, primary: bool = True) -> logging.Log
     """Routes the 'stnjax' loggers to stderr and, on the primary process,
     to `log_file` (its folder is created). Returns the 'stnjax' logger."""
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    # A log write that fails (a full disk) must not print logging's own
+    # traceback over the command's one-line error.
+    logging.raiseExceptions = False
     fmt = logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S")
     logger = logging.getLogger("stnjax")
     logger.setLevel(logging.INFO if primary else logging.WARNING)

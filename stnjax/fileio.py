@@ -169,3 +169,43 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     if not isinstance(text, str):
         raise TypeError(f"atomic_write_text: expected str for {path}, got {type(text).__name__}")
     atomic_write({path: text}, "atomic_write_text")
+
+
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """A hidden temporary folder next to `folder`'s files: write a set of
+    result files there; when the block ends without error they are moved
+    into `folder` (renames on one file system: they need no space and
+    replace existing files of the same names); on an error none is moved,
+    `folder` is as it was, and the temporary folder is removed.
+
+    For result sets that must appear together or not at all (a summary, its
+    sweep table and plots): a full disk fails while writing into the stage,
+    never halfway through `folder`. Yields the staging folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = make_temp_dir(folder / ".staged")
+    try:
+        yield stage
+        for f in sorted(stage.iterdir()):
+            os.replace(f, folder / f.name)
+    finally:
+        for f in stage.iterdir() if stage.exists() else ():
+            with contextlib.suppress(OSError):
+                f.unlink()
+        with contextlib.suppress(OSError):
+            stage.rmdir()
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """The JSON document in `path`, a state or result file this library
+    wrote. Raises FileNotFoundError when it is missing and ValueError
+    "<what> <path> is damaged (not valid JSON: ...)" when it was truncated
+    or edited into something else (callers say what to do)."""
+    import json
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{what} {path} is damaged (not valid JSON: {e})") from None

@@ -60,3 +60,38 @@ def test_ctrl_c_is_a_one_line_message_and_exit_130(caplog, capsys):
     assert exit_.value.code == 130
     assert "interrupted (Ctrl-C); rerunning the same command resumes" in capsys.readouterr().err
     assert "interrupted" in caplog.text
+
+
+@pytest.mark.parametrize("err,want", [
+    (OSError(28, "No space left on device", "/w/fold0/Z/metrics.jsonl"),
+     "error: /w/fold0/Z/metrics.jsonl: No space left on device; free space there and rerun"),
+    (OSError(30, "Read-only file system", "/ro/w"),
+     "error: /ro/w: Read-only file system; the file system is read-only; choose a writable"),
+])
+def test_os_errors_are_one_line_and_the_traceback_goes_to_the_log_file(tmp_path, err, want,
+                                                                       capsys):
+    from launch.logs import setup_logging
+    log = setup_logging(tmp_path / "cmd.log")
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            with app.exit_on_error(log):
+                raise err
+    finally:
+        for h in list(log.handlers):
+            log.removeHandler(h)
+            h.close()
+    assert str(exit_.value.code).startswith(want), exit_.value.code
+    logged = (tmp_path / "cmd.log").read_text()
+    assert "Traceback" in logged and err.strerror in logged
+    assert "Traceback" not in capsys.readouterr().err  # stderr: the one line only
+
+
+def test_a_path_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "f").write_text("x")
+    try:
+        (tmp_path / "f" / "sub").mkdir(parents=True)
+    except OSError as e:
+        assert app.os_error_message(e) == (f"{tmp_path / 'f'}: is a file, not a folder "
+                                           f"(needed for {tmp_path / 'f' / 'sub'})")
+    else:
+        raise AssertionError("mkdir under a file succeeded")

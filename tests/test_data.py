@@ -167,6 +167,44 @@ def test_manifest_errors_name_file_and_case(tmp_path):
         manifest.load_manifest(tmp_path / "nowhere")
 
 
+def test_manifest_paths_stay_in_the_folder_unless_switched(tmp_path):
+    """A path that leaves the dataset folder ("../..", absolute) is refused,
+    naming the case and the switch; with "external_paths": true it is read;
+    write_manifest given outside files sets the switch itself; a symlink
+    inside the folder may point anywhere."""
+    ds, elsewhere = tmp_path / "ds", tmp_path / "store"
+    ds.mkdir(), elsewhere.mkdir()
+    (elsewhere / "img.nii.gz").write_bytes(b"")
+    (ds / "link.nii.gz").symlink_to(elsewhere / "img.nii.gz")
+    for path in ("../store/img.nii.gz", str(elsewhere / "img.nii.gz"),
+                 "sub/../../store/img.nii.gz", "../../../../../../etc/passwd"):
+        doc = {"name": "t", "organ_id": 1, "cases": [{"id": "c1", "image": path, "label": None}]}
+        (ds / "dataset.json").write_text(json.dumps(doc))
+        with pytest.raises(manifest.DatasetError,
+                           match=r"case 'c1': image .* is outside the dataset folder.*"
+                                 r"external_paths"):
+            manifest.load_manifest(ds)
+        if "passwd" not in path:
+            (ds / "dataset.json").write_text(json.dumps({**doc, "external_paths": True}))
+            assert manifest.load_manifest(ds).cases[0].image == (elsewhere / "img.nii.gz")
+    doc = {"name": "t", "organ_id": 1, "external_paths": "yes",
+           "cases": [{"id": "c1", "image": "link.nii.gz", "label": None}]}
+    (ds / "dataset.json").write_text(json.dumps(doc))
+    with pytest.raises(manifest.DatasetError, match="'external_paths' must be true or false"):
+        manifest.load_manifest(ds)
+    del doc["external_paths"]
+    (ds / "dataset.json").write_text(json.dumps(doc))
+    assert manifest.load_manifest(ds).cases[0].image == (elsewhere / "img.nii.gz").resolve()
+    manifest.write_manifest(ds, name="t", organ_id=1,
+                            cases=[{"id": "c1", "image": elsewhere / "img.nii.gz", "label": None}])
+    written = json.loads((ds / "dataset.json").read_text())
+    assert written["external_paths"] is True
+    assert written["cases"][0]["image"] == str((elsewhere / "img.nii.gz").resolve())
+    manifest.write_manifest(ds, name="t", organ_id=1,
+                            cases=[{"id": "c1", "image": "link.nii.gz", "label": None}])
+    assert "external_paths" not in json.loads((ds / "dataset.json").read_text())
+
+
 # ------------------------------------------------------------------ training slices
 
 COUNTS = {"a": np.array([0, 5, 10, 0]), "b": np.array([1, 2, 3, 0]), "c": np.array([6, 7, 8])}

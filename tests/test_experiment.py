@@ -7,6 +7,7 @@ output folder that cannot be written (no output file may appear).
 """
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from faults import run_failing
 from launch.configs import smoke
 from stnjax import metrics
 from stnjax.checks import InputError
@@ -76,13 +78,28 @@ def test_evaluate_command_with_other_inference_settings(trained, tmp_path):
     spec, work = trained
     out = tmp_path / "eval-mask"
     before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    args = [f"--config={ROOT / 'launch/configs/smoke.py'}", f"--workdir={work}", f"--out={out}",
+            "--config.infer.saliency_input=mask", "--config.infer.max_rounds=2",
+            "--no_predictions"]
+    # The disk fills up while the summary is written (sweep.csv fails): one
+    # line naming the file and what was kept; no summary file at all; the
+    # case records stay, and the same command then resumes from them.
+    proc = run_failing("launch.evaluate", args, prefix=out, errno_=errno.ENOSPC,
+                       name_part="sweep.csv")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "sweep.csv: No space left on device" in err[0] and \
+        f"no summary file in {out} was written" in err[0], err[0]
+    assert not any((out / n).exists() for n in ("summary.json", "summary.txt", "sweep.png"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert records.read_records(out / "fold0")
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.evaluate", f"--config={ROOT / 'launch/configs/smoke.py'}",
-         f"--workdir={work}", f"--out={out}", "--config.infer.saliency_input=mask",
-         "--config.infer.max_rounds=2", "--no_predictions"],
+        [sys.executable, "-m", "launch.evaluate", *args],
         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming, 1 of 1 cases already evaluated" in proc.stderr
     assert f"results in {out}" in proc.stdout
     used = json.loads((out / "config.json").read_text())["infer"]
     assert used["saliency_input"] == "mask" and used["max_rounds"] == 2

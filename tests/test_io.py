@@ -501,6 +501,17 @@ def test_dicom_missing_pixels_and_empty_folders(slab_files, tmp_path):
     _edit(nopix / slab_files[1].name, lambda ds: delattr(ds, "PixelData"))
     with pytest.raises(volume_io.VolumeError, match=rf"{slab_files[1].name}: no pixel data"):
         volume_io.load_image(nopix)
+    # Truncated copies: cut inside the pixel data (pydicom then returns an
+    # empty dataset and only warns) and inside the header.
+    for keep, want in ((0.5, r"truncated or corrupt \(\d+ bytes; pydicom: End of file"),
+                       (2000, r"no pixel data and no image size: the file \(2000 bytes\) "
+                              r"ends .* probably truncated")):
+        cut = _copy(slab_files[0:3], tmp_path / f"cut{keep}")
+        f = cut / slab_files[1].name
+        data = f.read_bytes()
+        f.write_bytes(data[:int(len(data) * keep) if keep < 1 else keep])
+        with pytest.raises(volume_io.VolumeError, match=rf"{slab_files[1].name}: {want}"):
+            volume_io.load_image(cut)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(volume_io.VolumeError, match="empty: no files"):

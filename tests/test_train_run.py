@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stnjax.train.lock import LOCK_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs launch.train's main with a fault injected: "kill" SIGKILLs the process
@@ -112,12 +114,33 @@ def _records(run_dir):
     return [{k: v for k, v in json.loads(l).items() if k not in volatile} for l in lines]
 
 
+def _launch_with_a_second_trainer(workdir, cache, timeout=240):
+    """Run A, and while it trains a second `launch.train` of the same command
+    on the same workdir (a real concurrent process, not a planted lock).
+    Returns both CompletedProcess results."""
+    import time
+    args = [f"--config={ROOT / 'launch/configs/smoke.py'}", f"--workdir={workdir}",
+            f"--compilation_cache={cache}"]
+    first = subprocess.Popen([sys.executable, "-m", "launch.train", *args], cwd=ROOT,
+                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    lock = Path(workdir) / "fold0" / "Z" / LOCK_FILE
+    deadline = time.monotonic() + timeout
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=timeout)
+    out, err = first.communicate(timeout=timeout)
+    second.first_pid = first.pid
+    return subprocess.CompletedProcess(first.args, first.returncode, out, err), second
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("train_runs")
     cache = base / "xla_cache"
     out = {"base": base, "cache": cache}
-    out["A"] = _launch(base / "A", cache)
+    out["A"], out["A_second"] = _launch_with_a_second_trainer(base / "A", cache)
     out["B"] = _launch(base / "B", cache, driver=("kill", "8"))
     out["B2"] = _launch(base / "B", cache)
     out["G"] = _launch(base / "G", cache, "--config.train.guard_coarse_loss=0.0",
@@ -149,6 +172,22 @@ def test_uninterrupted_run(runs):
     log = (runs["base"] / "A" / "train.log").read_text()
     assert "ETA" in log and "convergence guard: S converged" in log
     assert json.loads((run / "run.json").read_text())["complete"] is True
+
+
+def test_a_second_trainer_on_the_same_workdir_is_refused_at_once(runs):
+    """The second process exits 1 naming the first (its pid) while the
+    first finishes undisturbed: checkpoints and one record per step (the
+    assertions of test_uninterrupted_run hold for it)."""
+    a, second = runs["A"], runs["A_second"]
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert second.returncode == 1, second.stderr[-3000:]
+    errors = [l for l in second.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert f"is being trained by process {second.first_pid}" in errors[0], errors[0]
+    assert "compiling" not in second.stderr
+    assert not (runs["base"] / "A" / "fold0" / "Z" / LOCK_FILE).exists()  # released at the end
+    recs = [r for r in _records(runs["base"] / "A" / "fold0" / "Z") if r["event"] == "train"]
+    assert len(recs) == len({r["step"] for r in recs})
 
 
 def _same(a, b):

@@ -2,6 +2,8 @@
 names and shapes (no download, no torch), storage, assignment, the launcher."""
 
 import math
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -212,5 +214,42 @@ def test_launcher_converts_npz_state_dict_without_torch(tmp_path):
     except ImportError:
         pth = tmp_path / "x.pth"
         pth.write_bytes(b"not read")
-        with pytest.raises(ImportError, match="needs PyTorch"):
+        with pytest.raises(InputError, match=r"reading .*x\.pth needs PyTorch"):
             convert_weights.read_state_dict(pth)
+
+
+def _convert_command(*args):
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "launch.convert_weights", *args], cwd=root,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "STNJAX_HUGE_PAGES": "0",
+                               "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
+
+
+def test_convert_weights_failures_are_one_line_naming_the_file(tmp_path):
+    """A pickled .npz, a damaged .npz, a missing input, a .pth without torch
+    (torch is not installed in the project's environment) and an unwritable
+    output: one "error:" line naming the file, exit 1, no output written."""
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, a=np.array([{"x": 1}], dtype=object))
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(b"PK\x03\x04 not a zip")
+    pth = tmp_path / "model.pth"
+    pth.write_bytes(b"\x80\x02not a checkpoint")
+    good = tmp_path / "good.npz"
+    np.savez(good, **vgg_state_dict(SMALL, np.random.default_rng(7)))
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    cases = [(pickled, tmp_path / "o1.npz", r"pickled\.npz holds pickled objects"),
+             (damaged, tmp_path / "o2.npz", r"damaged\.npz is not a readable \.npz"),
+             (tmp_path / "missing.pth", tmp_path / "o3.npz", r"missing\.pth' does not exist"),
+             (pth, tmp_path / "o4.npz", r"model\.pth (needs PyTorch|is not a PyTorch state dict)"),
+             (good, blocker / "o5.npz", r"/file: is a file, not a folder")]
+    for src, out, want in cases:
+        r = _convert_command(f"--input={src}", f"--output={out}", f"--width={SMALL}")
+        assert r.returncode == 1, (src, r.stderr[-2000:])
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr[-2000:]
+        assert re.search(want, r.stderr), r.stderr
+        assert not out.exists()

@@ -57,6 +57,23 @@ def _short(files: list[str], limit: int = 4) -> str:
     return ", ".join(names) + more
 
 
+def _dcmread(p: Path) -> pydicom.Dataset:
+    """pydicom.dcmread, but a file pydicom stops reading early (it returns
+    what it parsed, empty when the cut is inside a sequence, and only warns)
+    is a VolumeError naming the file; other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(p)
+    ended = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
+    if ended or (len(ds) == 0 and p.stat().st_size > 132):
+        why = ended[0] if ended else "no data elements"
+        raise VolumeError(f"DICOM file {p}: truncated or corrupt ({p.stat().st_size} bytes; "
+                          f"pydicom: {why}); copy it again")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ds
+
+
 def _read_headers(folder: Path) -> list[tuple[str, pydicom.Dataset]]:
     """Reads every DICOM file in `folder` (pixel data kept, not decoded).
 
@@ -73,10 +90,12 @@ def _read_headers(folder: Path) -> list[tuple[str, pydicom.Dataset]]:
     out, skipped = [], []
     for p in files:
         try:
-            ds = pydicom.dcmread(p)
+            ds = _dcmread(p)
         except InvalidDicomError:
             skipped.append(str(p))
             continue
+        except VolumeError:
+            raise
         except Exception as e:  # truncated or corrupt DICOM
             raise VolumeError(f"DICOM file {p}: cannot be read ({e})") from e
         sop_class = str(getattr(ds.get("file_meta", None),
@@ -138,12 +157,27 @@ def _float_list(ds: pydicom.Dataset, keyword: str, n: int, f: str) -> np.ndarray
     return arr
 
 
+def _no_pixels_reason(f: str, ds: pydicom.Dataset) -> str:
+    """Why a slice has no PixelData, with the file size: a file cut short
+    between two elements (an interrupted copy) reads as a shorter valid
+    file, so truncation is named as the likely cause."""
+    size = os.path.getsize(f)
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if rows and cols:
+        need = int(rows) * int(cols) * int(ds.get("BitsAllocated", 16) or 16) // 8
+        return (f"DICOM file {f}: no pixel data: the file ({size} bytes) ends without the "
+                f"PixelData element a {int(rows)} x {int(cols)} slice needs ({need} bytes); "
+                "truncated by an interrupted copy or download? Copy it again")
+    return (f"DICOM file {f}: no pixel data and no image size: the file ({size} bytes) ends "
+            "after its first header elements, probably truncated (an interrupted copy or "
+            "download); copy it again")
+
+
 def _check_pixels(folder: Path, members: list) -> None:
     """Every file one single-sample frame, all of one size."""
     for f, ds in members:
         if "PixelData" not in ds:
-            raise VolumeError(f"DICOM file {f}: no pixel data (PixelData "
-                              "element missing)")
+            raise VolumeError(_no_pixels_reason(f, ds))
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise VolumeError(f"DICOM file {f}: multi-frame images are not "
                               "supported (one slice per file expected)")

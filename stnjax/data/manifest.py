@@ -7,8 +7,15 @@ A dataset folder holds images and labels (NIfTI files or DICOM folders) and a
      "cases": [{"id": "PANCREAS_0001", "image": "images/0001",
                 "label": "labels/label0001.nii.gz"}, ...]}
 
-Paths are relative to the folder; "label" may be null for unlabelled cases;
-other keys are kept as `extra`. The fold table is written once as
+Paths are relative to the folder and must stay inside it (no ".."
+escape, no absolute path) unless the manifest sets `"external_paths":
+true`, the switch for a dataset that points at images kept elsewhere on
+purpose (`write_manifest` sets it when it is given files outside the
+folder, as `launch.make_dataset --images=/shared/ct` does): a path that
+leaves the folder by accident (an edited or copied manifest) is then an
+error naming the case instead of a file read from anywhere. The check is
+on the path as written (symlinks inside the folder may point anywhere).
+"label" may be null for unlabelled cases; other keys are kept as `extra`. The fold table is written once as
 `folds.json` (explicit case-ID lists) and read back thereafter, so a case that
 goes missing later never shifts the folds (reference sections 1.4 and 7).
 
@@ -118,6 +125,9 @@ def load_manifest(dataset_dir: str | os.PathLike) -> Manifest:
         raise DatasetError(f"{where}: 'organ_id' must be an int >= 1, got {organ_id!r}")
     if not isinstance(cases, list) or not cases:
         raise DatasetError(f"{where}: 'cases' must be a non-empty list")
+    external = obj.get("external_paths", False)
+    if not isinstance(external, bool):
+        raise DatasetError(f"{where}: 'external_paths' must be true or false, got {external!r}")
     entries, seen = [], set()
     for i, c in enumerate(cases):
         if not isinstance(c, dict):
@@ -137,6 +147,11 @@ def load_manifest(dataset_dir: str | os.PathLike) -> Manifest:
             if not isinstance(rel, str) or not rel:
                 raise DatasetError(f"{where}: case {cid!r}: '{key}' must be a path string, "
                                    f"got {rel!r}")
+            if not external and not _inside(rel):
+                raise DatasetError(
+                    f"{where}: case {cid!r}: {key} {rel!r} is outside the dataset folder; "
+                    "write paths relative to it, or set \"external_paths\": true in the "
+                    "manifest if the images are kept elsewhere on purpose")
             p = (path.parent / rel).resolve() if not os.path.isabs(rel) else Path(rel)
             if not p.exists():
                 raise DatasetError(f"{where}: case {cid!r}: {key} {p} does not exist")
@@ -144,7 +159,8 @@ def load_manifest(dataset_dir: str | os.PathLike) -> Manifest:
         extra = {k: v for k, v in c.items() if k not in ("id", "image", "label")}
         entries.append(CaseEntry(cid, paths["image"], paths["label"], extra))
     description = obj.get("description", "")
-    extra = {k: v for k, v in obj.items() if k not in ("name", "organ_id", "cases", "description")}
+    extra = {k: v for k, v in obj.items()
+             if k not in ("name", "organ_id", "cases", "description", "external_paths")}
     return Manifest(path.resolve(), name, organ_id, tuple(entries), str(description), extra)
 
 
@@ -161,14 +177,20 @@ def write_manifest(dataset_dir: str | os.PathLike, *, name: str, organ_id: int,
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root}: does not exist")
 
+    bases = (root, Path(os.path.abspath(dataset_dir)))
+
     def rel(p):
+        # As written, not resolved: a symlink inside the folder stays a
+        # relative path to the link (it may point anywhere, see the top).
         if p is None:
             return None
-        p = Path(p) if os.path.isabs(p) else root / p
-        try:
-            return p.resolve().relative_to(root).as_posix()
-        except ValueError:
-            return str(p.resolve())
+        p = Path(os.path.abspath(p if os.path.isabs(p) else root / p))
+        for base in bases:
+            try:
+                return p.relative_to(base).as_posix()
+            except ValueError:
+                continue
+        return str(p)
 
     out = []
     for c in cases:
@@ -178,12 +200,23 @@ def write_manifest(dataset_dir: str | os.PathLike, *, name: str, organ_id: int,
         c["image"], c["label"] = rel(c.get("image")), rel(c.get("label"))
         out.append(c)
     obj = {"name": name, "organ_id": organ_id, "description": description, "cases": out,
-           **dict(extra or {})}
+           **{k: v for k, v in dict(extra or {}).items() if k != "external_paths"}}
+    # Files outside the folder were given on purpose here: say so in the file.
+    if any(c[k] is not None and os.path.isabs(c[k]) for c in out for k in ("image", "label")):
+        obj["external_paths"] = True
     path = root / MANIFEST_FILE
     with fileio.atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
         load_manifest(tmp)  # validate before replacing a good manifest
     return path
+
+
+def _inside(rel: str) -> bool:
+    """Whether the manifest path `rel`, as written, stays inside its folder."""
+    if os.path.isabs(rel):
+        return False
+    norm = os.path.normpath(rel)
+    return norm != ".." and not norm.startswith(".." + os.sep)
 
 
 # ------------------------------------------------------------------ folds

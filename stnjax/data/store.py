@@ -104,7 +104,12 @@ class CaseStore:
         # The record is written last: it marks a complete entry.
         if not (meta_path.exists() and Path(f"{base}.image.npy").exists()):
             self._build(case_id, base)
-        self._meta[case_id] = json.loads(meta_path.read_text())
+        try:
+            self._meta[case_id] = fileio.read_json(meta_path, "case cache record")
+        except ValueError as e:  # a damaged cache entry is rebuilt, never trusted
+            log.warning("%s; rebuilding the cache entry of %s", e, case_id)
+            self._build(case_id, base)
+            self._meta[case_id] = fileio.read_json(meta_path, "case cache record")
         return self._meta[case_id]
 
     def _build(self, case_id: str, base: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from stnjax import metrics
+from stnjax import fileio, metrics
 from stnjax.checks import InputError
 from stnjax.data import volume_io
 from stnjax.data.preprocess import PLANE_AXIS
@@ -166,14 +166,21 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
         if cid in done:
             records.append(done[cid])
             continue
-        records.append(_evaluate_case(spec, seg, store, cid, fold, preds))
-        rec, t = records[-1], spec.threshold
+        try:
+            rec = _evaluate_case(spec, seg, store, cid, fold, preds)
+            # After every case: an interrupted run resumes here.
+            write_records(records + [rec], out)
+        except OSError as e:
+            raise _with_note(e, f"case {cid} not recorded; kept the records (and predictions) "
+                                f"of {len(records)} finished cases in {out}, from which a "
+                                "rerun resumes") from e
+        records.append(rec)
+        t = spec.threshold
         log.info("fold %d case %d/%d %s: DSC round 0 %.2f %%, at t=%.2f %.2f %% "
                  "(round %d), %.1f s", fold, i + 1, len(test_ids), cid,
                  100 * rec.dsc_rounds[0], t, 100 * rec.metrics_at[threshold_key(t)]["dsc"],
                  rec.metrics_at[threshold_key(t)]["round"],
                  rec.time_coarse_s + sum(rec.time_rounds_s))
-        write_records(records, out)  # after every case: an interrupted run resumes here
     log.info("fold %d: %d compilations %s", fold, seg.compile_count, seg.compiled_buckets())
     write_records(records, out)
     return records
@@ -235,17 +242,27 @@ def report(records: Sequence[CaseRecord], out_dir: str | os.PathLike, *,
     the resolved config `record`, config.json, config.txt and
     versions.json); returns the printed summary text."""
     out = check_writable(out_dir)
-    if record is not None:
-        write_config_files(out, record)
     summary = summaries.summarize(records, thresholds=tuple(thresholds),
                                  main_threshold=main_threshold)
-    text_report.write_summary(summary, out)
     sweep_ts = sorted(set(np.round(np.arange(0.80, 1.0, 0.01), 2).tolist())
                       | set(float(t) for t in thresholds) | {0.995})
     rows = summaries.sweep(records, sweep_ts)
-    summaries.write_sweep_csv(rows, out / "sweep.csv")
-    plots.write_plots(records, rows, out, main_threshold)
+    try:
+        # All files or none: a full disk fails inside the stage.
+        with fileio.staged_files(out) as stage:
+            if record is not None:
+                write_config_files(stage, record)
+            text_report.write_summary(summary, stage)
+            summaries.write_sweep_csv(rows, stage / "sweep.csv")
+            plots.write_plots(records, rows, stage, main_threshold)
+    except OSError as e:
+        raise _with_note(e, f"no summary file in {out} was written or changed") from e
     return text_report.format_summary(summary)
+
+
+def _with_note(e: OSError, note: str) -> OSError:
+    """The same OS error with `note` (what was kept) after its reason."""
+    return type(e)(e.errno, f"{e.strerror or e}; {note}", e.filename)
 
 
 def saliency_variants(spec: EvalSpec, names: Sequence[str]) -> list[EvalSpec]:

@@ -166,8 +166,7 @@ def _dw_taps(xp, g, kh, kw, precision):
     ROW_LOOP_MIN_PIXELS loop over rows instead (`_dw_rows`), chosen per
     platform by `lax.platform_dependent`: on GPU and TPU a loop of small
     products would serialise the device."""
-    n, ho, wo, cout = g.shape
-    cin = xp.shape[-1]
+    ho, wo = g.shape[1:3]
     if not _few_rows(g) and ho * wo >= ROW_LOOP_MIN_PIXELS:
         return lax.platform_dependent(
             xp, g, cpu=functools.partial(_dw_rows, kh=kh, kw=kw, precision=precision),

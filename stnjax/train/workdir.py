@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 
 from stnjax.checks import InputError
+from stnjax import fileio
 from stnjax.fileio import atomic_write_text
 
 # Fields that do not change what a run computes: where files go, how often
@@ -99,7 +100,11 @@ def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any], *,
         if runs:
             _wipe_runs(workdir)
         return
-    old = json.loads(rec.read_text())
+    try:
+        old = fileio.read_json(rec, "workdir state")
+    except ValueError as e:
+        raise InputError(f"{e}; it records which config made the checkpoints there: restore "
+                         "it, or start over with --overwrite") from None
     new_fields = identity_fields(record)
     if old.get("hash") == config_hash(record):
         return
