@@ -16,6 +16,14 @@ The same models are also evaluated with the saliency inputs named by
 round; records in <workdir>/eval/fold<f>-<method>/, no predictions), and the
 summary compares them with the reference setting case by case. Pass
 --also_saliency_inputs= to skip.
+
+With --baseline (the default) the job also trains the stage-wise baseline
+(Zhou et al. 2016, the paper's Table 2 comparison) on the same data, model
+and number of steps (`launch.configs.common.stagewise_baseline`: the two
+networks trained independently, no saliency, ground-truth crops) in
+<workdir>/stagewise, evaluates it with its own inference (majority vote,
+raw-image crops) into <workdir>/eval/fold<f>-stagewise, and the summary
+compares RSTN with it case by case. --nobaseline skips it.
 """
 
 from pathlib import Path
@@ -23,11 +31,14 @@ from pathlib import Path
 from absl import flags
 
 from launch import app
+from launch.configs.common import stagewise_baseline
 
 _CONFIG = app.define_config(str(Path(__file__).parent / "configs" / "phantom.py"))
 _WORKDIR = flags.DEFINE_string("workdir", "runs/phantom", "Output folder.")
 _ALSO = flags.DEFINE_list("also_saliency_inputs", ["coarse"],
                           "Also evaluate with these infer.saliency_input values.")
+_BASELINE = flags.DEFINE_bool("baseline", True, "Also train and evaluate the stage-wise "
+                              "baseline on the same data and budget (<workdir>/stagewise).")
 
 
 def main(argv):
@@ -42,8 +53,14 @@ def main(argv):
         # The config is read here, once; bad fields and names fail before any training.
         spec = EvalSpec.from_config(_CONFIG.value)
         variants = runs.saliency_variants(spec, _ALSO.value)
+        baselines = []
+        if _BASELINE.value:
+            baselines = [(EvalSpec.from_config(stagewise_baseline(_CONFIG.value)),
+                          workdir / "stagewise")]
         loop.train(spec.train, workdir)
-        text = runs.evaluate_and_report(spec, workdir, variants=variants)
+        for b_spec, b_work in baselines:
+            loop.train(b_spec.train, b_work)
+        text = runs.evaluate_and_report(spec, workdir, variants=variants, baselines=baselines)
     print(text)
     print(f"results in {workdir / 'eval'}")
 

@@ -203,6 +203,15 @@ def test_main_job_evaluates_and_compares_saliency_inputs(trained):
     assert (work / "eval" / "fold0" / "predictions").is_dir()
     assert not (work / "eval" / "fold0-rstn-sal-coarse" / "predictions").exists()
     assert json.loads((work / "eval" / "config.json").read_text())["name"] == "smoke"
+    # The stage-wise baseline: trained on the same data for as many steps
+    # (one CF stage), evaluated with its own inference, compared in the summary.
+    assert "== Stage-wise (C2F) (stagewise)" in proc.stdout, proc.stdout
+    assert "RSTN vs Stage-wise (C2F)" in proc.stdout
+    base_cfg = json.loads((work / "stagewise" / "config.json").read_text())
+    assert base_cfg["train"]["stages"] == "CF:12" and base_cfg["train"]["method"] == "stagewise"
+    base = records.read_records(work / "eval" / "fold0-stagewise")
+    assert [r.case_id for r in base] == [r.case_id for r in main]
+    assert {r.method for r in base} == {"stagewise"}
 
 
 def test_inference_variant_copies_are_checked(trained):

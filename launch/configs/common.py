@@ -90,3 +90,23 @@ def base_config() -> ml_collections.ConfigDict:
     # (the round-0 fused coarse map every round; see stnjax.infer).
     c.infer.saliency_input = "score"
     return c
+
+
+def stagewise_baseline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The stage-wise baseline (Zhou et al. 2016) on the data, model, optimiser
+    and budget of the RSTN config `c`: a copy with train.method "stagewise",
+    one stage CF of as many steps as c's stages together (the two networks
+    trained independently in each step, so each gets as many updates as in
+    RSTN; no saliency, raw-image crops by the ground-truth box), an equal
+    weight of the two losses, no convergence guard (it is for RSTN's S).
+    Used by the main job; `stagewise.py` is the reference's own C -> F
+    recipe for full-size SGD training."""
+    b = ml_collections.ConfigDict(c.to_dict())
+    # "S:600,I:600,J:600" -> 1800 (the spec checks the stages themselves).
+    steps = sum(int(part.split(":")[1]) for part in c.train.stages.split(",") if ":" in part)
+    b.name = f"{c.name}-stagewise"
+    b.train.method = "stagewise"
+    b.train.stages = f"CF:{steps}"
+    b.train.coarse_weight = 0.5
+    b.train.guard_max_restarts = 0
+    return b

@@ -273,23 +273,30 @@ def saliency_variants(spec: EvalSpec, names: Sequence[str]) -> list[EvalSpec]:
 
 def evaluate_and_report(spec: EvalSpec, workdir: str | os.PathLike, *,
                         out_dir: str | os.PathLike | None = None,
-                        variants: Sequence[EvalSpec] = (), write_predictions: bool = True,
-                        resume: bool = True) -> str:
+                        variants: Sequence[EvalSpec] = (),
+                        baselines: Sequence[tuple[EvalSpec, str | os.PathLike]] = (),
+                        write_predictions: bool = True, resume: bool = True) -> str:
     """Evaluates every fold of spec.train.data.folds and reports over them.
 
     Per fold, the records go to `<out>/fold<f>` and, for each spec in
     `variants` (other inference settings of the same models, e.g. from
-    `saliency_variants`), to `<out>/fold<f>-<method>` without predictions;
-    then `report` writes the summary of all of them to `<out>` (default
+    `saliency_variants`) and each (spec, workdir) in `baselines` (other
+    models on the same data, e.g. the stage-wise baseline), to
+    `<out>/fold<f>-<method>` without predictions; then `report` writes the
+    summary of all of them, with paired comparisons, to `<out>` (default
     `<workdir>/eval`) and its text is returned.
     """
     out = Path(out_dir) if out_dir else Path(workdir) / "eval"
+    others = [(v, workdir) for v in variants] + list(baselines)
+    methods = [spec.method] + [o.method for o, _ in others]
+    if len(set(methods)) != len(methods):
+        raise InputError(f"evaluate_and_report: two evaluations share a method label {methods}")
     records = []
     for fold in spec.train.data.folds:
         records += evaluate_fold(spec, workdir, fold, out_dir=out / f"fold{int(fold)}",
                                  write_predictions=write_predictions, resume=resume)
-        for v in variants:
-            records += evaluate_fold(v, workdir, fold, out_dir=out / f"fold{int(fold)}-{v.method}",
+        for o, o_work in others:
+            records += evaluate_fold(o, o_work, fold, out_dir=out / f"fold{int(fold)}-{o.method}",
                                      write_predictions=False, resume=resume)
     return report(records, out, thresholds=spec.report_thresholds,
                   main_threshold=spec.threshold, record=spec.record)
