@@ -79,6 +79,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     clear line (ml_collections names the field and suggests the closest one),
     and so does a --config file that is missing, not Python or has no
     `get_config()`."""
+    if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+        print_help(argv)
+        sys.exit(0)
+    argv = _with_stored_config(argv)
     _check_config_file(argv)
     try:
         rest = flags.FLAGS(argv)
@@ -94,20 +98,86 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         sys.exit(f"error: invalid --config override: {_one_line(e)}")
 
 
+def print_help(argv: Sequence[str]) -> None:
+    """--help: the command's docstring, its flags, and, when it takes a
+    --config, every config field with its value in the given (or default)
+    config file, as `--config.FIELD=VALUE` lines."""
+    doc = (sys.modules["__main__"].__doc__ or "").strip()
+    print(doc + "\n" if doc else "", end="")
+    print("\nflags:\n" + flags.FLAGS.main_module_help())
+    if "config" not in flags.FLAGS:
+        return
+    default = flags.FLAGS["config"].default_as_str
+    path = _config_file(argv) or (str(default).strip("'\"") if default else "")
+    if not path or path == "None":
+        print("\n--config.FIELD overrides: give --config=FILE --help to list them")
+        return
+    _check_config_file([argv[0], f"--config={path}"])
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("help_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print(f"\nconfig fields of {path} (override any with --config.FIELD=VALUE):")
+    for key, value in _flatten(module.get_config().to_dict()):
+        print(f"  --config.{key}={value!r}")
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
 def _one_line(e: BaseException) -> str:
     msg = " ".join(str(a) for a in e.args) if e.args else repr(e)
     msg = re.sub(r"\s+", " ", msg.replace("\\n", " ").replace("\\'", "").replace("'", ""))
     return msg.strip()
 
 
-def define_config(default: str | None = None):
+_STORED = {"default": False}  # --config defaults to the workdir's stored config
+
+
+def define_config(default: str | None = None, *, stored_default: bool = False):
     """The --config flag of a command: a Python config file (`get_config()`),
     locked so a misspelt --config.FIELD override is an error naming it.
-    Returns the flag holder; its `.value` is read once, at the top of `main`,
-    and turned into the library's typed specs there."""
+    `stored_default`: without --config, the config stored in --workdir
+    (`launch/configs/stored.py`), overrides included. Returns the flag
+    holder; its `.value` is read once, at the top of `main`, and turned into
+    the library's typed specs there."""
     from ml_collections import config_flags
-    return config_flags.DEFINE_config_file("config", default, "Python config file.",
-                                           lock_config=True)
+    _STORED["default"] = stored_default
+    help_ = "Python config file." + (" Default: the config stored in --workdir."
+                                     if stored_default else "")
+    return config_flags.DEFINE_config_file("config", default, help_, lock_config=True)
+
+
+def _with_stored_config(argv: Sequence[str]) -> list[str]:
+    """argv with --config=<stored.py>:<workdir> when the command defaults to
+    the workdir's stored config and no --config was given."""
+    argv = list(argv)
+    if not _STORED["default"] or _config_file(argv) is not None:
+        return argv
+    workdir = _flag_value(argv, "workdir")
+    if workdir is None:
+        return argv  # the required-flag check names --config
+    if not (Path(workdir) / "config.json").is_file():
+        sys.exit(f"error: --config not given and {Path(workdir) / 'config.json'} does not exist "
+                 "(not a training workdir?); give --config=FILE")
+    stored = Path(__file__).resolve().parent / "configs" / "stored.py"
+    return argv[:1] + [f"--config={stored}:{workdir}"] + argv[1:]
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+        if a == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -1,5 +1,6 @@
 """Evaluates trained RSTN models on the test cases of their folds.
 
+  python -m launch.evaluate --workdir=/tmp/stn     # the config stored there
   python -m launch.evaluate --config=launch/configs/phantom.py --workdir=/tmp/stn
   python -m launch.evaluate --config=launch/configs/nih_pancreas.py \
       --config.data.dir=/data/nih --config.data.folds=all --workdir=runs/nih
@@ -12,8 +13,9 @@ settings on the same models:
 
   python -m launch.evaluate --config=launch/configs/phantom.py --workdir=runs/phantom \
       --config.infer.saliency_input=coarse --out=runs/phantom/eval-coarse
-The summary is printed as in the paper. Use the config the models were
-trained with (a different one is refused); inference settings
+The summary is printed as in the paper. Without --config the config the
+models were trained with is used (stored in <workdir>/config.json); with
+one, it must be the same config (a different one is refused); inference settings
 (--config.infer.*) may change freely. cases.json is rewritten after every
 case, and a re-run with the same settings resumes where an interrupted one
 stopped (--noresume evaluates every case again). All logic lives in
@@ -26,7 +28,7 @@ from absl import flags
 
 from launch import app
 
-_CONFIG = app.define_config()
+_CONFIG = app.define_config(stored_default=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
 _RESUME = flags.DEFINE_bool(

@@ -53,16 +53,27 @@ def main(argv):
         # The config is read here, once; bad fields and names fail before any training.
         spec = EvalSpec.from_config(_CONFIG.value)
         variants = runs.saliency_variants(spec, _ALSO.value)
+        if _BASELINE.value:
+            EvalSpec.from_config(stagewise_baseline(_CONFIG.value))  # bad fields: now
+        loop.train(spec.train, workdir)
         baselines = []
         if _BASELINE.value:
-            baselines = [(EvalSpec.from_config(stagewise_baseline(_CONFIG.value)),
-                          workdir / "stagewise")]
-        loop.train(spec.train, workdir)
-        for b_spec, b_work in baselines:
-            loop.train(b_spec.train, b_work)
+            b_spec = EvalSpec.from_config(_same_data(stagewise_baseline(_CONFIG.value),
+                                                     spec, workdir))
+            loop.train(b_spec.train, workdir / "stagewise")
+            baselines = [(b_spec, workdir / "stagewise")]
         text = runs.evaluate_and_report(spec, workdir, variants=variants, baselines=baselines)
     print(text)
     print(f"results in {workdir / 'eval'}")
+
+
+def _same_data(config, spec, workdir: Path):
+    """`config` reading RSTN's dataset folder and case cache (the phantom
+    dataset RSTN's training wrote), not copies of its own."""
+    from stnjax.train import inputs
+    config.data.dir = str(inputs.dataset_dir(spec.train.data, workdir).resolve())
+    config.data.cache_dir = str(Path(spec.train.data.cache_dir or workdir / "cache").resolve())
+    return config
 
 
 if __name__ == "__main__":

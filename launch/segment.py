@@ -1,7 +1,9 @@
 """Segments CT volumes (NIfTI files or DICOM folders) with trained models.
 
-  python -m launch.segment --config=launch/configs/phantom.py --workdir=/tmp/stn \
-      --out=/tmp/masks scan1.nii.gz /data/dicom/series2/
+  python -m launch.segment --workdir=/tmp/stn --out=/tmp/masks scan1.nii.gz /data/dicom/series2/
+
+Without --config, the config the models were trained with (stored in
+<workdir>/config.json) is used; --config.infer.* overrides apply to it.
 
 No labels needed. Masks are written as <out>/<name>_mask.nii.gz in the
 source geometry (they overlay the input in 3D Slicer / ITK-SNAP). Every
@@ -15,7 +17,7 @@ from absl import flags
 
 from launch import app
 
-_CONFIG = app.define_config()
+_CONFIG = app.define_config(stored_default=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for the masks.")
 _FOLD = flags.DEFINE_integer("fold", 0, "Which fold's models to use.")
@@ -32,6 +34,12 @@ def main(argv):
     log = app.setup(None, cache_base=_WORKDIR.value)
     with app.exit_on_error(log):
         spec = EvalSpec.from_config(_CONFIG.value)
+        inf = spec.inference
+        log.info("segmenting %d input(s) with the fold %d models of %s: planes %s, stop at "
+                 "inter-round DSC t = %.2f or after %d rounds, saliency input %r, fusion %r, "
+                 "margin %d", len(argv) - 1, _FOLD.value, _WORKDIR.value, "".join(inf.planes),
+                 spec.threshold, inf.max_rounds, inf.saliency_input, inf.fusion,
+                 spec.train.model.margin)
         written = runs.segment_files(spec, _WORKDIR.value, argv[1:],
                                      out_dir=_OUT.value, fold=_FOLD.value,
                                      overwrite=_OVERWRITE.value)

@@ -95,3 +95,26 @@ def test_a_path_that_is_a_file_is_named_as_such(tmp_path):
                                            f"(needed for {tmp_path / 'f' / 'sub'})")
     else:
         raise AssertionError("mkdir under a file succeeded")
+
+
+def test_help_exits_0_and_lists_flags_and_config_fields(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "STNJAX_HUGE_PAGES": "0", "PYTHONPATH": str(root)}
+
+    def help_of(*args):
+        return subprocess.run([sys.executable, "-m", *args, "--help"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+    r = help_of("launch.main")  # its default config: the phantom one
+    assert r.returncode == 0, r.stderr
+    assert "The main job" in r.stdout and "--workdir" in r.stdout
+    assert "--config.train.stages='S:600,I:600,J:600'" in r.stdout
+    assert "--config.model.width=0.0625" in r.stdout
+    r = help_of("launch.train", f"--config={root / 'launch/configs/smoke.py'}")
+    assert r.returncode == 0 and "--config.train.stages='S:4,I:4,J:4'" in r.stdout, r.stderr
+    r = help_of("launch.train")  # no default config: says how to list them
+    assert r.returncode == 0 and "give --config=FILE --help" in r.stdout
+    assert not list(tmp_path.iterdir())  # --help writes nothing

@@ -57,3 +57,14 @@ def test_damaged_train_config_is_one_line(tmp_path):
     r = run_command("launch.train", [f"--config={SMOKE}", f"--workdir={work}"])
     line = _one_error_line(r)
     assert "train_config.json is damaged (not valid JSON" in line and "--overwrite" in line, line
+
+
+def test_evaluate_without_config_needs_a_training_workdir(tmp_path):
+    """evaluate and segment default to <workdir>/config.json; a folder
+    without one is a one-line error before anything is written."""
+    for module, extra in (("launch.evaluate", []), ("launch.segment", [f"--out={tmp_path / 'm'}"])):
+        r = run_command(module, [f"--workdir={tmp_path / 'w'}", *extra])
+        line = _one_error_line(r)
+        assert f"{tmp_path / 'w' / 'config.json'} does not exist" in line and \
+            "give --config=FILE" in line, line
+    assert not list(tmp_path.iterdir())

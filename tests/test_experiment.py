@@ -94,8 +94,10 @@ def test_evaluate_command_with_other_inference_settings(trained, tmp_path):
     assert not any((out / n).exists() for n in ("summary.json", "summary.txt", "sweep.png"))
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert records.read_records(out / "fold0")
+    # Without --config: the config stored in the workdir, overrides applied
+    # (the same settings, so the resume keeps the recorded case).
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.evaluate", *args],
+        [sys.executable, "-m", "launch.evaluate", *args[1:]],
         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -327,3 +329,36 @@ def test_unwritable_output_is_an_error_before_any_output(trained, tmp_path):
     with pytest.raises(InputError, match=r"thin\.nii\.gz: shape \(20, 20, 1\) has a single slice"):
         runs.segment_files(spec, work, [str(tmp_path / "thin.nii.gz")], out_dir=out)
     assert not any(p for p in out.iterdir() if not p.name.startswith("."))
+
+
+def test_readme_python_snippet_runs_as_written(trained, tmp_path):
+    """The README's Python API example, run with only its set-up lines
+    (workdir, files, organ id, output) pointed at the smoke training run."""
+    import re as re_
+    spec, work = trained
+    text = (ROOT / "README.md").read_text()
+    code = text[text.index("## Python API"):]
+    code = code[code.index("```python\n") + 10:]
+    code = code[:code.index("```")]
+    man = manifest.load_manifest(inputs.dataset_dir(spec.train.data, work))
+    case = man.cases[0]
+    setup = {"WORKDIR": f"WORKDIR = {str(work)!r}",
+             "IMAGE": f"IMAGE, LABEL, ORGAN = {str(case.image)!r}, {str(case.label)!r}, "
+                      f"{man.organ_id}",
+             "OUT": f"OUT = {str(tmp_path / 'mask.nii.gz')!r}"}
+    for name, line in setup.items():
+        code, n = re_.subn(rf"^{name}\b.*$", line, code, count=1, flags=re_.M)
+        assert n == 1, f"README snippet lost its {name} line"
+    env: dict = {}
+    exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - our own README
+    res, out = env["res"], env["out"]
+    img = nib.load(str(case.image))
+    written = nib.load(str(tmp_path / "mask.nii.gz"))
+    assert written.shape == img.shape and np.allclose(written.affine, img.affine)
+    assert res.dsc is not None and len(res.dsc) == spec.inference.max_rounds + 1
+    # The pure functions give the driver's inter-round DSC for the rounds
+    # they ran (they stop at t = 0.99; the driver records all rounds).
+    r = int(out.rounds)
+    assert r >= 1
+    np.testing.assert_allclose(np.asarray(out.inter)[1:r + 1], np.asarray(res.inter)[1:r + 1],
+                               atol=1e-5)

@@ -1,0 +1,27 @@
+"""The config a training workdir was made with, for `evaluate` and `segment`.
+
+  python -m launch.evaluate --workdir=runs/phantom            # this config, implied
+  python -m launch.evaluate --config=launch/configs/stored.py:runs/phantom
+
+Reads `<workdir>/config.json` (the resolved config `launch.train` and
+`launch.main` write there) back into a config, so `--config.infer.*`
+overrides apply to it as to any config file. `evaluate` and `segment` use it
+when no --config is given.
+"""
+
+import json
+from pathlib import Path
+
+import ml_collections
+
+
+def get_config(workdir: str) -> ml_collections.ConfigDict:
+    path = Path(workdir) / "config.json"
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no stored config (not a training workdir?); "
+                                "give --config=FILE") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: damaged (not valid JSON: {e}); give --config=FILE") from None
+    return ml_collections.ConfigDict(record)
