@@ -36,6 +36,9 @@ _RESUME = flags.DEFINE_bool(
     "(--noresume: evaluate every case again).")
 _NO_PREDICTIONS = flags.DEFINE_bool("no_predictions", False,
                                     "Do not write prediction NIfTI files.")
+_LABEL = flags.DEFINE_string("label", None, "The method name of the records and summary "
+                             "(--config.infer.label): name evaluations with different "
+                             "settings so that launch.sweep compares them.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,9 +48,12 @@ def main(argv):
     from stnjax.eval.spec import EvalSpec
 
     workdir = Path(_WORKDIR.value)
-    out = Path(_OUT.value) if _OUT.value else workdir / "eval"
+    default_out = workdir / (f"eval-{_LABEL.value}" if _LABEL.value else "eval")
+    out = Path(_OUT.value) if _OUT.value else default_out
     with app.exit_on_error():
         spec = EvalSpec.from_config(_CONFIG.value)  # bad settings: before any output
+        if _LABEL.value is not None:
+            spec = spec.with_inference(label=_LABEL.value)
         runs.check_writable(out)
     # The cache in the output folder: evaluate leaves the training workdir alone.
     log = app.setup(out / "evaluate.log", cache_base=out)

@@ -68,3 +68,11 @@ def test_evaluate_without_config_needs_a_training_workdir(tmp_path):
         assert f"{tmp_path / 'w' / 'config.json'} does not exist" in line and \
             "give --config=FILE" in line, line
     assert not list(tmp_path.iterdir())
+
+
+def test_evaluate_label_with_unsafe_characters_is_refused(tmp_path):
+    r = run_command("launch.evaluate", [f"--config={SMOKE}", f"--workdir={tmp_path / 'w'}",
+                                        "--label=../a b"])
+    line = _one_error_line(r)
+    assert "infer.label: '../a b' is not a safe name" in line, line
+    assert not list(tmp_path.iterdir())

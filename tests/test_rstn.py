@@ -82,7 +82,7 @@ def _fine_loss_grad_to_coarse(rstn, params, mode):
         out = rstn.forward(mode, p, batch, jax.random.key(2))
         return jnp.mean(losses.soft_dice_loss(out.fine_prob, batch["label"]))
 
-    g = jax.grad(fine_loss)(params)
+    g = jax.jit(jax.grad(fine_loss))(params)
     return max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(g["coarse"]))
 
 

@@ -2,6 +2,7 @@
 the `python -m launch.sweep` command (records from stnjax.eval.records)."""
 
 import csv
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,26 @@ def test_cli(tmp_path):
                          text=True, timeout=120)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_labels_name_evaluations_for_the_sweep():
+    """infer.label (launch.evaluate --label) names the method of an
+    evaluation's records, so two evaluations that differ in any setting can
+    be swept side by side; unsafe names are refused."""
+    from launch.configs import smoke
+    from stnjax.eval.spec import EvalSpec
+    spec = EvalSpec.from_config(smoke.get_config())
+    a = spec.with_inference(label="rounds10")
+    b = spec.with_inference(max_rounds=5, label="rounds5")
+    assert (spec.method, a.method, b.method) == ("rstn", "rounds10", "rounds5")
+    assert b.record["infer"]["label"] == "rounds5" and b.record["infer"]["max_rounds"] == 5
+    for bad in ("a/b", "../x", ".hidden", "-x", "x y", "x" * 65):
+        with pytest.raises(InputError, match="infer.label"):
+            spec.with_inference(label=bad)
+    recs = [r for r in two_methods(2) if r.method == "rstn"]
+    with pytest.raises(InputError, match="duplicate record for method 'rstn'"):
+        summaries.sweep(recs + recs, [0.9, 0.99])
+    labelled = ([dataclasses.replace(r, method=a.method) for r in recs]
+                + [dataclasses.replace(r, method=b.method) for r in recs])
+    rows = summaries.sweep(labelled, [0.9, 0.99])
+    assert sorted({r.method for r in rows}) == ["rounds10", "rounds5"]

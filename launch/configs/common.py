@@ -89,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
     # reference code), "mask" (previous binary mask, the paper) or "coarse"
     # (the round-0 fused coarse map every round; see stnjax.infer).
     c.infer.saliency_input = "score"
+    # The method name of the records and the summary ("": derived, "rstn",
+    # "rstn-sal-coarse", "stagewise"); name evaluations that differ in other
+    # settings so that a sweep can compare them (launch.evaluate --label).
+    c.infer.label = ""
     return c
 
 

@@ -11,11 +11,15 @@ the resolved config such an evaluation writes beside its results.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 from stnjax.checks import InputError, check_range
 from stnjax.infer.rounds import InferenceSpec, report_threshold
 from stnjax.train.spec import TrainSpec
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +37,13 @@ class EvalSpec:
     quantize_coarse: bool = True
     per_round_timing: bool = False
     saliency_input: str = "score"
+    label: str = ""
 
     def __post_init__(self):
+        if self.label and not _LABEL.fullmatch(self.label):
+            raise InputError(f"infer.label: {self.label!r} is not a safe name for files and "
+                             "tables: use letters, digits, '.', '_' and '-', not starting "
+                             "with '.' or '-'")
         try:
             self.inference  # noqa: B018 - builds and checks the InferenceSpec
         except InputError as e:
@@ -69,7 +78,8 @@ class EvalSpec:
             raise InputError(f"infer.{unknown[0]}: no such inference setting")
         kinds = {"max_rounds": int, "threshold": float, "run_all_rounds": bool,
                  "batch_size": int, "lcc_threshold": float, "oracles": bool,
-                 "quantize_coarse": bool, "per_round_timing": bool, "saliency_input": str}
+                 "quantize_coarse": bool, "per_round_timing": bool, "saliency_input": str,
+                 "label": str}
         fields: dict[str, Any] = {k: kinds[k](v) for k, v in infer.items() if k in kinds}
         if "report_thresholds" in infer:
             fields["report_thresholds"] = tuple(float(t) for t in infer["report_thresholds"])
@@ -103,7 +113,9 @@ class EvalSpec:
         """The `method` of evaluation records: the training method, plus the
         saliency input when it is not the reference's ("rstn-sal-mask",
         "rstn-sal-coarse"), so that a sweep over several evaluation folders
-        of the same models tells the variants apart."""
+        of the same models tells the variants apart; `label` when set."""
+        if self.label:
+            return self.label
         if self.inference.use_saliency and self.saliency_input != "score":
             return f"{self.train.loop.method}-sal-{self.saliency_input}"
         return self.train.loop.method
