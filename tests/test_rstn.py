@@ -107,10 +107,10 @@ def test_j_falls_back_to_label_when_prediction_empty(model_and_params):
     coarse = jax.tree_util.tree_map(lambda x: x, params["coarse"])
     coarse["score_fr"] = dict(coarse["score_fr"], bias=jnp.full((3,), -50.0))
     params["coarse"] = coarse
-    out = rstn.forward_j(params, make_batch(), jax.random.key(3))
+    out = jax.jit(rstn.forward_j)(params, make_batch(), jax.random.key(3))
     assert float(out.coarse_prob.max()) < 0.5
     np.testing.assert_array_equal(np.asarray(out.stats["fallback"]), [1.0, 1.0])
-    out_s = rstn.forward_s(params, make_batch(), jax.random.key(3))
+    out_s = jax.jit(rstn.forward_s)(params, make_batch(), jax.random.key(3))
     np.testing.assert_array_equal(np.asarray(out_s.stats["fallback"]), [0.0, 0.0])
 
 

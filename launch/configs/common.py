@@ -85,14 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.infer.oracles = False       # also run the strong / weak oracles
     c.infer.quantize_coarse = True  # coarse maps through uint8, as the reference
     c.infer.per_round_timing = False  # rounds from the host, timed one by one
-    # Saliency input of round r: "score" (previous fused probability, the
-    # reference code), "mask" (previous binary mask, the paper) or "coarse"
-    # (the round-0 fused coarse map every round; see stnjax.infer).
+    # Saliency input of round r: "score" (previous fused probability, the reference
+    # code), "mask" (previous binary mask, the paper) or "coarse" (round 0's map).
     c.infer.saliency_input = "score"
-    # The method name of the records and the summary ("": derived, "rstn",
-    # "rstn-sal-coarse", "stagewise"); name evaluations that differ in other
-    # settings so that a sweep can compare them (launch.evaluate --label).
-    c.infer.label = ""
+    c.infer.label = ""  # records' method name ("": derived); launch.evaluate --label
     return c
 
 
