@@ -70,14 +70,19 @@ def test_interrupted_and_failed_saves_leave_the_latest_complete_checkpoint(tmp_p
     ck.close()
 
 
-def test_load_trained_params_checks_completeness(tmp_path):
+def test_load_trained_params_checks_completeness(tmp_path, caplog):
     run = tmp_path / "fold0" / "Z"
     ck = Checkpointer(run / "checkpoints", keep=2)
     ck.save(4, _state(4), {"step": 4, "total_steps": 8, "plane": "Z"})
     ck.close()
     with pytest.raises(InputError, match="not complete"):
         load_trained_params(run)
-    params, meta = load_trained_params(run, require_complete=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        params, meta = load_trained_params(run, require_complete=False)
+    # A model load is quiet: none of orbax's read-only notices (three a plane).
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
+        [r.getMessage() for r in caplog.records]
     assert meta["plane"] == "Z" and params["coarse"]["c"]["kernel"].shape == (2, 3)
     with pytest.raises(InputError, match="no checkpoint folder"):
         load_trained_params(tmp_path / "nothing")

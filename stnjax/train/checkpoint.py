@@ -27,6 +27,7 @@ damaged checkpoint and the fix (rerun the training command).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -49,6 +50,24 @@ def _to_numpy(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(x), tree)
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice():
+    """Drops orbax's "Given directory is read only" warning, which a
+    read-only manager (what `read_only=True` asks for) logs on creation."""
+    f = _DropReadOnlyNotice()
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(f)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(f)
+
+
 class Checkpointer:
     """A CheckpointManager for one run (one fold, one plane)."""
 
@@ -68,15 +87,19 @@ class Checkpointer:
         self._read_only = bool(read_only)
         self.damaged: list[tuple[int, str, Path | None]] = []
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=int(keep),
+            # Read-only: the values orbax would otherwise set itself, with a
+            # warning each (three lines a plane on every model load).
+            max_to_keep=None if read_only else int(keep),
+            save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=bool(async_save),
             # Leftovers of a killed save are removed when the run resumes.
             cleanup_tmp_directories=not read_only,
             create=not read_only,
             read_only=read_only,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta"))
+        with _quiet_read_only_notice():
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "meta"))
 
     def steps(self) -> list[int]:
         """The iterations of all complete-looking checkpoints, ascending."""
