@@ -288,6 +288,30 @@ def test_segmenter_buckets_compiles_and_crops(setup):
     assert res.planes == ("Z",) and res.boxes.shape == (SPEC.max_rounds + 1, 1, 2)
 
 
+@pytest.mark.parametrize("per_round", [False, True])
+def test_case_times_exclude_compilation(setup, monkeypatch, per_round):
+    """Compilation happens before the timed calls: with a fake clock that
+    only advances (by 1000 s) when a compilation starts, every case time is
+    0; each compilation is listed with its own time."""
+    import types
+    from stnjax.infer import segmenter as seg_mod
+    rstn, params, hu, label = setup
+    clock = [0.0]
+    monkeypatch.setattr(seg_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    orig = Segmenter._compile
+
+    def compile_slowly(self, name, bucket, *args):
+        if (name, bucket) not in self._compiled:
+            clock[0] += 1000.0
+        return orig(self, name, bucket, *args)
+    monkeypatch.setattr(Segmenter, "_compile", compile_slowly)
+    seg = Segmenter(rstn, params, SPEC_Z, per_round_timing=per_round)
+    res = seg.segment(hu, label=label, t=0.99)
+    assert res.time_coarse_s == 0.0 and sum(res.time_rounds_s) == 0.0
+    assert sorted(seg.compile_seconds) == sorted(seg._compiled) and seg.compile_seconds
+    assert all(v >= 0.0 for v in seg.compile_seconds.values())
+
+
 def test_bucket_padding_does_not_change_the_result(setup):
     """A volume padded into a larger bucket (every axis) gives the same
     probabilities and masks as the exact-size run (FCN valid_hw masking)."""
