@@ -48,14 +48,20 @@ UsageError = absl_app.UsageError
 _VERBOSE = {"tracebacks": False}  # --verbosity >= 1 as the user gave it
 
 
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The value of --name=V or --name V on the command line, or None."""
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+        if a == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def _config_file(argv: Sequence[str]) -> str | None:
     """The file of --config FILE[:ARGS] on the command line, or None."""
-    for i, a in enumerate(argv):
-        if a.startswith("--config="):
-            return a.split("=", 1)[1].split(":", 1)[0]
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1].split(":", 1)[0]
-    return None
+    value = _flag_value(argv, "config")
+    return None if value is None else value.split(":", 1)[0]
 
 
 def _check_config_file(argv: Sequence[str]) -> None:
@@ -171,15 +177,6 @@ def _with_stored_config(argv: Sequence[str]) -> list[str]:
     return argv[:1] + [f"--config={stored}:{workdir}"] + argv[1:]
 
 
-def _flag_value(argv: Sequence[str], name: str) -> str | None:
-    for i, a in enumerate(argv):
-        if a.startswith(f"--{name}="):
-            return a.split("=", 1)[1]
-        if a == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
 def run(main: Callable[[list[str]], None]) -> None:
     """Starts a command: huge pages (one re-execution), flags, then `main(argv)`.
     An operating-system error (read-only or full disk, a missing folder)
@@ -210,8 +207,8 @@ def os_error_message(e: OSError) -> str:
                 text += f" (needed for {e.filename})"
     if e.filename2:
         text += f" (-> {e.filename2})"
-    hint = {errno.ENOSPC: "free space there and rerun: the run resumes from its last checkpoint",
-            errno.EDQUOT: "free space there and rerun: the run resumes from its last checkpoint",
+    full = "free space there and rerun the same command: it resumes where it stopped"
+    hint = {errno.ENOSPC: full, errno.EDQUOT: full,
             errno.EROFS: "the file system is read-only; choose a writable folder",
             errno.EACCES: "no permission; choose a folder you can write",
             errno.EPERM: "no permission; choose a folder you can write"}.get(e.errno)

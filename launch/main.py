@@ -53,13 +53,13 @@ def main(argv):
         # The config is read here, once; bad fields and names fail before any training.
         spec = EvalSpec.from_config(_CONFIG.value)
         variants = runs.saliency_variants(spec, _ALSO.value)
-        if _BASELINE.value:
-            EvalSpec.from_config(stagewise_baseline(_CONFIG.value))  # bad fields: now
+        b_config = stagewise_baseline(_CONFIG.value) if _BASELINE.value else None
+        if b_config is not None:
+            EvalSpec.from_config(b_config)  # its bad fields fail now, before any training
         loop.train(spec.train, workdir)
         baselines = []
-        if _BASELINE.value:
-            b_spec = EvalSpec.from_config(_same_data(stagewise_baseline(_CONFIG.value),
-                                                     spec, workdir))
+        if b_config is not None:
+            b_spec = EvalSpec.from_config(_same_data(b_config, spec, workdir))
             loop.train(b_spec.train, workdir / "stagewise")
             baselines = [(b_spec, workdir / "stagewise")]
         text = runs.evaluate_and_report(spec, workdir, variants=variants, baselines=baselines)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 from pathlib import Path
@@ -202,7 +203,6 @@ def read_json(path: str | os.PathLike, what: str):
     wrote. Raises FileNotFoundError when it is missing and ValueError
     "<what> <path> is damaged (not valid JSON: ...)" when it was truncated
     or edited into something else (callers say what to do)."""
-    import json
     path = Path(path)
     raw = path.read_bytes()
     try:

@@ -8,17 +8,22 @@ from launch import app
 from stnjax.checks import CheckpointError, GeometryError, InputError, TrainingDivergedError
 
 
+def _exit_code(raised, caplog):
+    """The SystemExit code `exit_on_error` turns `raised` into (logged via caplog)."""
+    log = logging.getLogger("stnjax.test_app")
+    with caplog.at_level(logging.ERROR, logger="stnjax.test_app"):
+        with pytest.raises(SystemExit) as exit_:
+            with app.exit_on_error(log):
+                raise raised
+    return exit_.value.code
+
+
 @pytest.mark.parametrize("error", [InputError("config.data.dir: no such folder /x"),
                                    GeometryError("a.nii.gz and b.nii.gz disagree"),
                                    CheckpointError("save failed in /w"),
                                    TrainingDivergedError("loss is nan at step 7")])
 def test_library_errors_exit_with_one_line_and_are_logged(error, caplog):
-    log = logging.getLogger("stnjax.test_app")
-    with caplog.at_level(logging.ERROR, logger="stnjax.test_app"):
-        with pytest.raises(SystemExit) as exit_:
-            with app.exit_on_error(log):
-                raise error
-    assert exit_.value.code == f"error: {error}"  # printed to stderr, exit status 1
+    assert _exit_code(error, caplog) == f"error: {error}"  # printed to stderr, exit status 1
     assert [r.getMessage() for r in caplog.records] == [str(error)]
 
 
@@ -52,12 +57,7 @@ def test_a_misspelt_override_is_one_line_naming_the_field(tmp_path):
 
 
 def test_ctrl_c_is_a_one_line_message_and_exit_130(caplog, capsys):
-    log = logging.getLogger("stnjax.test_app")
-    with caplog.at_level(logging.ERROR, logger="stnjax.test_app"):
-        with pytest.raises(SystemExit) as exit_:
-            with app.exit_on_error(log):
-                raise KeyboardInterrupt
-    assert exit_.value.code == 130
+    assert _exit_code(KeyboardInterrupt, caplog) == 130
     assert "interrupted (Ctrl-C); rerunning the same command resumes" in capsys.readouterr().err
     assert "interrupted" in caplog.text
 

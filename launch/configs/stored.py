@@ -9,19 +9,20 @@ overrides apply to it as to any config file. `evaluate` and `segment` use it
 when no --config is given.
 """
 
-import json
 from pathlib import Path
 
 import ml_collections
+
+from stnjax import fileio
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     try:
-        record = json.loads(path.read_text())
+        record = fileio.read_json(path, "stored config")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no stored config (not a training workdir?); "
                                 "give --config=FILE") from None
     except ValueError as e:
-        raise ValueError(f"{path}: damaged (not valid JSON: {e}); give --config=FILE") from None
+        raise ValueError(f"{e}; give --config=FILE") from None
     return ml_collections.ConfigDict(record)

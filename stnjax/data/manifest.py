@@ -59,9 +59,9 @@ def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise DatasetError(f"{what} {path}: no such file")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{what} {path}: not valid JSON ({e})") from e
+        return fileio.read_json(path, what)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
 
 
 # ------------------------------------------------------------------ manifest

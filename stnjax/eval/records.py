@@ -408,9 +408,9 @@ def write_records(records: Sequence[CaseRecord], out_dir: str | os.PathLike,
 
 def _read_json_records(path: Path) -> list[CaseRecord]:
     try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+        doc = fileio.read_json(path, "records")
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
         raise InputError(f"{path}: not a {_FORMAT} file (no 'format': {_FORMAT!r})")
     if doc.get("version") != _VERSION:
