@@ -97,39 +97,12 @@ class OfficialWorker:
 
 
 def _stnjax_step(size: int, width: float, mode: str, conv_grad: str, pmap: bool = False):
-    """(call, first-call seconds): a zero-argument function running one step of
-    stnjax as the training loop runs it on one device (jitted, state donated;
-    `pmap`: a one-device pmap) and blocking on it."""
-    import dataclasses
+    """(call, first-call seconds): a zero-argument function running one step
+    of `build_stnjax_step` and blocking on it; it returns the step's loss."""
+    from bench.synthetic import blocking_call, build_stnjax_step
 
-    import jax
-
-    from bench.synthetic import init_params, j_batch
-    from launch.configs.common import base_config
-    from stnjax.models.rstn import RSTN
-    from stnjax.train import state as st
-    from stnjax.train import steps as stp
-    from stnjax.train.placement import placement_for
-
-    c = base_config()
-    c.model.width = width
-    c.train.stages = f"{mode}:1000000"
-    rstn = RSTN.from_config(c.model)
-    rstn = dataclasses.replace(rstn, fcn=rstn.fcn.clone(conv_grad=conv_grad))
-    spec = stp.OptimizerSpec.from_config(c.train)
-    place = placement_for(jax.local_devices()[:1], force_pmap=pmap)
-    params = init_params(rstn)
-    tx = spec.optimizer(stp.MODE_TRAINABLE[mode])
-    holder = {"state": place.put_state(st.init_train_state(params, tx, seed=0))}
-    batch = jax.device_put(place.put_batch(j_batch(1, size, "label")))
-    fn = place.step(rstn, mode, spec, 1.0 / 3.0)
-
-    def call() -> float:
-        holder["state"], metrics = fn(holder["state"], batch)
-        jax.block_until_ready((holder["state"], metrics))
-        m = place.host_metrics(metrics)
-        return float(m["loss"][0] / m["loss"][1])
-
+    fn, state, batch, place = build_stnjax_step(size, width, mode, conv_grad, pmap)
+    call = blocking_call(fn, state, batch, place)
     t0 = time.perf_counter()
     call()
     return call, time.perf_counter() - t0

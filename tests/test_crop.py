@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -318,6 +319,56 @@ def test_gradient_inside_box_only_and_through_saliency():
             inside[r0:r1, c0:c1] = True
             assert np.all(np.abs(g[i]).max(-1)[inside] > 0)
             assert np.all(g[i][~inside] == 0)
+
+
+@pytest.mark.parametrize("box", [(2, 9, 3, 10), (0, 40, 0, 44)])
+def test_remat_full_canvas_same_gradients_fewer_saved_bytes(box):
+    """remat_full recomputes the full canvas's forward in its backward: the
+    loss and the gradients (parameters and image) equal the saved-residual
+    run's, whether a small canvas (first box) or the full one (second) is
+    taken; and the forward switch no longer returns the full canvas's
+    residuals (which every other branch fills with zeros)."""
+    rng = np.random.default_rng(7)
+    params = _conv_params(2)
+    img = jnp.asarray(rng.random((2, 40, 44, 3)), jnp.float32)
+    boxes = jnp.asarray([box, box], jnp.int32)
+    canvases = ((12, 12), (24, 24), (40, 44))
+
+    def loss(params, img, remat):
+        logits, _ = C.fine_on_canvas(functools.partial(_conv_fn, params), img, boxes,
+                                     canvases, remat_full=remat)
+        return jnp.sum(jax.nn.sigmoid(logits) * jnp.arange(3.0))
+
+    fns = {r: jax.jit(jax.value_and_grad(functools.partial(loss, remat=r), argnums=(0, 1)))
+           for r in (False, True)}
+    (v0, g0), (v1, g1) = fns[False](params, img), fns[True](params, img)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    saved = {r: _forward_switch_output_elements(functools.partial(loss, remat=r), params, img)
+             for r in (False, True)}
+    # Without remat the forward switch returns every canvas's residuals, the
+    # full canvas's among them (at least one 40 x 44 x 4 activation a sample).
+    assert saved[False] - saved[True] >= 2 * 40 * 44 * 4, saved
+
+
+def _forward_switch_output_elements(f, *args) -> int:
+    """Elements returned by the first `cond` (the forward switch) in the
+    jaxpr of value_and_grad(f)."""
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1)))(*args).jaxpr
+
+    def find(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "cond":
+                return eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                hit = find(sub)
+                if hit is not None:
+                    return hit
+        return None
+    eqn = find(jaxpr)
+    assert eqn is not None, "no switch in the gradient's jaxpr"
+    return sum(int(np.prod(v.aval.shape)) for v in eqn.outvars)
 
 
 def test_fine_on_canvas_under_pmap_picks_per_device():

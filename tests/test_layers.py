@@ -55,14 +55,26 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("form", ["taps", "taps-rows", "im2col"])
-@pytest.mark.parametrize("xs,ws,padding", CASES + [((2, 88, 86, 3), (3, 3, 3, 5), ((1, 1), (1, 1)))])
+LARGE_MAP = ((2, 88, 86, 3), (3, 3, 3, 5), ((1, 1), (1, 1)))
+# The row loop ROW_UNROLL rows an iteration (full-width layers): row counts
+# that ROW_UNROLL divides (88) and does not (3, 13, 21).
+UNROLLED = [CASES[0], CASES[2], CASES[3], LARGE_MAP]
+
+
+FORMS = [(f, *c) for f in ("taps", "taps-rows", "im2col") for c in CASES + [LARGE_MAP]]
+
+
+@pytest.mark.parametrize("form,xs,ws,padding",
+                         FORMS + [("taps-unrolled", *c) for c in UNROLLED])
 def test_conv2d_grad_matches_numpy_and_xla(xs, ws, padding, form, monkeypatch):
     # "taps-rows": every kernel gradient through the CPU row loop
-    # (`layers._dw_rows`); "taps": through whole-map products, except on maps
-    # of at least ROW_LOOP_MIN_PIXELS (the last case), as the library runs.
-    if form == "taps-rows":
+    # (`layers._dw_rows`); "taps-unrolled": the same loop with unrolling
+    # forced on; "taps": through whole-map products, except on maps of at
+    # least ROW_LOOP_MIN_PIXELS (the last case), as the library runs.
+    if form in ("taps-rows", "taps-unrolled"):
         monkeypatch.setattr(layers, "ROW_LOOP_MIN_PIXELS", 1)
+        if form == "taps-unrolled":
+            monkeypatch.setattr(layers, "ROW_UNROLL_MIN_MACS", 1)
         form = "taps"
     elif form == "taps" and xs[1] * xs[2] < layers.ROW_LOOP_MIN_PIXELS:
         monkeypatch.setattr(layers, "ROW_LOOP_MIN_PIXELS", 10**9)

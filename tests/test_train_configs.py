@@ -16,7 +16,7 @@ from stnjax.train import state as st
 from stnjax.train import steps, workdir
 from stnjax.train.schedule import lr_at, parse_stages, total_steps
 
-CONFIGS = ("nih_pancreas", "phantom", "smoke", "stagewise")
+CONFIGS = ("nih_pancreas", "phantom", "realct", "smoke", "stagewise")
 
 
 def _config(name):
@@ -26,6 +26,10 @@ def _config(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_load_and_parse(name):
     c = _config(name)
+    if name == "realct":  # needs its dataset folder: unset is an error naming it
+        with pytest.raises(InputError, match=r"data\.dir: this config needs a dataset folder"):
+            EvalSpec.from_config(c)
+        c.data.dir = "/data/btcv"
     stages = parse_stages(c.train.stages, c.train.method)
     assert total_steps(stages) > 0
     RSTN.from_config(c.model)
@@ -126,3 +130,22 @@ def test_out_of_range_values_fail_when_the_config_is_read(section, field, value,
     with pytest.raises(InputError, match=match):
         EvalSpec.from_config(c)
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_fields_added_later_keep_old_workdirs_identity():
+    """A config record from before data.spacing, data.organ_ids and
+    model.remat_full_canvas existed hashes like today's at their defaults
+    (its checkpoints stay usable); setting spacing or several organ ids
+    makes another identity."""
+    rec = json.loads(_config("phantom").to_json())
+    old = json.loads(json.dumps(rec))
+    for section, field in (("data", "spacing"), ("data", "organ_ids"),
+                           ("model", "remat_full_canvas")):
+        del old[section][field]
+    assert workdir.config_hash(old) == workdir.config_hash(rec)
+    rec["model"]["remat_full_canvas"] = False  # speed only: same models
+    assert workdir.config_hash(old) == workdir.config_hash(rec)
+    for field, value in (("spacing", [3.0, 3.0, 3.0]), ("organ_ids", [1, 2])):
+        changed = json.loads(json.dumps(rec))
+        changed["data"][field] = value
+        assert workdir.config_hash(changed) != workdir.config_hash(old), field

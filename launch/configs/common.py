@@ -20,6 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""               # dataset folder with dataset.json
     c.data.organ_id = -1          # -1: take it from dataset.json
+    c.data.organ_ids = ()         # several ids merged into one organ, e.g. (1, 2); () = organ_id
+    c.data.spacing = ()           # resample to (x, y, z) mm; () = the native grid (reference)
     c.data.hu_window = (-100.0, 240.0)
     c.data.planes = "XYZ"         # any subset, e.g. "Z" (axial only)
     c.data.folds = "0"            # "0", "0,2" or "all"
@@ -51,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.margin = 20           # crop margin K (test: fixed; train: random)
     c.model.prob_fixed_margin = 0.5  # training: P(all margins = K)
     c.model.canvases = (128, 192, 256, 384, 512)  # fine crop canvas sides
+    c.model.remat_full_canvas = True  # training: recompute the full canvas's fine forward
 
     # ---- training (stnjax.train) ----------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -73,22 +76,52 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.multihost = False     # call jax.distributed.initialize()
     c.train.devices = 0           # local devices per step; 0: all that divide the batch
 
-    # ---- inference (stnjax.infer) ---------------------------------------------
-    c.infer = ml_collections.ConfigDict()
-    c.infer.max_rounds = 10
-    c.infer.threshold = 0.99      # stopping threshold t of the main result
-    c.infer.report_thresholds = (0.90, 0.95, 0.98, 0.99)
-    c.infer.run_all_rounds = True  # record every round (reference); False stops at t
-    c.infer.batch_size = 8        # slices per forward pass
-    c.infer.volume_buckets = (64, 128, 256, 320, 384, 448, 512)
-    c.infer.lcc_threshold = 0.5
-    c.infer.oracles = False       # also run the strong / weak oracles
-    c.infer.quantize_coarse = True  # coarse maps through uint8, as the reference
-    c.infer.per_round_timing = False  # rounds from the host, timed one by one
+    c.infer = _infer_section()
+    return c
+
+
+def _infer_section() -> ml_collections.ConfigDict:
+    """The inference settings (stnjax.infer; the reference's)."""
+    infer = ml_collections.ConfigDict()
+    infer.max_rounds = 10
+    infer.threshold = 0.99      # stopping threshold t of the main result
+    infer.report_thresholds = (0.90, 0.95, 0.98, 0.99)
+    infer.run_all_rounds = True  # record every round (reference); False stops at t
+    infer.batch_size = 8        # slices per forward pass
+    infer.volume_buckets = (64, 128, 256, 320, 384, 448, 512)
+    infer.lcc_threshold = 0.5
+    infer.oracles = False       # also run the strong / weak oracles
+    infer.quantize_coarse = True  # coarse maps through uint8, as the reference
+    infer.per_round_timing = False  # rounds from the host, timed one by one
     # Saliency input of round r: "score" (previous fused probability, the reference
     # code), "mask" (previous binary mask, the paper) or "coarse" (round 0's map).
-    c.infer.saliency_input = "score"
-    c.infer.label = ""  # records' method name ("": derived); launch.evaluate --label
+    infer.saliency_input = "score"
+    infer.label = ""  # records' method name ("": derived); launch.evaluate --label
+    return infer
+
+
+def from_scratch_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CPU-scale recipe of the phantom and real-CT configs, on `c`: a
+    1/16-width pad-to-32 FCN-8s trained from scratch with Adam (5e-4, rate
+    multipliers 1), a cross-entropy term beside each Dice term, an initial
+    organ probability of 0.05 and no dropout (why each: launch/configs/
+    phantom.py), batch 2, the convergence guard over 100 steps of S."""
+    c.data.batch_size = 2
+    c.model.width = 1.0 / 16.0
+    c.model.variant = "pad32"
+    c.model.init = "he"
+    c.model.init_prior = 0.05
+    c.model.dropout_rate = 0.0
+    c.train.optimizer = "adam"
+    c.train.base_lr = 5e-4
+    c.train.bce_weight = 0.5
+    c.train.lr_mult = (1.0, 1.0, 1.0, 1.0)
+    c.train.log_every = 100
+    c.train.checkpoint_every = 400
+    c.train.guard_window = 100
+    c.train.guard_coarse_loss = 0.97
+    c.train.guard_max_restarts = 1
+    c.infer.batch_size = 16
     return c
 
 

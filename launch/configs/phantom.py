@@ -36,11 +36,11 @@ fine network too little context at its edges. The canvases (32, 64, 96)
 hold every box of a 96-pixel slice, so no crop is cut.
 """
 
-from launch.configs.common import base_config
+from launch.configs.common import base_config, from_scratch_cpu
 
 
 def get_config():
-    c = base_config()
+    c = from_scratch_cpu(base_config())
     c.name = "phantom"
     c.data.dir = ""
     c.data.planes = "XYZ"
@@ -49,24 +49,8 @@ def get_config():
     c.data.phantom.shape = (96, 96, 48)
     c.data.phantom.spacing = (320.0 / 96, 320.0 / 96, 256.0 / 48)
     c.data.buckets = (64, 96)
-    c.data.batch_size = 2
-    c.model.width = 1.0 / 16.0
-    c.model.variant = "pad32"
-    c.model.init = "he"
-    c.model.init_prior = 0.05
-    c.model.dropout_rate = 0.0
     c.model.margin = 10
     c.model.canvases = (32, 64, 96)
-    c.train.optimizer = "adam"
-    c.train.base_lr = 5e-4
-    c.train.bce_weight = 0.5
-    c.train.lr_mult = (1.0, 1.0, 1.0, 1.0)
     c.train.stages = "S:600,I:600,J:600"
     c.train.j_halving_every = 300
-    c.train.log_every = 100
-    c.train.checkpoint_every = 400
-    c.train.guard_window = 100
-    c.train.guard_coarse_loss = 0.97
-    c.train.guard_max_restarts = 1
-    c.infer.batch_size = 16
     return c

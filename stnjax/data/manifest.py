@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from stnjax import fileio
-from stnjax.checks import DatasetError, check_int
+from stnjax.checks import DatasetError, InputError, check_int
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Manifest:
     """A validated dataset manifest. `cases` keeps the file's order."""
     path: Path
     name: str
-    organ_id: int
+    organ_id: int | tuple[int, ...]   # several ids: merged into one organ
     cases: tuple[CaseEntry, ...]
     description: str = ""
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -106,7 +106,8 @@ class Manifest:
 def load_manifest(dataset_dir: str | os.PathLike) -> Manifest:
     """Reads and validates `dataset.json` of a dataset folder (or the file).
 
-    Checks: valid JSON object; name a string; organ_id an int >= 1; a
+    Checks: valid JSON object; name a string; organ_id an int >= 1 (or a
+    list of them: several label ids merged into one organ); a
     non-empty case list; each case with a non-empty unique string id and an
     image path (a label path or null); every path exists. Errors name the
     manifest and the case.
@@ -121,8 +122,12 @@ def load_manifest(dataset_dir: str | os.PathLike) -> Manifest:
     name, organ_id, cases = obj.get("name"), obj.get("organ_id"), obj.get("cases")
     if not isinstance(name, str) or not name:
         raise DatasetError(f"{where}: 'name' must be a non-empty string, got {name!r}")
-    if isinstance(organ_id, bool) or not isinstance(organ_id, int) or organ_id < 1:
-        raise DatasetError(f"{where}: 'organ_id' must be an int >= 1, got {organ_id!r}")
+    if isinstance(organ_id, list) and organ_id and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in organ_id):
+        organ_id = organ_id[0] if len(set(organ_id)) == 1 else tuple(sorted(set(organ_id)))
+    elif isinstance(organ_id, bool) or not isinstance(organ_id, int) or organ_id < 1:
+        raise DatasetError(f"{where}: 'organ_id' must be an int >= 1 or a non-empty list of "
+                           f"them (ids merged into one organ), got {organ_id!r}")
     if not isinstance(cases, list) or not cases:
         raise DatasetError(f"{where}: 'cases' must be a non-empty list")
     external = obj.get("external_paths", False)
@@ -164,7 +169,8 @@ def load_manifest(dataset_dir: str | os.PathLike) -> Manifest:
     return Manifest(path.resolve(), name, organ_id, tuple(entries), str(description), extra)
 
 
-def write_manifest(dataset_dir: str | os.PathLike, *, name: str, organ_id: int,
+def write_manifest(dataset_dir: str | os.PathLike, *, name: str,
+                   organ_id: int | Sequence[int],
                    cases: Sequence[CaseEntry | Mapping[str, Any]], description: str = "",
                    extra: Mapping[str, Any] | None = None) -> Path:
     """Writes `dataset.json` atomically and returns its path.
@@ -199,6 +205,8 @@ def write_manifest(dataset_dir: str | os.PathLike, *, name: str, organ_id: int,
         c = dict(c)
         c["image"], c["label"] = rel(c.get("image")), rel(c.get("label"))
         out.append(c)
+    if not isinstance(organ_id, int):
+        organ_id = [int(v) for v in organ_id]
     obj = {"name": name, "organ_id": organ_id, "description": description, "cases": out,
            **{k: v for k, v in dict(extra or {}).items() if k != "external_paths"}}
     # Files outside the folder were given on purpose here: say so in the file.
@@ -273,34 +281,112 @@ def _volume_name(p: Path) -> str:
     return p.name[:-7] if p.name.endswith(".nii.gz") else p.name.removesuffix(".nii")
 
 
-def paired_cases(image_dir: str | os.PathLike, label_dir: str | os.PathLike
-                 ) -> list[dict[str, str]]:
+def _pair_key(name: str, pair_by: str) -> str:
+    """The pairing key of a volume name: itself, or its last run of digits
+    (pair_by="number": BTCV's img0001 / label0001)."""
+    if pair_by == "name":
+        return name
+    digits = re.findall(r"\d+", name)
+    return str(int(digits[-1])) if digits else name
+
+
+def paired_cases(image_dir: str | os.PathLike, label_dir: str | os.PathLike, *,
+                 pair_by: str = "name") -> list[dict[str, str]]:
     """Manifest entries pairing images and labels by name.
 
     Images are `image_dir/<id>.nii[.gz]` files or `image_dir/<id>/` DICOM
-    folders; labels are `label_dir/<id>.nii[.gz]`. An image without a label
-    is an error naming it (a dataset for training needs every label).
+    folders; labels are `label_dir/<id>.nii[.gz]`. pair_by="number" pairs
+    by the last number in the names instead (btcv_img0001 with
+    btcv_label0001). An image without a label is an error naming it (a
+    dataset for training needs every label); so is a number two files share.
+    Hidden files (".", macOS "._" forks) are skipped.
     """
+    if pair_by not in ("name", "number"):
+        raise InputError(f"pair_by: expected 'name' or 'number', got {pair_by!r}")
     image_dir, label_dir = Path(image_dir), Path(label_dir)
     for p, what in ((image_dir, "images"), (label_dir, "labels")):
         if not p.is_dir():
             raise DatasetError(f"{what} {p}: not a folder")
-    labels = {_volume_name(p): p for p in label_dir.iterdir()
-              if p.name.endswith((".nii", ".nii.gz"))}
-    cases, missing = [], []
+    labels: dict[str, Path] = {}
+    for p in sorted(label_dir.iterdir()):
+        if p.name.startswith(".") or not p.name.endswith((".nii", ".nii.gz")):
+            continue
+        key = _pair_key(_volume_name(p), pair_by)
+        if key in labels:
+            raise DatasetError(f"labels {label_dir}: {labels[key].name} and {p.name} pair "
+                               f"with the same image (key {key!r})")
+        labels[key] = p
+    cases, missing, used = [], [], set()
     for img in sorted(image_dir.iterdir()):
-        if not (img.is_dir() or img.name.endswith((".nii", ".nii.gz"))):
+        if img.name.startswith(".") or not (img.is_dir() or img.name.endswith((".nii", ".nii.gz"))):
             continue
         cid = _volume_name(img)
-        if cid not in labels:
-            missing.append(cid)
+        key = _pair_key(cid, pair_by)
+        if key not in labels:
+            missing.append(img.name)
             continue
-        cases.append({"id": cid, "image": str(img), "label": str(labels[cid])})
+        if key in used:
+            raise DatasetError(f"images {image_dir}: two images pair with label "
+                               f"{labels[key].name} (key {key!r})")
+        used.add(key)
+        cases.append({"id": cid, "image": str(img), "label": str(labels[key])})
     if missing:
         raise DatasetError(f"images {image_dir}: no label in {label_dir} for {missing}")
     if not cases:
         raise DatasetError(f"images {image_dir}: no NIfTI file or DICOM folder found")
     return cases
+
+
+def msd_cases(msd_dir: str | os.PathLike) -> tuple[list[dict[str, str]], tuple[int, ...], str]:
+    """(cases, organ ids, name) of a Medical Segmentation Decathlon task folder.
+
+    The folder holds `dataset.json` (its "training" list of {"image",
+    "label"} paths relative to the folder, its "labels" names, its "name"),
+    `imagesTr/` and `labelsTr/`. Cases are the training list's pairs, in
+    its order; the organ is every label id but background (MSD Task07:
+    pancreas 1 and tumour 2, one organ as in the paper's evaluation).
+    Errors name the folder or the file: no imagesTr, no dataset.json, a
+    listed file that does not exist, an image or label file without its
+    partner.
+    """
+    root = Path(msd_dir)
+    for sub in ("imagesTr", "labelsTr"):
+        if not (root / sub).is_dir():
+            raise DatasetError(f"MSD folder {root}: no {sub}/ folder (expected the Decathlon "
+                               "layout: dataset.json, imagesTr/, labelsTr/)")
+    meta = _read_json(root / "dataset.json", "MSD dataset.json")
+    training = meta.get("training") if isinstance(meta, dict) else None
+    if not isinstance(training, list) or not training:
+        raise DatasetError(f"{root / 'dataset.json'}: 'training' must be a non-empty list of "
+                           "{\"image\", \"label\"} entries")
+    cases, listed = [], set()
+    for i, t in enumerate(training):
+        if not (isinstance(t, dict) and isinstance(t.get("image"), str)
+                and isinstance(t.get("label"), str)):
+            raise DatasetError(f"{root / 'dataset.json'}: training[{i}] must hold 'image' and "
+                               f"'label' paths, got {t!r}")
+        # abspath, not resolve: a symlinked file keeps its own name (the case id)
+        img, lab = (Path(os.path.abspath(root / t[k])) for k in ("image", "label"))
+        for p, what in ((img, "image"), (lab, "label")):
+            if not p.is_file():
+                raise DatasetError(f"{root / 'dataset.json'}: training[{i}] {what} {p} does "
+                                   "not exist")
+        listed.update({img, lab})
+        cases.append({"id": _volume_name(img), "image": str(img), "label": str(lab)})
+    base = Path(os.path.abspath(root))
+    on_disk = {base / sub / p.name for sub in ("imagesTr", "labelsTr") for p in (root / sub).iterdir()
+               if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")}
+    unpaired = sorted(str(p.relative_to(base)) for p in on_disk - listed)
+    if unpaired:
+        raise DatasetError(f"MSD folder {root}: files without a partner in dataset.json's "
+                           f"training list: {unpaired[:10]}"
+                           + (f" ... ({len(unpaired)})" if len(unpaired) > 10 else ""))
+    names = meta.get("labels", {})
+    ids = tuple(sorted(int(k) for k in names if str(k).isdigit() and int(k) > 0)) \
+        if isinstance(names, dict) else ()
+    if not ids:
+        raise DatasetError(f"{root / 'dataset.json'}: 'labels' names no foreground id")
+    return cases, ids, str(meta.get("name") or root.name)
 
 
 def nih_pancreas_cases(image_root: str | os.PathLike, label_root: str | os.PathLike

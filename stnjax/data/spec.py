@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 from stnjax.checks import InputError, check_range
 from stnjax.data.preprocess import HU_WINDOW, PLANES
+from stnjax.data.resample import check_spacing
+from stnjax.data.volume_io import organ_ids
 
 ORDERS = ("uniform", "epoch")
 FOLD_RULES = ("position", "nih_pancreas")
@@ -62,6 +64,11 @@ class DataSpec:
     Attributes (the config's `data.*` fields, launch/configs/common.py):
       dir: dataset folder with dataset.json; "" for the built-in phantoms.
       organ_id: the label value of the organ; -1 takes dataset.json's.
+      organ_ids: several label values merged into one organ (e.g. MSD
+        Task07's pancreas 1 and tumour 2); () = organ_id. Overrides it.
+      spacing: (3,) mm per canonical axis that every case is resampled to
+        (images linearly, labels by nearest neighbour; `data.resample`), or
+        None for the native grid (the reference).
       hu_window: (low, high) HU window.
       planes, folds: resolved, e.g. ("X", "Y", "Z") and (0,).
       n_folds, fold_rule: the fold table made when folds.json is absent.
@@ -73,6 +80,8 @@ class DataSpec:
     """
     dir: str = ""
     organ_id: int = -1
+    organ_ids: tuple[int, ...] = ()
+    spacing: tuple[float, float, float] | None = None
     hu_window: tuple[float, float] = HU_WINDOW
     planes: tuple[str, ...] = PLANES
     folds: tuple[int, ...] = (0,)
@@ -90,6 +99,8 @@ class DataSpec:
         if not lo < hi:
             raise InputError(f"data.hu_window: expected low < high, got {self.hu_window}")
         check_range(self.slice_threshold, "data.slice_threshold", 0.0, lo_open=True)
+        if self.spacing is not None:
+            check_spacing(self.spacing)
         if self.n_folds < 2:
             raise InputError(f"data.n_folds: expected >= 2, got {self.n_folds}")
         if not self.dir and self.phantom.num_cases < self.n_folds:
@@ -122,8 +133,14 @@ class DataSpec:
                               spacing=None if ph["spacing"] is None else
                               tuple(float(s) for s in ph["spacing"]),
                               seed=int(ph["seed"]))
+        if d["dir"] is None:  # a config's placeholder: the dataset must be given
+            raise InputError("data.dir: this config needs a dataset folder "
+                             "(--config.data.dir=<folder with dataset.json>)")
         organ = d["organ_id"]
+        ids = tuple(d.get("organ_ids") or ())
         return cls(dir=str(d["dir"] or ""), organ_id=-1 if organ is None else int(organ),
+                   organ_ids=organ_ids(ids, "data.organ_ids") if ids else (),
+                   spacing=check_spacing(d.get("spacing")),
                    hu_window=tuple(float(v) for v in d["hu_window"]),
                    planes=resolve_planes(d["planes"]), folds=resolve_folds(d["folds"], n_folds),
                    n_folds=n_folds, fold_rule=str(d["fold_rule"]),
@@ -132,7 +149,11 @@ class DataSpec:
                    batch_size=int(d["batch_size"]), order=str(d["order"]),
                    cache_dir=str(d["cache_dir"] or ""), phantom=phantom)
 
-    def organ(self, manifest_organ_id: int) -> int:
-        """The organ label of the run: organ_id, or the manifest's when -1
-        (the one home of the override)."""
-        return int(manifest_organ_id) if self.organ_id < 0 else int(self.organ_id)
+    def organ(self, manifest_organ_id: int | tuple[int, ...]) -> int | tuple[int, ...]:
+        """The organ label(s) of the run: organ_ids, else organ_id, else the
+        manifest's when organ_id is -1 (the one home of the override)."""
+        if self.organ_ids:
+            return self.organ_ids[0] if len(self.organ_ids) == 1 else tuple(self.organ_ids)
+        if self.organ_id >= 0:
+            return int(self.organ_id)
+        return manifest_organ_id if isinstance(manifest_organ_id, tuple) else int(manifest_organ_id)

@@ -14,12 +14,13 @@ import logging
 import os
 from pathlib import Path
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from stnjax import fileio
 from stnjax.data import preprocess
+from stnjax.data import resample
 from stnjax.data import volume_io
 from stnjax.checks import InputError, check_int
 from stnjax.data.manifest import CaseEntry, DatasetError, Manifest, _write_json
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 #: Cached images are the HU window quantised to uint16 (preprocess.encode_window).
 IMAGE_LEVELS = preprocess.IMAGE_LEVELS
-_CACHE_VERSION = 2  # 2: the record holds the source geometry
+_CACHE_VERSION = 2  # 2: the record holds the source geometry (spacing: in the key)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -58,16 +59,24 @@ class CaseStore:
     the window, so a changed input or setting never reuses a stale cache.
     Per-plane copies with the slicing axis first are made on first use, so
     reading a 3-slice window touches only 3 contiguous slices.
+
+    With `spacing` (mm per canonical axis, `data.spacing`) every case is
+    served on that grid (`stnjax.data.resample`: the HU image linearly
+    before windowing, the label by nearest neighbour), keyed by the spacing;
+    the label is also kept on the native grid, and `to_native` maps a
+    result back, for scoring and for predictions that overlay the input.
     """
 
     def __init__(self, manifest: Manifest, cache_dir: str | os.PathLike, *,
-                 hu_window: tuple[float, float] = preprocess.HU_WINDOW):
+                 hu_window: tuple[float, float] = preprocess.HU_WINDOW,
+                 spacing: Sequence[float] | None = None):
         if not isinstance(manifest, Manifest):
             raise InputError(f"manifest: expected a Manifest, got {type(manifest).__name__}")
         lo, hi = (float(v) for v in hu_window)
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
             raise InputError(f"hu_window: expected finite low < high, got {hu_window}")
         self.manifest, self.hu_window = manifest, (lo, hi)
+        self.target_spacing = resample.check_spacing(spacing, "spacing")
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._entries = {c.id: c for c in manifest.cases}
@@ -89,8 +98,11 @@ class CaseStore:
         if case_id in self._bases:  # sources are stamped once per store
             return self._bases[case_id]
         e = self._entry(case_id)
-        key = json.dumps([_CACHE_VERSION, e.id, str(e.image), str(e.label), self.manifest.organ_id,
-                          self.hu_window, _source_stamp(e.image), _source_stamp(e.label)])
+        key = [_CACHE_VERSION, e.id, str(e.image), str(e.label), self.manifest.organ_id,
+               self.hu_window, _source_stamp(e.image), _source_stamp(e.label)]
+        if self.target_spacing is not None:  # native-grid keys stay as they were
+            key.append(["spacing", list(self.target_spacing)])
+        key = json.dumps(key)
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", case_id)[:60]
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         self._bases[case_id] = self.cache_dir / f"{safe}-{digest}"
@@ -115,16 +127,31 @@ class CaseStore:
     def _build(self, case_id: str, base: Path) -> None:
         e = self._entry(case_id)
         case = volume_io.load_case(e.image, e.label, organ_id=self.manifest.organ_id, case_id=case_id)
-        _save_npy(Path(f"{base}.image.npy"), preprocess.encode_window(case.image, *self.hu_window))
-        if case.label is not None:
-            _save_npy(Path(f"{base}.label.npy"), case.label.astype(bool))
-        meta = {"case_id": case_id, "shape": list(case.image.shape),
-                "spacing": [float(s) for s in case.geometry.spacing],
-                "affine": np.asarray(case.geometry.affine).tolist(),
-                "source_affine": np.asarray(case.geometry.source_affine).tolist(),
-                "source_shape": list(case.geometry.source_shape),
-                "source": case.geometry.source,
+        geo = case.geometry
+        image, label = case.image, case.label
+        shape, affine = tuple(image.shape), np.asarray(geo.affine)
+        if self.target_spacing is not None:
+            shape = resample.grid_shape(image.shape, geo.spacing, self.target_spacing)
+            affine = resample.grid_affine(geo.affine, image.shape, shape)
+            image = resample.resample_linear(image, shape)  # HU, before windowing
+            if label is not None:
+                # The label on the native grid too: evaluation scores there.
+                _save_npy(Path(f"{base}.label.native.npy"), label.astype(bool))
+                label = resample.resample_nearest(label, shape)
+        _save_npy(Path(f"{base}.image.npy"), preprocess.encode_window(image, *self.hu_window))
+        if label is not None:
+            _save_npy(Path(f"{base}.label.npy"), label.astype(bool))
+        meta = {"case_id": case_id, "shape": list(shape),
+                "spacing": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+                "affine": np.asarray(affine).tolist(),
+                "native_shape": list(case.image.shape),
+                "native_spacing": [float(s) for s in geo.spacing],
+                "resampled": self.target_spacing is not None,
+                "source_affine": np.asarray(geo.source_affine).tolist(),
+                "source_shape": list(geo.source_shape),
+                "source": geo.source,
                 "has_label": case.label is not None,
+                "organ_ids_present": list(case.organ_ids_present),
                 "image": str(e.image), "label": None if e.label is None else str(e.label),
                 "hu_window": list(self.hu_window), "organ_id": self.manifest.organ_id}
         _write_json(Path(f"{base}.json"), meta)
@@ -156,6 +183,56 @@ class CaseStore:
 
     def has_label(self, case_id: str) -> bool:
         return bool(self._meta_of(case_id)["has_label"])
+
+    def resampled(self, case_id: str) -> bool:
+        """Whether the case is served on a resampled grid (`spacing` given)."""
+        return bool(self._meta_of(case_id).get("resampled", False))
+
+    def native_shape(self, case_id: str) -> tuple[int, int, int]:
+        """Canonical (X, Y, Z) shape of the source grid (= `shape` unless resampled)."""
+        m = self._meta_of(case_id)
+        return tuple(m.get("native_shape", m["shape"]))
+
+    def native_spacing(self, case_id: str) -> np.ndarray:
+        """(3,) float64 mm per canonical axis of the source grid."""
+        m = self._meta_of(case_id)
+        return np.asarray(m.get("native_spacing", m["spacing"]), np.float64)
+
+    def native_label(self, case_id: str) -> np.ndarray:
+        """bool (X, Y, Z) organ mask on the source grid (read-only memory map)."""
+        if not self.resampled(case_id):
+            return self.label(case_id)
+        if not self.has_label(case_id):
+            raise DatasetError(f"case {case_id!r}: has no label in manifest {self.manifest.path}")
+        return np.load(Path(f"{self._base(case_id)}.label.native.npy"), mmap_mode="r")
+
+    def to_native(self, case_id: str, array: np.ndarray) -> np.ndarray:
+        """A result on the case's model grid (X, Y, Z, ...) on its source grid
+        (`resample.to_grid`: masks linearly then >= 0.5); unchanged when the
+        case is not resampled."""
+        if tuple(np.shape(array)[:3]) != self.shape(case_id):
+            raise InputError(f"array: expected the model grid {self.shape(case_id)} of case "
+                             f"{case_id!r}, got {tuple(np.shape(array))}")
+        return resample.to_grid(array, self.native_shape(case_id))
+
+    def organ_ids_present(self, case_id: str) -> tuple[int, ...]:
+        """Which of the organ's label ids the case's label holds."""
+        return tuple(self._meta_of(case_id).get("organ_ids_present", ()))
+
+    def check_organ_ids(self, case_ids: Iterable[str] | None = None) -> None:
+        """InputError naming the ids of a several-id organ that occur in no
+        label of `case_ids` (default all labelled cases): a typo in the id
+        list would otherwise pass silently as a smaller organ."""
+        ids = self.manifest.organ_id
+        if isinstance(ids, int):
+            return  # a single id absent from a label is already an error there
+        cases = [c for c in (self.case_ids if case_ids is None else case_ids)
+                 if self.has_label(c)]
+        seen = set().union(*(set(self.organ_ids_present(c)) for c in cases)) if cases else set()
+        absent = [i for i in ids if i not in seen]
+        if absent:
+            raise InputError(f"data.organ_ids: {absent} of {list(ids)} occur in no label of "
+                             f"the {len(cases)} labelled cases of {self.manifest.path}")
 
     def load_case(self, case_id: str) -> volume_io.Case:
         """The case read afresh from its source (for its Geometry, e.g. to

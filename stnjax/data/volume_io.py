@@ -19,7 +19,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -135,6 +135,8 @@ class Case:
       label: bool (X, Y, Z) organ mask, or None when no label was given.
       geometry: the image's Geometry.
       image_path, label_path: where they came from (label_path may be None).
+      organ_ids_present: which of the organ's label ids the label holds
+        (sorted; () without a label).
     """
     case_id: str
     image: np.ndarray
@@ -142,6 +144,7 @@ class Case:
     geometry: Geometry
     image_path: str
     label_path: str | None
+    organ_ids_present: tuple[int, ...] = ()
 
 
 # ----------------------------------------------------------------- reading
@@ -362,37 +365,59 @@ def load_label_map(path: str | os.PathLike, reference: Geometry, *,
     return geom.from_source(data)
 
 
-def select_organ(label_map: np.ndarray, organ_id: int, *, source: str
+def organ_ids(organ_id: Any, name: str = "organ_id") -> tuple[int, ...]:
+    """An organ given as one label id or several (merged into one organ, e.g.
+    MSD Task07's pancreas 1 and tumour 2) -> the sorted unique ids, each an
+    int >= 1. InputError naming `name` otherwise."""
+    vals = [organ_id] if isinstance(organ_id, (int, np.integer)) else organ_id
+    try:
+        vals = list(vals)
+    except TypeError:
+        raise InputError(f"{name}: expected a label id or a list of ids, got {organ_id!r}") from None
+    if (not vals or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+                        for v in vals)):
+        raise InputError(f"{name}: expected label ids >= 1 (one int or a non-empty list), "
+                         f"got {organ_id!r}")
+    return tuple(sorted({int(v) for v in vals}))
+
+
+def select_organ(label_map: np.ndarray, organ_id: int | Sequence[int], *, source: str
                  ) -> np.ndarray:
-    """The bool mask `label_map == organ_id`.
+    """The bool mask of the organ: `label_map == organ_id`, or for several
+    ids their union.
 
     Args:
       label_map: integer label array (any shape).
       organ_id: the organ's label id (e.g. 7 for TotalSegmentator's pancreas,
-        1 for NIH Pancreas-CT).
+        1 for NIH Pancreas-CT), or a list of ids merged into one organ.
       source: the label file, for messages.
 
     Raises:
-      VolumeError when the label is empty or holds no voxel of organ_id
-      (the message lists the ids present).
+      VolumeError when the label is empty or holds no voxel of any of the
+      ids (the message lists the ids present).
     """
     label_map = np.asarray(label_map)
     if label_map.dtype.kind not in "iub":
         raise InputError(f"label_map: expected integer ids, got {label_map.dtype}"
                          f" ({source})")
-    if isinstance(organ_id, bool) or not isinstance(organ_id, (int, np.integer)):
-        raise InputError(f"organ_id: expected an int, got {organ_id!r}")
-    mask = label_map == organ_id
+    ids = organ_ids(organ_id)
+    mask = label_map == ids[0] if len(ids) == 1 else np.isin(label_map, ids)
     if mask.any():
         return mask
     present = np.unique(label_map)
     present = present[present != 0]
     if present.size == 0:
         raise VolumeError(f"label {source}: empty label map (all voxels 0)")
-    ids = ", ".join(str(int(i)) for i in present[:30])
+    listed = ", ".join(str(int(i)) for i in present[:30])
     more = f" ... ({present.size} ids)" if present.size > 30 else ""
-    raise VolumeError(f"label {source}: no voxel with organ_id={organ_id}; "
-                      f"ids present: {ids}{more}")
+    want = f"organ_id={ids[0]}" if len(ids) == 1 else f"any of organ ids {list(ids)}"
+    raise VolumeError(f"label {source}: no voxel with {want}; ids present: {listed}{more}")
+
+
+def ids_present(label_map: np.ndarray, organ_id: int | Sequence[int]) -> list[int]:
+    """Which of the organ's ids occur in `label_map` (sorted)."""
+    ids = organ_ids(organ_id)
+    return [i for i in ids if np.any(np.asarray(label_map) == i)]
 
 
 def _case_id_from(path: Path) -> str:
@@ -405,7 +430,7 @@ def _case_id_from(path: Path) -> str:
 
 def load_case(image_path: str | os.PathLike,
               label_path: str | os.PathLike | None = None, *,
-              organ_id: int = 1, case_id: str | None = None,
+              organ_id: int | Sequence[int] = 1, case_id: str | None = None,
               tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Case:
     """Loads an image and (optionally) its organ mask, aligned in world space.
 
@@ -415,15 +440,17 @@ def load_case(image_path: str | os.PathLike,
     """
     image_path = Path(image_path)
     volume = load_image(image_path)
-    label = None
+    label, present = None, ()
     if label_path is not None:
         label_map = load_label_map(label_path, volume.geometry,
                                    tolerance_mm=tolerance_mm)
         label = select_organ(label_map, organ_id, source=str(label_path))
+        present = tuple(ids_present(label_map, organ_id))
     return Case(case_id=case_id or _case_id_from(image_path),
                 image=volume.data, label=label, geometry=volume.geometry,
                 image_path=str(image_path),
-                label_path=None if label_path is None else str(label_path))
+                label_path=None if label_path is None else str(label_path),
+                organ_ids_present=present)
 
 
 # ----------------------------------------------------------------- writing

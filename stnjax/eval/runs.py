@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from stnjax import fileio, metrics
+from stnjax.data import resample
 from stnjax.checks import InputError
 from stnjax.data import volume_io
 from stnjax.data.preprocess import PLANE_AXIS
@@ -82,9 +83,16 @@ def check_writable(folder: str | os.PathLike) -> Path:
 
 
 def case_record(res: CaseResult, case_id: str, label: np.ndarray,
-                spacing: Sequence[float], *, fold: int, method: str, t: float) -> CaseRecord:
+                spacing: Sequence[float], *, fold: int, method: str, t: float,
+                native: tuple[np.ndarray, np.ndarray, Sequence[float]] | None = None
+                ) -> CaseRecord:
     """The per-case record of one evaluated volume (label (X, Y, Z) bool,
-    spacing (3,) mm).
+    spacing (3,) mm: the grid the model ran on).
+
+    native: for a resampled case (data.spacing), (mask, label, spacing) on
+    the source grid: the full metrics at t are computed there and the
+    record's spacing is the source's; the per-round DSC and diagnostics
+    stay on the model grid, where the rounds' masks are.
 
     Rounds not run (an early stop) keep the last mask: their DSC repeats the
     last value and their inter-iteration DSC is 1. Full metrics (Jaccard,
@@ -96,14 +104,16 @@ def case_record(res: CaseResult, case_id: str, label: np.ndarray,
     dsc += [dsc[-1]] * (n - res.rounds)
     inter += [1.0] * (n - res.rounds)
     spacing = tuple(float(s) for s in spacing)
-    main = res.mask
-    full = {"dsc": metrics.dsc(main, label), "jaccard": metrics.jaccard(main, label),
-            "hd95_mm": metrics.hd95(main, label, spacing),
-            "surface_dice": metrics.surface_dice(main, label, spacing),
+    main, ref, sp = res.mask, label, spacing
+    if native is not None:
+        main, ref, sp = native[0], native[1], tuple(float(s) for s in native[2])
+    full = {"dsc": metrics.dsc(main, ref), "jaccard": metrics.jaccard(main, ref),
+            "hd95_mm": metrics.hd95(main, ref, sp),
+            "surface_dice": metrics.surface_dice(main, ref, sp),
             "round": int(res.main_round)}
     return CaseRecord(
-        case_id=case_id, fold=int(fold), method=method, gt_voxels=int(label.sum()),
-        spacing=spacing, dsc_rounds=dsc, inter_dsc=inter, rounds_run=int(res.rounds),
+        case_id=case_id, fold=int(fold), method=method, gt_voxels=int(np.count_nonzero(ref)),
+        spacing=sp, dsc_rounds=dsc, inter_dsc=inter, rounds_run=int(res.rounds),
         time_coarse_s=res.time_coarse_s, time_rounds_s=list(res.time_rounds_s),
         metrics_at={threshold_key(t): full}, oracle=res.oracles or None,
         extra={"plane_dsc": res.plane_dsc, "bucket": list(res.bucket),
@@ -195,10 +205,16 @@ def _evaluate_case(spec: EvalSpec, seg: Segmenter, store: CaseStore, cid: str, f
     label = np.asarray(store.label(cid))
     res = seg.segment_image(store.image(cid), label=label, t=spec.threshold,
                             run_all_rounds=spec.run_all_rounds, oracles=spec.oracles)
+    mask, native = res.mask, None
+    if store.resampled(cid):
+        # data.spacing: the reported mask is scored against the label on
+        # the source grid and written there.
+        mask = store.to_native(cid, res.mask)
+        native = (mask, np.asarray(store.native_label(cid)), store.native_spacing(cid))
     rec = case_record(res, cid, label, store.spacing(cid), fold=fold, method=spec.method,
-                      t=spec.threshold)
+                      t=spec.threshold, native=native)
     if preds is not None:
-        volume_io.save_mask(res.mask, store.geometry(cid), preds / f"{cid}.nii.gz")
+        volume_io.save_mask(mask, store.geometry(cid), preds / f"{cid}.nii.gz")
     return rec
 
 
@@ -338,20 +354,29 @@ def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[
     out = check_writable(out_dir)
     dests = mask_names(inputs_, out, overwrite=overwrite)
     volumes = [(Path(p), volume_io.load_image(p)) for p in inputs_]  # fail before writing
-    for path, vol in volumes:
-        thin = [p for p in spec.inference.planes if vol.data.shape[PLANE_AXIS[p]] < 2]
+    target = spec.train.data.spacing
+    grids = [tuple(vol.data.shape) if target is None else
+             resample.grid_shape(vol.data.shape, vol.geometry.spacing, target)
+             for _, vol in volumes]
+    for (path, vol), grid in zip(volumes, grids):
+        thin = [p for p in spec.inference.planes if grid[PLANE_AXIS[p]] < 2]
         if thin:
-            raise InputError(f"image {path}: shape {vol.data.shape} has a single slice along "
-                             f"plane(s) {thin}; the 3-slice windows need at least 2")
+            on = "" if target is None else f" (resampled to {list(target)} mm: {grid})"
+            raise InputError(f"image {path}: shape {vol.data.shape}{on} has a single slice "
+                             f"along plane(s) {thin}; the 3-slice windows need at least 2")
     seg = make_segmenter(spec, load_models(spec.train, workdir, fold, spec.inference.planes))
     write_config_files(out, spec.record)
     written = []
-    for i, ((path, vol), dest) in enumerate(zip(volumes, dests)):
+    for i, ((path, vol), dest, grid) in enumerate(zip(volumes, dests, grids)):
         t0 = time.perf_counter()
-        res = seg.segment(vol.data, t=spec.threshold, run_all_rounds=False)
-        volume_io.save_mask(res.mask, vol.geometry, dest)
+        # data.spacing: the models run on the training grid, the mask is
+        # written on the input's own grid (it overlays the input).
+        image = vol.data if target is None else resample.resample_linear(vol.data, grid)
+        res = seg.segment(image, t=spec.threshold, run_all_rounds=False)
+        mask = res.mask if target is None else resample.to_grid(res.mask, vol.data.shape)
+        volume_io.save_mask(mask, vol.geometry, dest)
         written.append(dest)
         log.info("%d/%d %s: %d voxels, %d rounds, %.1f s (coarse %.1f s)", i + 1,
-                 len(volumes), path, int(res.mask.sum()), res.rounds,
+                 len(volumes), path, int(mask.sum()), res.rounds,
                  time.perf_counter() - t0, res.time_coarse_s)
     return written

@@ -443,6 +443,7 @@ def fine_on_canvas(
     active: jax.Array | None = None,
     margin: int | None = None,
     pass_hw: bool = False,
+    remat_full: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Runs `fn` on per-sample box crops of a batch and pastes the logits back.
 
@@ -472,6 +473,12 @@ def fine_on_canvas(
         everywhere (probability 0, reference's skipped windows).
       margin: optional; checks that every canvas holds a box of this margin.
       pass_hw: call fn(crops, crop_hw) instead of fn(crops).
+      remat_full: recompute the last (full-image) canvas's forward in its
+        backward (`jax.checkpoint`). Why: JAX's forward switch returns the
+        residuals of every branch, each branch writing zeros for the others',
+        so every step wrote the largest canvas's; with remat they are the
+        branch's inputs, shared by all. A step that takes the full canvas
+        runs its forward twice. Same values; no effect with one canvas.
 
     Note on equivalence with a variable-size crop: the crop itself is exact
     (same pixels, same top-left grid). A network run on the canvas sees the
@@ -499,6 +506,8 @@ def fine_on_canvas(
     box_hw = jnp.where(active[:, None], box_hw, 0)
     index, _ = select_canvas(box_hw, cv)
     branches = [_canvas_branch(fn, c, (h, w), fill=fill, pass_hw=pass_hw) for c in cv]
+    if remat_full and len(branches) > 1:
+        branches[-1] = jax.checkpoint(branches[-1])
     logits, n_over = lax.switch(index, branches, image, boxes, active)
     sizes = jnp.asarray(np.array(cv, np.int32))
     info = {"canvas_index": index, "canvas_h": sizes[index, 0],

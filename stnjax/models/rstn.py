@@ -87,6 +87,12 @@ class RSTN:
         scratch out of the Dice loss's all-background collapse: with p
         small everywhere the gradient mostly raises the organ instead of
         lowering everything at once.
+      remat_full_canvas: in training, recompute the fine network's forward
+        on the full-image canvas in its backward rather than have every step
+        write its residuals (`crop.fine_on_canvas(remat_full=...)`): the J
+        step at full width, 256 x 256, about 5 % faster on CPU, and less
+        memory; steps whose boxes need the full canvas pay a second fine
+        forward. Same values either way.
     """
     fcn: FCN8s
     saliency: Saliency
@@ -96,6 +102,7 @@ class RSTN:
     init: str = "he"
     pretrained: str = ""
     init_prior: float = 0.5
+    remat_full_canvas: bool = True
 
     @classmethod
     def from_config(cls, model: Mapping[str, Any]) -> "RSTN":
@@ -132,7 +139,8 @@ class RSTN:
                    prob_fixed=float(model["prob_fixed_margin"]),
                    canvas_sizes=tuple(int(s) for s in model["canvases"]),
                    init=model["init"], pretrained=model["pretrained"],
-                   init_prior=float(model["init_prior"]))
+                   init_prior=float(model["init_prior"]),
+                   remat_full_canvas=bool(model.get("remat_full_canvas", True)))
 
     # ------------------------------------------------------------------ init
     def init_params(self, key: jax.Array, image_hw: tuple[int, int]) -> Params:
@@ -215,7 +223,8 @@ class RSTN:
         # variable-size crop of the box (the reference's crop), exactly.
         logits, info = crop.fine_on_canvas(
             lambda c, hw: self.fcn_logits(params["fine"], c, keys, valid_hw=hw), fine_in,
-            boxes, self.canvases((h, w)), active=active, pass_hw=True)
+            boxes, self.canvases((h, w)), active=active, pass_hw=True,
+            remat_full=self.remat_full_canvas)
         box_h = boxes[:, 1] - boxes[:, 0]
         box_w = boxes[:, 3] - boxes[:, 2]
         over = active & ((box_h > info["canvas_h"]) | (box_w > info["canvas_w"]))

@@ -71,14 +71,15 @@ class PlaneData:
 
 
 def open_store(data: DataSpec, ds_dir: Path, workdir: str | os.PathLike) -> CaseStore:
-    """The CaseStore of the dataset (organ id per `data.organ`), cached in
-    data.cache_dir or <workdir>/cache: training and evaluation read it."""
+    """The CaseStore of the dataset (organ id(s) per `data.organ`, grid per
+    data.spacing), cached in data.cache_dir or <workdir>/cache: training and
+    evaluation read it."""
     man = manifest.load_manifest(ds_dir)
     organ = data.organ(man.organ_id)
     if organ != man.organ_id:
         man = dataclasses.replace(man, organ_id=organ)
     cache = Path(data.cache_dir) if data.cache_dir else Path(workdir) / "cache"
-    return CaseStore(man, cache, hu_window=data.hu_window)
+    return CaseStore(man, cache, hu_window=data.hu_window, spacing=data.spacing)
 
 
 def fold_split(data: DataSpec, ds_dir: Path, store: CaseStore, fold: int
@@ -104,6 +105,7 @@ def plane_data(data: DataSpec, store: CaseStore, ds_dir: Path, fold: int,
     # folds included, as the reference does; then restricted to training cases.
     labelled = [c for c in store.case_ids if store.has_label(c)]
     counts = sampler.slice_organ_counts(store, labelled, plane)
+    store.check_organ_ids(labelled)
     try:
         slices = sampler.select_training_slices(
             counts, train_ids, data.slice_threshold, plane=plane, fold=fold)

@@ -41,8 +41,12 @@ _IGNORED = {
     "name", "data.planes", "data.folds", "data.cache_dir",
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.multihost", "train.devices",
+    "model.remat_full_canvas",  # speed and memory only: the same values either way
 }
 _IGNORED_SECTIONS = ("infer",)
+# Fields added after runs existed: at these values they mean what a config
+# without them meant, so they stay out of the identity (old workdirs resume).
+_ABSENT_AT = {"data.organ_ids": [], "data.spacing": []}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,7 +65,8 @@ def identity_fields(record: Mapping[str, Any]) -> dict[str, Any]:
     nested dict, `TrainSpec.record`) that define the trained models."""
     flat = _flatten(record)
     return {k: v for k, v in sorted(flat.items())
-            if k not in _IGNORED and k.split(".")[0] not in _IGNORED_SECTIONS}
+            if k not in _IGNORED and k.split(".")[0] not in _IGNORED_SECTIONS
+            and not (k in _ABSENT_AT and v in (_ABSENT_AT[k], None))}
 
 
 def config_hash(record: Mapping[str, Any]) -> str:
