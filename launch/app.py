@@ -88,6 +88,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
         print_help(argv)
         sys.exit(0)
+    if "--version" in argv[1:]:
+        print(version_line())
+        sys.exit(0)
     argv = _with_stored_config(argv)
     _check_config_file(argv)
     try:
@@ -102,6 +105,23 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         sys.exit(f"error: invalid --config override: {_one_line(e)}")
     except (KeyError, TypeError, ValueError) as e:
         sys.exit(f"error: invalid --config override: {_one_line(e)}")
+
+
+def version_line() -> str:
+    """`--version`: stnjax's version and those of the packages results depend
+    on, from the installed metadata (no backend is started)."""
+    import importlib.metadata
+
+    import stnjax
+
+    def ver(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    deps = ", ".join(f"{p} {ver(p)}" for p in ("jax", "jaxlib", "flax", "optax",
+                                                "orbax-checkpoint", "numpy"))
+    return f"stnjax {stnjax.__version__} (python {sys.version.split()[0]}; {deps})"
 
 
 def print_help(argv: Sequence[str]) -> None:

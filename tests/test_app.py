@@ -118,3 +118,22 @@ def test_help_exits_0_and_lists_flags_and_config_fields(tmp_path):
     r = help_of("launch.train")  # no default config: says how to list them
     assert r.returncode == 0 and "give --config=FILE --help" in r.stdout
     assert not list(tmp_path.iterdir())  # --help writes nothing
+
+
+def test_version_exits_0_naming_stnjax_and_its_packages(tmp_path):
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import stnjax
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "STNJAX_HUGE_PAGES": "0", "PYTHONPATH": str(root)}
+    for cmd in ("launch.evaluate", "launch.segment"):
+        r = subprocess.run([sys.executable, "-m", cmd, "--version"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(f"stnjax {stnjax.__version__} (python ")
+        assert f"jax {importlib.metadata.version('jax')}," in r.stdout
+    assert not list(tmp_path.iterdir())  # --version writes nothing
