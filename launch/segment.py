@@ -6,7 +6,11 @@ Without --config, the config the models were trained with (stored in
 <workdir>/config.json) is used; --config.infer.* overrides apply to it.
 
 No labels needed. Masks are written as <out>/<name>_mask.nii.gz in the
-source geometry (they overlay the input in 3D Slicer / ITK-SNAP). Every
+source geometry (they overlay the input in 3D Slicer / ITK-SNAP), with
+--probabilities also the fused probability map (<name>_prob.nii.gz), and
+<out>/segment.json holds per input the shape, spacing, organ volume (mL),
+mean HU inside, rounds, seconds and warnings (an empty mask; a spacing far
+from the training data's). Every
 input is read and checked before anything is written: two inputs with the
 same name (p1/ct.nii.gz, p2/ct.nii.gz) are an error, and so is an existing
 mask unless --overwrite. Runs on CPU too.
@@ -21,7 +25,9 @@ _CONFIG = app.define_config(stored_default=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for the masks.")
 _FOLD = flags.DEFINE_integer("fold", 0, "Which fold's models to use.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace masks that exist in --out.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace outputs that exist in --out.")
+_PROBS = flags.DEFINE_bool("probabilities", False, "Also write the fused probability map "
+                           "(<name>_prob.nii.gz, float32, the round the mask comes from).")
 flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
@@ -42,7 +48,8 @@ def main(argv):
                  spec.train.model.margin)
         written = runs.segment_files(spec, _WORKDIR.value, argv[1:],
                                      out_dir=_OUT.value, fold=_FOLD.value,
-                                     overwrite=_OVERWRITE.value)
+                                     overwrite=_OVERWRITE.value,
+                                     probabilities=_PROBS.value)
     for p in written:
         print(f"wrote {p}")
 

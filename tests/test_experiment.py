@@ -262,6 +262,49 @@ def test_segment_files_without_labels(trained, tmp_path):
     assert not any(p for p in out.iterdir() if not p.name.startswith("."))
 
 
+def test_segment_json_probabilities_and_warnings(trained, tmp_path):
+    """segment.json against the written files and a hand-made input: shape,
+    spacing, voxels and mL of the mask file, mean HU inside it; the
+    probability map on the input's grid in [0, 1]; the empty-mask and the
+    far-spacing warnings (the smoke models saw 6.67 x 6.67 x 10.67 mm)."""
+    spec, work = trained
+    ds = inputs.dataset_dir(spec.train.data, work)
+    src = sorted(ds.glob("images/*.nii.gz"))[0]
+    # A second input: the same phantom at 2 x 2 x 3 mm (far from training), and
+    # a flat water volume (on the training spacing).
+    img = nib.load(src)
+    fine = tmp_path / "fine.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([2.0, 2.0, 3.0, 1.0])), str(fine))
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine), str(flat))
+    out = tmp_path / "out"
+    written = runs.segment_files(spec, work, [str(src), str(fine), str(flat)], out_dir=out,
+                                 probabilities=True)
+    assert [p.name for p in written] == [
+        f"{n}_{k}.nii.gz" for n in (src.name[:-7], "fine", "flat") for k in ("mask", "prob")]
+    doc = json.loads((out / "segment.json").read_text())
+    assert doc["settings"]["threshold"] == spec.threshold
+    assert [Path(e["input"]).name for e in doc["inputs"]] == [src.name, "fine.nii.gz", "flat.nii.gz"]
+    for e in doc["inputs"]:
+        hu = np.asarray(nib.load(e["input"]).dataobj, np.float64)
+        m = nib.load(e["mask"])
+        mask = np.asarray(m.dataobj) > 0
+        zooms = np.asarray(m.header.get_zooms()[:3], np.float64)
+        assert e["shape"] == list(hu.shape) and e["voxels"] == int(mask.sum())
+        np.testing.assert_allclose(sorted(e["spacing_mm"]), sorted(zooms), rtol=1e-5)
+        assert e["volume_ml"] == pytest.approx(mask.sum() * np.prod(zooms) / 1000, abs=1e-3)
+        if mask.any():
+            assert e["mean_hu"] == pytest.approx(hu[mask].mean(), abs=0.01)
+        prob = np.asarray(nib.load(e["probabilities"]).dataobj)
+        assert prob.shape == hu.shape and prob.dtype == np.float32
+        assert 0.0 <= prob.min() and prob.max() <= 1.0
+        assert ("empty mask: no organ found" in e["warnings"]) == (not mask.any())
+    far = [any("far from the training cases' spacing" in w for w in e["warnings"])
+           for e in doc["inputs"]]
+    assert far == [False, True, False]
+    assert doc["inputs"][0]["voxels"] > 0
+
+
 DATA = ROOT.parent / "shared" / "data"
 
 

@@ -153,3 +153,21 @@ def test_store_names_an_organ_id_absent_from_every_label(tmp_path):
     assert json.loads((tmp_path / "ds2" / "dataset.json").read_text())["organ_id"] == [6, 7]
     lab = np.asarray(nib.load(DATA / "ct_example_3mm" / "labels_multiclass.nii.gz").dataobj)
     assert int(np.asarray(ok.label("c0")).sum()) == int(np.isin(lab, (6, 7)).sum())
+
+
+def test_segment_statistics_and_spacing_warning_by_hand():
+    from stnjax.eval import segment as S
+    hu = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    mask = np.zeros((2, 3, 4), bool)
+    mask[1, 2, 1:3] = True                           # HU 21 and 22
+    assert S.case_summary(mask, hu, (2.0, 1.0, 0.5)) == {
+        "voxels": 2, "volume_ml": 0.002, "mean_hu": 21.5}
+    assert S.case_summary(np.zeros_like(mask), hu, (1, 1, 1))["mean_hu"] is None
+    ref = (np.array([0.7, 0.7, 2.5]), np.array([0.9, 0.9, 5.0]))
+    assert S.spacing_warning((0.8, 0.8, 3.0), ref, "x") is None
+    assert S.spacing_warning((0.8, 0.5, 7.4), ref, "x") is None       # inside 1.5x
+    w = S.spacing_warning((0.8, 0.4, 8.0), ref, "the training cases' spacing")
+    assert "along axis [1, 2]" in w and "0.70-0.90, 0.70-0.90, 2.50-5.00" in w
+    assert S.spacing_warning((9.0, 9.0, 9.0), None, "x") is None
+    assert S.training_spacing_range([{"spacing": [1, 1, 2]}, {"spacing": [3, 3, 3],
+                                     "native_spacing": [0.5, 0.5, 1]}]) is not None

@@ -12,19 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from stnjax import fileio, metrics
-from stnjax.data import resample
 from stnjax.checks import InputError
 from stnjax.data import volume_io
-from stnjax.data.preprocess import PLANE_AXIS
 from stnjax.data.store import CaseStore
 from stnjax.eval import plots, summaries
+from stnjax.eval import segment as seg_lib
 from stnjax.eval import report as text_report
 from stnjax.eval.records import CaseRecord, read_records, threshold_key, write_records
 from stnjax.eval.spec import EvalSpec
@@ -319,64 +317,37 @@ def evaluate_and_report(spec: EvalSpec, workdir: str | os.PathLike, *,
 
 
 def mask_names(inputs_: Sequence[str], out: Path, *, overwrite: bool = False) -> list[Path]:
-    """The mask file of each input, `<out>/<name>_mask.nii.gz` (name: the file
-    without .nii/.nii.gz, or the DICOM folder's name). Raises InputError,
-    before anything runs, when two inputs would write the same file, or
-    when a mask exists already and `overwrite` is False."""
-    dests, seen = [], {}
-    for p in inputs_:
-        path = Path(p)
-        name = path.name.removesuffix(".gz").removesuffix(".nii") or "volume"
-        dest = out / f"{name}_mask.nii.gz"
-        if dest in seen:
-            raise InputError(f"inputs: {seen[dest]} and {p} would both write {dest}; segment "
-                             "them into separate --out folders (or rename one)")
-        if dest.exists() and not overwrite:
-            raise InputError(f"output {dest} exists (for input {p}); pass --overwrite to "
-                             "replace it, or choose another --out")
-        seen[dest] = p
-        dests.append(dest)
-    return dests
+    """The mask file of each input (`segment.output_names`, masks only)."""
+    return [m for m, _ in seg_lib.output_names(inputs_, out, overwrite=overwrite)]
 
 
 def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[str], *,
-                  out_dir: str | os.PathLike, fold: int = 0, overwrite: bool = False
-                  ) -> list[Path]:
-    """Segments NIfTI files or DICOM folders without labels.
+                  out_dir: str | os.PathLike, fold: int = 0, overwrite: bool = False,
+                  probabilities: bool = False) -> list[Path]:
+    """Segments NIfTI files or DICOM folders without labels (`stnjax.eval.segment`).
 
     Every input is checked (readable, a 3D volume, a mask name of its own,
-    no existing mask unless `overwrite`) before anything is written; masks
-    are written to `<out>/<name>_mask.nii.gz` in the source geometry.
-    Returns the written paths.
+    no existing output unless `overwrite`) before anything is written;
+    masks (and with `probabilities` the fused probability maps) are
+    written to `<out>/<name>_mask.nii.gz` (`_prob.nii.gz`) in the source
+    geometry, and `<out>/segment.json` after every input. Returns the
+    written mask (and probability) paths.
     """
     if not inputs_:
         raise InputError("inputs: give at least one NIfTI file or DICOM folder")
     out = check_writable(out_dir)
-    dests = mask_names(inputs_, out, overwrite=overwrite)
+    outs = seg_lib.output_names(inputs_, out, overwrite=overwrite, probabilities=probabilities)
     volumes = [(Path(p), volume_io.load_image(p)) for p in inputs_]  # fail before writing
     target = spec.train.data.spacing
-    grids = [tuple(vol.data.shape) if target is None else
-             resample.grid_shape(vol.data.shape, vol.geometry.spacing, target)
-             for _, vol in volumes]
-    for (path, vol), grid in zip(volumes, grids):
-        thin = [p for p in spec.inference.planes if grid[PLANE_AXIS[p]] < 2]
-        if thin:
-            on = "" if target is None else f" (resampled to {list(target)} mm: {grid})"
-            raise InputError(f"image {path}: shape {vol.data.shape}{on} has a single slice "
-                             f"along plane(s) {thin}; the 3-slice windows need at least 2")
+    grids = seg_lib.check_inputs(volumes, spec.inference.planes, target)
+    reference, what = seg_lib.reference_spacing(spec.train.data, workdir)
     seg = make_segmenter(spec, load_models(spec.train, workdir, fold, spec.inference.planes))
     write_config_files(out, spec.record)
-    written = []
-    for i, ((path, vol), dest, grid) in enumerate(zip(volumes, dests, grids)):
-        t0 = time.perf_counter()
-        # data.spacing: the models run on the training grid, the mask is
-        # written on the input's own grid (it overlays the input).
-        image = vol.data if target is None else resample.resample_linear(vol.data, grid)
-        res = seg.segment(image, t=spec.threshold, run_all_rounds=False)
-        mask = res.mask if target is None else resample.to_grid(res.mask, vol.data.shape)
-        volume_io.save_mask(mask, vol.geometry, dest)
-        written.append(dest)
-        log.info("%d/%d %s: %d voxels, %d rounds, %.1f s (coarse %.1f s)", i + 1,
-                 len(volumes), path, int(mask.sum()), res.rounds,
-                 time.perf_counter() - t0, res.time_coarse_s)
-    return written
+    settings = {"workdir": str(workdir), "fold": int(fold), "threshold": spec.threshold,
+                "planes": "".join(spec.inference.planes),
+                "max_rounds": spec.inference.max_rounds,
+                "saliency_input": spec.inference.saliency_input,
+                "spacing_mm": None if target is None else list(target)}
+    return seg_lib.run_all(seg, volumes, grids, outs, out=out, target=target,
+                           t=spec.threshold, reference=reference, reference_what=what,
+                           settings=settings)
