@@ -64,6 +64,38 @@ def _config_file(argv: Sequence[str]) -> str | None:
     return None if value is None else value.split(":", 1)[0]
 
 
+_CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+_NOT_CONFIGS = {"__init__", "common", "stored"}
+
+
+def builtin_configs() -> list[str]:
+    """Names of the built-in configs (launch/configs/<name>.py)."""
+    return sorted(p.stem for p in _CONFIGS_DIR.glob("*.py") if p.stem not in _NOT_CONFIGS)
+
+
+def _with_builtin_config(argv: Sequence[str]) -> list[str]:
+    """argv with --config=NAME[:ARGS] of a built-in config replaced by its
+    file; a bare name that is neither a file nor a built-in config exits
+    with one line listing the known names."""
+    argv = list(argv)
+    value = _flag_value(argv, "config")
+    if value is None:
+        return argv
+    name, sep, rest = value.partition(":")
+    if "/" in name or name.endswith(".py") or Path(name).exists():
+        return argv
+    if name not in builtin_configs():
+        sys.exit(f"error: --config {name}: not a file and not a built-in config "
+                 f"(built-in: {', '.join(builtin_configs())}; or give a path)")
+    path = f"{_CONFIGS_DIR / (name + '.py')}{sep}{rest}"
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            argv[i] = f"--config={path}"
+        elif a == "--config" and i + 1 < len(argv):
+            argv[i + 1] = path
+    return argv
+
+
 def _check_config_file(argv: Sequence[str]) -> None:
     """A --config file that is missing, unreadable or not Python: one line naming it."""
     path = _config_file(argv)
@@ -85,6 +117,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     clear line (ml_collections names the field and suggests the closest one),
     and so does a --config file that is missing, not Python or has no
     `get_config()`."""
+    argv = _with_builtin_config(argv)
     if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
         print_help(argv)
         sys.exit(0)

@@ -137,3 +137,27 @@ def test_version_exits_0_naming_stnjax_and_its_packages(tmp_path):
         assert r.stdout.startswith(f"stnjax {stnjax.__version__} (python ")
         assert f"jax {importlib.metadata.version('jax')}," in r.stdout
     assert not list(tmp_path.iterdir())  # --version writes nothing
+
+
+def test_builtin_config_by_name_and_unknown_name(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from launch import app as app_lib
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "STNJAX_HUGE_PAGES": "0", "PYTHONPATH": str(root)}
+    assert {"phantom", "smoke", "nih_pancreas", "stagewise", "realct"} <= set(
+        app_lib.builtin_configs())
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+    r = run("--config=smoke", "--help")  # from another directory, by name
+    assert r.returncode == 0 and "--config.train.stages='S:4,I:4,J:4'" in r.stdout, r.stderr
+    r = run("--config=phantm", f"--workdir={tmp_path / 'w'}")
+    assert r.returncode != 0
+    assert "--config phantm: not a file and not a built-in config" in r.stderr
+    assert "nih_pancreas, phantom, realct, smoke, stagewise" in r.stderr
+    assert not (tmp_path / "w").exists()
