@@ -304,7 +304,7 @@ def _train_steps(run: _Run, prog: _Progress, guard: ConvergenceGuard, state: Any
 
 def train_run(spec: TrainSpec, workdir: str | os.PathLike, fold: int, plane: str, *,
               store: CaseStore | None = None, ds_dir: Path | None = None,
-              run_label: str = "") -> dict:
+              run_label: str = "", steps_after: int = 0) -> dict:
     """Trains (or resumes, or finds complete) the model of one fold and plane.
 
     Args:
@@ -313,6 +313,8 @@ def train_run(spec: TrainSpec, workdir: str | os.PathLike, fold: int, plane: str
       store, ds_dir: an open CaseStore and its dataset folder (default: from
         spec.data).
       run_label: a prefix for log lines, e.g. "run 2/3".
+      steps_after: training steps of the job's runs after this one, for the
+        job's ETA in the log (0: this run is the last or alone).
 
     Returns:
       A summary dict: fold, plane, run_dir, steps, iterations, restarts,
@@ -330,11 +332,12 @@ def train_run(spec: TrainSpec, workdir: str | os.PathLike, fold: int, plane: str
             else contextlib.nullcontext())
     with lock:
         return _train_run_locked(spec, workdir, fold, plane, store=store, ds_dir=ds_dir,
-                                 tag=tag)
+                                 tag=tag, steps_after=steps_after)
 
 
 def _train_run_locked(spec: TrainSpec, workdir: str | os.PathLike, fold: int, plane: str, *,
-                      store: CaseStore | None, ds_dir: Path | None, tag: str) -> dict:
+                      store: CaseStore | None, ds_dir: Path | None, tag: str,
+                      steps_after: int = 0) -> dict:
     """`train_run` once its run folder is locked."""
     lp = spec.loop
     run, pdata, n_devices = _open_run(spec, workdir, fold, plane, store=store,
@@ -358,7 +361,8 @@ def _train_run_locked(spec: TrainSpec, workdir: str | os.PathLike, fold: int, pl
     reporter = StepReporter(host_metrics=run.place.host_metrics, write=write,
                             tag=tag, fold=fold, plane=plane, stages=run.stages, total=run.total,
                             base_lr=spec.optimizer.base_lr,
-                            j_halving_every=spec.optimizer.j_halving_every)
+                            j_halving_every=spec.optimizer.j_halving_every,
+                            steps_after=steps_after)
     compile_s = _train_steps(run, prog, guard, state, reporter)
     return _finish(run, prog, guard, reporter, summary, compile_s)
 
@@ -400,7 +404,9 @@ def train(spec: TrainSpec, workdir: str | os.PathLike, *, overwrite: bool = Fals
     store = inputs.open_store(spec.data, ds_dir, workdir)
     runs = [(f, p) for f in spec.data.folds for p in spec.data.planes]
     out = []
+    per_run = total_steps(spec.loop.stage_list)
     for i, (fold, plane) in enumerate(runs):
         out.append(train_run(spec, workdir, fold, plane, store=store, ds_dir=ds_dir,
-                             run_label=f"run {i + 1}/{len(runs)}"))
+                             run_label=f"run {i + 1}/{len(runs)}",
+                             steps_after=per_run * (len(runs) - i - 1)))
     return out

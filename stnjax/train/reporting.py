@@ -56,15 +56,17 @@ class StepReporter:
       write: appends a record to metrics.jsonl (None on other hosts).
       tag, fold, plane: the run's names for records and log lines.
       stages, total, base_lr, j_halving_every: the schedule, for the rate and ETA.
+      steps_after: steps of the job's later runs (the job's ETA; 0: none).
     """
 
     def __init__(self, *, host_metrics: Callable[[Any], dict], write: Callable[[dict], None] | None,
                  tag: str, fold: int, plane: str, stages: Sequence[Stage], total: int,
-                 base_lr: float, j_halving_every: int):
+                 base_lr: float, j_halving_every: int, steps_after: int = 0):
         self._host, self._write, self._tag = host_metrics, write, tag
         self._fold, self._plane = int(fold), plane
         self._stages, self._total = stages, int(total)
         self._base_lr, self._halving = float(base_lr), int(j_halving_every)
+        self._steps_after = int(steps_after)
         self.pending: list[Pending] = []
         self.t_start = self._last_t = time.time()
         self._sec_per_step = float("nan")
@@ -100,10 +102,14 @@ class StepReporter:
             self._write(rec)
         self.last_record = rec
         remaining = self._total - rec["step"]
+        # The job's ETA: this run's steps left and the later runs' steps at
+        # this run's rate (their compilation not included).
+        job = (f", job {fmt_duration((remaining + self._steps_after) * self._sec_per_step)}"
+               if self._steps_after else "")
         log.info("%s | %s step %d/%d | loss %.4f (coarse %.4f, fine %.4f) | lr %.3g | "
-                 "%.1f ex/s | ETA %s", self._tag, rec["stage"], rec["step"], self._total,
+                 "%.1f ex/s | ETA %s%s", self._tag, rec["stage"], rec["step"], self._total,
                  rec["loss"], rec["loss_coarse"], rec["loss_fine"], rec["lr"],
-                 rec["examples_per_s"], fmt_duration(remaining * self._sec_per_step))
+                 rec["examples_per_s"], fmt_duration(remaining * self._sec_per_step), job)
         self.pending.clear()
         self._last_t = time.time()
 
