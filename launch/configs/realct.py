@@ -48,4 +48,6 @@ def get_config():
     c.model.canvases = (32, 64, 96, 128)
     c.train.stages = "S:1000,I:600,J:1000"
     c.train.j_halving_every = 500
+    # Volumes of 120-220 voxels a side: buckets 32 apart keep the padding small.
+    c.infer.volume_buckets = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
     return c
