@@ -25,4 +25,15 @@ def get_config(workdir: str) -> ml_collections.ConfigDict:
                                 "give --config=FILE") from None
     except ValueError as e:
         raise ValueError(f"{e}; give --config=FILE") from None
-    return ml_collections.ConfigDict(record)
+    return ml_collections.ConfigDict(_as_config_values(record))
+
+
+def _as_config_values(value):
+    """JSON lists back to tuples (as the config files write them), so that
+    `--config.FIELD='(a, b)'` overrides a sequence field of a stored config
+    as it does one of a config file."""
+    if isinstance(value, dict):
+        return {k: _as_config_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_as_config_values(v) for v in value)
+    return value
