@@ -27,7 +27,7 @@ BTCV = DATA / "btcv9"
 
 
 def _cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), STNJAX_HUGE_PAGES="0", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=env)
     return proc
