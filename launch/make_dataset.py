@@ -64,12 +64,12 @@ def _check_cases(cases, organ, log):
     several-id organ that no label holds."""
     from stnjax.checks import InputError
     from stnjax.data import volume_io
-    seen = set()
+    present = []
     for i, c in enumerate(cases):
         case = volume_io.load_case(c["image"], c["label"], organ_id=organ, case_id=c["id"])
-        seen.update(case.organ_ids_present)
+        present.append(case.organ_ids_present)
         log.info("checked %d/%d %s", i + 1, len(cases), c["id"])
-    absent = [i for i in volume_io.organ_ids(organ) if i not in seen]
+    absent = volume_io.absent_organ_ids(organ, present)
     if absent:
         raise InputError(f"--organ_id: {absent} occur in none of the {len(cases)} labels")
 

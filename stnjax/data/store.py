@@ -228,8 +228,7 @@ class CaseStore:
             return  # a single id absent from a label is already an error there
         cases = [c for c in (self.case_ids if case_ids is None else case_ids)
                  if self.has_label(c)]
-        seen = set().union(*(set(self.organ_ids_present(c)) for c in cases)) if cases else set()
-        absent = [i for i in ids if i not in seen]
+        absent = volume_io.absent_organ_ids(ids, (self.organ_ids_present(c) for c in cases))
         if absent:
             raise InputError(f"data.organ_ids: {absent} of {list(ids)} occur in no label of "
                              f"the {len(cases)} labelled cases of {self.manifest.path}")

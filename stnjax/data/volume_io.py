@@ -19,7 +19,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -420,6 +420,12 @@ def ids_present(label_map: np.ndarray, organ_id: int | Sequence[int]) -> list[in
     return [i for i in ids if np.any(np.asarray(label_map) == i)]
 
 
+def absent_organ_ids(organ_id: Any, present: Iterable[Iterable[int]]) -> list[int]:
+    """The organ's ids that occur in none of the cases' `present` id sets."""
+    seen = {int(i) for ids in present for i in ids}
+    return [i for i in organ_ids(organ_id) if i not in seen]
+
+
 def _case_id_from(path: Path) -> str:
     name = path.name
     for suffix in _NIFTI_SUFFIXES[::-1]:
@@ -445,7 +451,9 @@ def load_case(image_path: str | os.PathLike,
         label_map = load_label_map(label_path, volume.geometry,
                                    tolerance_mm=tolerance_mm)
         label = select_organ(label_map, organ_id, source=str(label_path))
-        present = tuple(ids_present(label_map, organ_id))
+        ids = organ_ids(organ_id)
+        # One id: select_organ raised unless it is present; no second pass.
+        present = ids if len(ids) == 1 else tuple(ids_present(label_map, ids))
     return Case(case_id=case_id or _case_id_from(image_path),
                 image=volume.data, label=label, geometry=volume.geometry,
                 image_path=str(image_path),
