@@ -8,8 +8,10 @@ reported), runs them, and returns NumPy arrays cropped to the real volume.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stnjax.infer import rounds as infer
+from stnjax.infer.devices import load_on_device
 from stnjax import metrics
 from stnjax.checks import InputError, check_array
 from stnjax.models.rstn import RSTN
@@ -76,6 +79,12 @@ class Segmenter:
       per_round_timing: run the rounds from the host, one jitted round at a
         time, to time each (same arithmetic as the while_loop; a host sync
         per round).
+
+    `on_device(d)` gives the same segmenter on device `d` (cohort
+    inference: one case per device at a time, each from its own thread);
+    the segmenters of one family compile each program once, on the first
+    device that needs it, and load that executable onto the others
+    (`stnjax.infer.devices`), so every device runs the same binary.
     """
 
     def __init__(self, rstn: RSTN, params: Mapping[str, Any], spec: infer.InferenceSpec,
@@ -91,8 +100,11 @@ class Segmenter:
         self.per_round_timing = per_round_timing
         self._compiled: dict[tuple, Callable] = {}
         #: seconds each compilation took, by (function name, bucket); case
-        #: times (`CaseResult.time_*`) exclude them.
+        #: times (`CaseResult.time_*`) exclude them. Shared by `on_device` copies.
         self.compile_seconds: dict[tuple, float] = {}
+        #: None: jit's default device; else the device every array is put on.
+        self.device = None
+        self._family = _Family()
         r, s = rstn, spec
         self._fns = {
             "coarse": lambda p, im, ex: _coarse_with_check(r, p, im, ex, spec=s),
@@ -120,16 +132,42 @@ class Segmenter:
         """(function name, padded shape) of every compilation."""
         return sorted((k[0], k[1]) for k in self._compiled)
 
+    def on_device(self, device: Any) -> "Segmenter":
+        """The same models and settings on `device` (parameters copied there);
+        it shares this segmenter's compilations (see the class docstring)."""
+        other = copy.copy(self)
+        other.device = device
+        other.params = jax.device_put(self.params, device)
+        other._compiled = {}
+        return other
+
     def _compile(self, name: str, bucket: tuple, *args) -> None:
         """Compiles function `name` for `bucket` once (logged with its time),
-        so that the timed calls measure running only."""
+        so that the timed calls measure running only; on a device of a
+        family that compiled it already, loads that executable instead."""
         key = (name, bucket)
-        if key not in self._compiled:
+        if key in self._compiled:
+            return
+        with self._family.lock(key):
+            first = self._family.first.get(key)
+            if first is not None and self.device is not None:
+                try:
+                    self._compiled[key] = load_on_device(first, self.device)
+                    return
+                except Exception as e:  # noqa: BLE001 - an unsupported JAX: compile instead
+                    self._family.warn_once(e)
             t0 = time.perf_counter()
-            self._compiled[key] = jax.jit(self._fns[name]).lower(*args).compile()
-            self.compile_seconds[key] = time.perf_counter() - t0
-            log.info("compiled %s for bucket %s in %.1f s", name, "x".join(map(str, bucket)),
-                     self.compile_seconds[key])
+            compiled = jax.jit(self._fns[name]).lower(*args).compile()
+            self._compiled[key] = compiled
+            if first is None:
+                self._family.first[key] = compiled
+                self.compile_seconds[key] = time.perf_counter() - t0
+                log.info("compiled %s for bucket %s in %.1f s", name,
+                         "x".join(map(str, bucket)), self.compile_seconds[key])
+
+    def _put(self, x):
+        """An array on this segmenter's device (jit's default without one)."""
+        return jnp.asarray(x) if self.device is None else jax.device_put(x, self.device)
 
     def _call(self, name: str, bucket: tuple, *args):
         self._compile(name, bucket, *args)
@@ -153,8 +191,8 @@ class Segmenter:
             if tuple(label.shape) != tuple(image.shape):
                 raise InputError(f"label: shape {tuple(label.shape)} differs from the "
                                  f"volume's {tuple(image.shape)}")
-            lab = jnp.asarray(np.pad(np.asarray(label, bool), pad))
-        return jnp.asarray(padded), jnp.asarray(np.array(image.shape, np.int32)), lab, bucket
+            lab = self._put(np.pad(np.asarray(label, bool), pad))
+        return self._put(padded), self._put(np.array(image.shape, np.int32)), lab, bucket
 
     # ------------------------------------------------------------------ run
     def _report_key(self, t: float) -> float:
@@ -198,7 +236,7 @@ class Segmenter:
         if not finite:
             raise InputError("coarse probabilities contain NaN or infinite values: the "
                              "parameters (checkpoint) are broken")
-        t_arr = jnp.float32(t_loop)
+        t_arr = self._put(np.float32(t_loop))
         if self.per_round_timing:
             res, times = self._stepwise(bucket, image, extent, score0, mask0, t_arr, lab)
         else:
@@ -253,6 +291,28 @@ class Segmenter:
         gtc = self._call("gt_crop", bucket, self.params, image, extent, lab, probs)
         return {name: metrics.dsc(crop(m), lab_np)
                 for name, m in (("strong", strong), ("weak", weak), ("gt_crop", gtc))}
+
+
+class _Family:
+    """What the `on_device` copies of one Segmenter share: the first
+    executable of each (function, bucket), and a lock per key so that two
+    device threads do not compile the same program at once."""
+
+    def __init__(self):
+        self.first: dict[tuple, Any] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._warned = False
+
+    def lock(self, key: tuple) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def warn_once(self, e: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("cannot load a compiled program onto another device (%s: %s); "
+                        "compiling it for every device", type(e).__name__, e)
 
 
 def _coarse_with_check(rstn, params, image, extent, *, spec):
