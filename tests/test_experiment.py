@@ -6,7 +6,6 @@ bad-input cases of both: a checkpoint of another plane or config, and an
 output folder that cannot be written (no output file may appear).
 """
 
-import dataclasses
 import errno
 import json
 import os
@@ -123,8 +122,9 @@ def test_evaluate_command_with_other_inference_settings(trained, tmp_path):
 
 
 def _volatile_free(rec):
-    """A record without its timings (they differ between runs)."""
-    return dataclasses.replace(rec, time_coarse_s=0.0, time_rounds_s=[])
+    """A record without its timings, device and process (they differ between
+    runs: `records.RUN_FIELDS`)."""
+    return records.without_run_fields(rec)
 
 
 def test_interrupted_evaluation_resumes(trained, tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
@@ -35,6 +35,12 @@ from stnjax import fileio
 from stnjax.checks import InputError
 
 REPORT_THRESHOLDS = (0.90, 0.95, 0.98, 0.99)
+#: The fields of a CaseRecord that say how and where a case ran, not what
+#: it gave: wall-clock times (they vary from run to run) and the device and
+#: process (they vary with the device and process count). Every other field
+#: is the same bits for a case on any device of any process (cohort
+#: inference, tests/test_experiment.py).
+RUN_FIELDS = ("time_coarse_s", "time_rounds_s", "device", "process")
 CASES_JSON, CASES_CSV = "cases.json", "cases.csv"
 _FORMAT, _VERSION = "stnjax.cases", 1
 
@@ -118,6 +124,10 @@ class CaseRecord:
         "surface_dice", "round"} where full metrics were computed.
       oracle: optional {"strong", "weak", "gt_crop"} -> DSC. extra: any
         JSON-able values (NumPy values are converted).
+      device, process: where the case ran ("cpu:3", `jax.process_index()`;
+        "" and 0 in records written before cohort inference). Like the
+        times, they do not take part in any result: a case gives the same
+        record on any device and process but for these and the times.
     Construction validates and normalises (floats, tuples, keys); bad values
     raise `InputError` naming the case and field.
     """
@@ -135,6 +145,8 @@ class CaseRecord:
     metrics_at: dict[str, dict[str, float]] = field(default_factory=dict)
     oracle: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    device: str = ""
+    process: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.case_id, str) or not self.case_id:
@@ -143,6 +155,9 @@ class CaseRecord:
         if not isinstance(self.method, str) or not self.method:
             raise InputError(f"{w}.method: expected a non-empty str")
         self.fold = _int(self.fold, f"{w}.fold")
+        if not isinstance(self.device, str):
+            raise InputError(f"{w}.device: expected a str, got {self.device!r}")
+        self.process = _int(self.process, f"{w}.process")
         self.gt_voxels = _int(self.gt_voxels, f"{w}.gt_voxels")
         sp = list(_plain(self.spacing)) if self.spacing is not None else []
         if len(sp) != 3:
@@ -204,10 +219,16 @@ class CaseRecord:
             raise InputError(f"{where}: expected an object, got {type(d).__name__}")
         if set(d) - names:
             raise InputError(f"{where}: unknown fields {sorted(set(d) - names)}")
-        required = names - {"metrics_at", "oracle", "extra"}
+        required = names - {"metrics_at", "oracle", "extra", "device", "process"}
         if required - set(d):
             raise InputError(f"{where}: missing fields {sorted(required - set(d))}")
         return cls(**d)
+
+
+def without_run_fields(record: CaseRecord) -> CaseRecord:
+    """The record with its `RUN_FIELDS` blanked: what two runs of the same
+    case must agree on."""
+    return replace(record, time_coarse_s=0.0, time_rounds_s=[], device="", process=0)
 
 
 def _enc(v: Any) -> Any:
@@ -282,7 +303,7 @@ def _base_columns(recs: Sequence[CaseRecord]) -> list[str]:
     R = max(r.num_rounds for r in recs)
     nt = max(len(r.time_rounds_s) for r in recs)
     cols = ["case_id", "fold", "method", "gt_voxels", "spacing_0", "spacing_1", "spacing_2",
-            "rounds_run", "time_coarse_s", "time_total_s"]
+            "rounds_run", "time_coarse_s", "time_total_s", "device", "process"]
     cols += [f"dsc_r{r}" for r in range(R + 1)] + [f"inter_r{r}" for r in range(1, R + 1)]
     cols += [f"time_r{r}" for r in range(1, nt + 1)]
     return cols
@@ -310,7 +331,8 @@ def records_csv_text(records: Sequence[CaseRecord],
         row: dict[str, Any] = {"case_id": r.case_id, "fold": r.fold, "method": r.method,
                                "gt_voxels": r.gt_voxels, "rounds_run": r.rounds_run,
                                "time_coarse_s": r.time_coarse_s,
-                               "time_total_s": r.time_coarse_s + sum(r.time_rounds_s)}
+                               "time_total_s": r.time_coarse_s + sum(r.time_rounds_s),
+                               "device": r.device, "process": r.process}
         row.update({f"spacing_{a}": s for a, s in enumerate(r.spacing)})
         row.update({f"dsc_r{i}": v for i, v in enumerate(r.dsc_rounds)})
         row.update({f"inter_r{i}": v for i, v in enumerate(r.inter_dsc) if i})
@@ -378,7 +400,8 @@ def records_from_csv(path: str | os.PathLike) -> list[CaseRecord]:
                 rounds_run=int(cells["rounds_run"]), time_coarse_s=float(cells["time_coarse_s"]),
                 time_rounds_s=[float(cells[f"time_r{i}"]) for i in range(1, nt + 1)],
                 metrics_at=ma,
-                oracle=oracle or None, extra=extra))
+                oracle=oracle or None, extra=extra, device=cells.get("device", ""),
+                process=int(cells.get("process", 0))))
         except (KeyError, ValueError) as e:
             raise InputError(f"{where}: bad or missing cell ({e})") from None
     if not out:

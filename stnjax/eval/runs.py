@@ -9,6 +9,7 @@ launch/evaluate.py and launch/segment.py only parse flags.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,8 +25,12 @@ from stnjax.data.store import CaseStore
 from stnjax.eval import plots, summaries
 from stnjax.eval import segment as seg_lib
 from stnjax.eval import report as text_report
-from stnjax.eval.records import CaseRecord, read_records, threshold_key, write_records
+from stnjax.eval.hosts import Hosts, part_file, part_files
+from stnjax.eval.records import (CASES_CSV, CASES_JSON, CaseRecord, read_records,
+                                 records_json_text, threshold_key, write_records)
 from stnjax.eval.spec import EvalSpec
+from stnjax.fileio import atomic_write_text
+from stnjax.infer import cohort
 from stnjax.infer.segmenter import CaseResult, Segmenter
 from stnjax.train import inputs, workdir as wd
 from stnjax.train.checkpoint import load_trained_params
@@ -141,68 +146,175 @@ def round_diagnostics(res: CaseResult, label: np.ndarray, spacing: Sequence[floa
 
 def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
                   out_dir: str | os.PathLike | None = None,
-                  write_predictions: bool = True, resume: bool = True) -> list[CaseRecord]:
+                  write_predictions: bool = True, resume: bool = True,
+                  devices: int = 0) -> list[CaseRecord]:
     """Evaluates the test cases of one fold; writes predictions and records.
 
     Cases are read through the training's case store (`inputs.open_store`:
-    the same windowed volumes the models were trained on). Returns the
-    per-case records (also written to `<out>/cases.{json,csv}`, rewritten
-    atomically after every case; predictions to
-    `<out>/predictions/<case>.nii.gz` in the source geometry). With
-    `resume`, cases already recorded in `<out>` by an interrupted run with
-    the same models and inference settings (its config.json) are taken from
-    there, not run again; other settings mean a fresh evaluation.
+    the same windowed volumes the models were trained on) and run one per
+    local device at a time (`devices`: how many, 0 = all;
+    `stnjax.infer.cohort`), over every process of `jax.distributed` when
+    there are several (`stnjax.eval.hosts`: a deterministic share each, the
+    records merged by process 0). Returns the per-case records in test-case
+    order (on process 0 all of them; on the others the resumed ones and their
+    own), also written to `<out>/cases.{json,csv}`, rewritten atomically
+    after every case; predictions to `<out>/predictions/<case>.nii.gz` in the
+    source geometry, by the process that ran the case. With `resume`, cases
+    already recorded in `<out>` by an interrupted run with the same models
+    and inference settings (its config.json) are taken from there, not run
+    again; other settings mean a fresh evaluation.
     """
     out = check_writable(out_dir or Path(workdir) / "eval" / f"fold{int(fold)}")
     data, inf = spec.train.data, spec.inference
     ds_dir = inputs.dataset_dir(data, workdir)
     store = inputs.open_store(data, ds_dir, workdir)
     _, test_ids = inputs.fold_split(data, ds_dir, store, fold)
-    seg = make_segmenter(spec, load_models(spec.train, workdir, fold, inf.planes))
+    segs = device_segmenters(make_segmenter(spec, load_models(spec.train, workdir, fold,
+                                                              inf.planes)), devices)
+    hosts = Hosts.current()
     done = _finished_cases(spec, out, test_ids, write_predictions) if resume else {}
-    write_config_files(out, spec.record)
+    hosts.agree(f"fold {fold}", test_ids, {"done": sorted(done), "predictions": write_predictions,
+                                           "settings": _result_fields(spec.record)})
+    _start_records(hosts, out, spec.record, test_ids, done)
     preds = check_writable(out / "predictions") if write_predictions else None
-    log.info("fold %d: %d test cases; inference: planes %s, margin %d, up to %d rounds, "
-             "saliency input %r, fusion %r, t = %.2f", fold, len(test_ids),
-             "".join(inf.planes), spec.train.model.margin, inf.max_rounds, inf.saliency_input,
-             inf.fusion, spec.threshold)
+    log.info("fold %d: %d test cases on %d device(s) x %d process(es); inference: planes %s, "
+             "margin %d, up to %d rounds, saliency input %r, fusion %r, t = %.2f", fold,
+             len(test_ids), len(segs), hosts.count, "".join(inf.planes), spec.train.model.margin,
+             inf.max_rounds, inf.saliency_input, inf.fusion, spec.threshold)
     if done:
         log.info("fold %d: resuming, %d of %d cases already evaluated in %s", fold,
                  len(done), len(test_ids), out)
-    records = []
-    for i, cid in enumerate(test_ids):
-        if cid in done:
-            records.append(done[cid])
-            continue
-        try:
-            rec = _evaluate_case(spec, seg, store, cid, fold, preds)
-            # After every case: an interrupted run resumes here.
-            write_records(records + [rec], out)
-        except OSError as e:
-            raise _with_note(e, f"case {cid} not recorded; kept the records (and predictions) "
-                                f"of {len(records)} finished cases in {out}, from which a "
-                                "rerun resumes") from e
-        records.append(rec)
-        t = spec.threshold
-        log.info("fold %d case %d/%d %s: DSC round 0 %.2f %%, at t=%.2f %.2f %% "
-                 "(round %d), %.1f s", fold, i + 1, len(test_ids), cid,
-                 100 * rec.dsc_rounds[0], t, 100 * rec.metrics_at[threshold_key(t)]["dsc"],
-                 rec.metrics_at[threshold_key(t)]["round"],
-                 rec.time_coarse_s + sum(rec.time_rounds_s))
-    log.info("fold %d: %d compilations %s", fold, seg.compile_count, seg.compiled_buckets())
-    write_records(records, out)
+    job = _FoldJob(spec, store, fold, test_ids, out, preds, hosts, done)
+    todo = hosts.share([c for c in test_ids if c not in done])
+    run = cohort.run_cases(todo, segs, load=job.load, infer=job.infer, finish=job.finish,
+                           stop=lambda: hosts.stopped(out))
+    records = _end_records(job, run)
+    log.info("fold %d: %d compilations %s; %d cases in %.1f s, idle per device %s", fold,
+             len(segs[0].compile_seconds), sorted(segs[0].compile_seconds), len(run.finished),
+             run.wall_s, {d: round(f, 2) for d, f in run.idle_fraction().items()})
     return records
 
 
-def _evaluate_case(spec: EvalSpec, seg: Segmenter, store: CaseStore, cid: str, fold: int,
-                   preds: Path | None) -> CaseRecord:
-    """Segments one stored case (its prediction into `preds` when given)."""
-    if not store.has_label(cid):
-        raise InputError(f"case {cid!r}: has no label in {store.manifest.path}; evaluation "
-                         "needs one (use launch.segment for unlabelled volumes)")
-    label = np.asarray(store.label(cid))
-    res = seg.segment_image(store.image(cid), label=label, t=spec.threshold,
-                            run_all_rounds=spec.run_all_rounds, oracles=spec.oracles)
+def device_segmenters(seg: Segmenter, devices: int = 0) -> list[Segmenter]:
+    """`seg` on each of the first `devices` local devices (0: all), sharing
+    its compilations; InputError naming `devices` when there are fewer."""
+    import jax
+    local = jax.local_devices()
+    if isinstance(devices, bool) or not 0 <= int(devices) <= len(local):
+        raise InputError(f"devices: expected 0 (all) to {len(local)} local devices, "
+                         f"got {devices!r}")
+    return [seg.on_device(d) for d in local[:int(devices) or len(local)]]
+
+
+def _start_records(hosts: Hosts, out: Path, record: Mapping[str, Any],
+                   test_ids: Sequence[str], done: Mapping[str, CaseRecord]) -> None:
+    """Process 0, before any case runs: the config, the resumed records alone
+    in cases.json (none: no cases file, so that no record of other settings
+    stays beside this config), no part file or stop file of an earlier run;
+    the other processes wait for it (their part files start empty)."""
+    if hosts.primary:
+        hosts.clear_stop(out)
+        write_config_files(out, record)
+        if done:
+            write_records([done[c] for c in test_ids if c in done], out)
+        else:
+            for name in (CASES_JSON, CASES_CSV):
+                (out / name).unlink(missing_ok=True)
+        for p in part_files(out, "cases"):
+            p.unlink()
+    hosts.statuses(None)  # a barrier: nothing above is read after this
+
+
+class _FoldJob:
+    """One fold's cases on this process: load (host), infer (a device
+    thread), finish (record, prediction, records file after every case)."""
+
+    def __init__(self, spec, store, fold, test_ids, out, preds, hosts, done):
+        self.spec, self.store, self.fold, self.test_ids = spec, store, fold, test_ids
+        self.out, self.preds, self.hosts, self.done = out, preds, hosts, done
+        self.new: dict[str, CaseRecord] = {}
+
+    def load(self, cid: str):
+        if not self.store.has_label(cid):
+            raise InputError(f"case {cid!r}: has no label in {self.store.manifest.path}; "
+                             "evaluation needs one (use launch.segment for unlabelled volumes)")
+        return np.asarray(self.store.image(cid)), np.asarray(self.store.label(cid))
+
+    def infer(self, seg: Segmenter, loaded) -> CaseResult:
+        image, label = loaded
+        s = self.spec
+        return seg.segment_image(image, label=label, t=s.threshold,
+                                 run_all_rounds=s.run_all_rounds, oracles=s.oracles)
+
+    def finish(self, cid: str, loaded, res: CaseResult, device: str) -> None:
+        rec = _case_outputs(self.spec, self.store, cid, loaded[1], res, self.fold, self.preds)
+        rec = dataclasses.replace(rec, device=device, process=self.hosts.index)
+        self.new[cid] = rec
+        # After every case: an interrupted run resumes here.
+        if self.hosts.primary:
+            write_records(self.records(), self.out)
+        else:
+            atomic_write_text(part_file(self.out, "cases", self.hosts.index),
+                              records_json_text(list(self.new.values())))
+        t = threshold_key(self.spec.threshold)
+        log.info("fold %d case %d/%d %s on %s: DSC round 0 %.2f %%, at t=%s %.2f %% "
+                 "(round %d), %.1f s", self.fold, len(self.done) + len(self.new),
+                 len(self.test_ids), cid, device, 100 * rec.dsc_rounds[0], t,
+                 100 * rec.metrics_at[t]["dsc"], rec.metrics_at[t]["round"],
+                 rec.time_coarse_s + sum(rec.time_rounds_s))
+
+    def records(self) -> list[CaseRecord]:
+        """The resumed and new records known here, in test-case order."""
+        known = {**self.done, **self.new}
+        return [known[c] for c in self.test_ids if c in known]
+
+
+def _end_records(job: _FoldJob, run: cohort.CohortRun) -> list[CaseRecord]:
+    """Every process's outcome (one all-gather); process 0 merges the part
+    files into cases.json; a failure anywhere raises on every process, after
+    the merge, naming the case and host and what was kept."""
+    hosts, out = job.hosts, job.out
+    error = None
+    if run.failed is not None:
+        cid, stage, e = run.failed
+        error = f"case {cid!r} failed on {hosts.name()} ({stage}): {_reason(e)}"
+        hosts.signal_stop(out, error)
+    statuses = hosts.statuses(error)
+    if hosts.primary and hosts.count > 1:
+        for p in part_files(out, "cases"):
+            job.new.update({r.case_id: r for r in read_records(p) if r.case_id in job.test_ids})
+        if job.records():
+            write_records(job.records(), out)
+        for p in part_files(out, "cases"):
+            p.unlink()
+        hosts.clear_stop(out)
+    records = job.records()
+    kept = (f"kept the records (and predictions) of {len(records)} finished cases in {out}, "
+            "from which a rerun resumes")
+    if run.failed is not None:
+        cid, _, e = run.failed
+        if isinstance(e, OSError):
+            raise _with_note(e, f"case {cid} not recorded on {hosts.name()}; {kept}") from e
+        if isinstance(e, InputError) or hosts.count > 1:
+            raise InputError(f"{error}; {kept}") from e
+        raise e
+    others = [s for s in statuses if s is not None]
+    if others:
+        raise InputError(f"{others[0]}; {hosts.name()} stopped; {kept}")
+    return records
+
+
+def _reason(e: BaseException) -> str:
+    """An exception in one line: "<file>: <reason>" for an OS error."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
+
+
+def _case_outputs(spec: EvalSpec, store: CaseStore, cid: str, label: np.ndarray,
+                  res: CaseResult, fold: int, preds: Path | None) -> CaseRecord:
+    """The record of one segmented stored case (its prediction into `preds`
+    when given)."""
     mask, native = res.mask, None
     if store.resampled(cid):
         # data.spacing: the reported mask is scored against the label on
@@ -228,14 +340,16 @@ def _result_fields(config_dict: dict) -> dict[str, Any]:
 def _finished_cases(spec: EvalSpec, out: Path, test_ids: Sequence[str],
                     write_predictions: bool) -> dict[str, CaseRecord]:
     """{case id: record} of the cases an earlier run in `out` finished with
-    the same models and inference settings (and whose prediction file
-    exists, when predictions are written); {} otherwise."""
-    cfg_file, cases = out / "config.json", out / "cases.json"
-    if not (cfg_file.is_file() and cases.is_file()):
+    the same models and inference settings (cases.json and the part files of
+    other processes, `stnjax.eval.hosts`; and whose prediction file exists,
+    when predictions are written); {} otherwise."""
+    cfg_file = out / "config.json"
+    files = [f for f in (out / CASES_JSON,) if f.is_file()] + part_files(out, "cases")
+    if not (cfg_file.is_file() and files):
         return {}
     try:
         old = json.loads(cfg_file.read_text())
-        recs = read_records(cases)
+        recs = [r for f in files for r in read_records(f)]
     except (OSError, ValueError, InputError) as e:
         log.warning("%s: earlier records unreadable (%s); evaluating every case", out, e)
         return {}
@@ -289,7 +403,8 @@ def evaluate_and_report(spec: EvalSpec, workdir: str | os.PathLike, *,
                         out_dir: str | os.PathLike | None = None,
                         variants: Sequence[EvalSpec] = (),
                         baselines: Sequence[tuple[EvalSpec, str | os.PathLike]] = (),
-                        write_predictions: bool = True, resume: bool = True) -> str:
+                        write_predictions: bool = True, resume: bool = True,
+                        devices: int = 0) -> str:
     """Evaluates every fold of spec.train.data.folds and reports over them.
 
     Per fold, the records go to `<out>/fold<f>` and, for each spec in
@@ -298,7 +413,9 @@ def evaluate_and_report(spec: EvalSpec, workdir: str | os.PathLike, *,
     models on the same data, e.g. the stage-wise baseline), to
     `<out>/fold<f>-<method>` without predictions; then `report` writes the
     summary of all of them, with paired comparisons, to `<out>` (default
-    `<workdir>/eval`) and its text is returned.
+    `<workdir>/eval`) and its text is returned. Every case runs on one of
+    `devices` local devices (0: all) of every process (`evaluate_fold`);
+    process 0 alone writes the summary (the others return "").
     """
     out = Path(out_dir) if out_dir else Path(workdir) / "eval"
     others = [(v, workdir) for v in variants] + list(baselines)
@@ -308,10 +425,13 @@ def evaluate_and_report(spec: EvalSpec, workdir: str | os.PathLike, *,
     records = []
     for fold in spec.train.data.folds:
         records += evaluate_fold(spec, workdir, fold, out_dir=out / f"fold{int(fold)}",
-                                 write_predictions=write_predictions, resume=resume)
+                                 write_predictions=write_predictions, resume=resume,
+                                 devices=devices)
         for o, o_work in others:
             records += evaluate_fold(o, o_work, fold, out_dir=out / f"fold{int(fold)}-{o.method}",
-                                     write_predictions=False, resume=resume)
+                                     write_predictions=False, resume=resume, devices=devices)
+    if not Hosts.current().primary:
+        return ""
     return report(records, out, thresholds=spec.report_thresholds,
                   main_threshold=spec.threshold, record=spec.record)
 
