@@ -291,6 +291,44 @@ def no_arguments(argv: Sequence[str]) -> None:
         raise UsageError(f"unexpected arguments: {list(argv[1:])}")
 
 
+class HostFlags:
+    """The multi-host flags of a command (`define_host_flags`)."""
+
+    def __init__(self):
+        self.multihost = flags.DEFINE_bool("multihost", False,
+                                           "Call jax.distributed.initialize().")
+        self.coordinator = flags.DEFINE_string(
+            "coordinator", "", "Multi-host without cluster auto-detection: host:port of "
+            "process 0 (with --num_processes, --process_id).")
+        self.num_processes = flags.DEFINE_integer("num_processes", None,
+                                                  "Multi-host: number of processes.")
+        self.process_id = flags.DEFINE_integer("process_id", None,
+                                               "Multi-host: this process's index.")
+
+    def start(self, config_multihost: bool = False) -> None:
+        """jax.distributed.initialize() when --multihost, --coordinator or
+        `config_multihost` asks for it (TPU pods, SLURM, Open MPI detected);
+        before anything touches the devices."""
+        from stnjax.train.loop import initialize_distributed
+        initialize_distributed(config_multihost or self.multihost.value
+                               or bool(self.coordinator.value),
+                               coordinator=self.coordinator.value,
+                               num_processes=self.num_processes.value,
+                               process_id=self.process_id.value)
+
+
+def define_host_flags() -> HostFlags:
+    """--multihost, --coordinator, --num_processes and --process_id, the same
+    on train, evaluate and segment; `.start()` sets up jax.distributed."""
+    return HostFlags()
+
+
+def is_primary() -> bool:
+    """Whether this is process 0 (the one that logs to files and prints)."""
+    import jax
+    return jax.process_index() == 0
+
+
 def setup(log_file: Path | None, *, cache_base: str | Path | None = None,
           primary: bool = True) -> logging.Logger:
     """Logging to stderr and `log_file` (None: stderr only), and the persistent

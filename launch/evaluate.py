@@ -18,8 +18,15 @@ models were trained with is used (stored in <workdir>/config.json); with
 one, it must be the same config (a different one is refused); inference settings
 (--config.infer.*) may change freely. cases.json is rewritten after every
 case, and a re-run with the same settings resumes where an interrupted one
-stopped (--noresume evaluates every case again). All logic lives in
-stnjax.eval.runs.
+stopped (--noresume evaluates every case again).
+
+Cases run one per local device at a time (--devices=N: the first N only),
+and over several hosts with --multihost (as launch.train: SLURM, TPU pods,
+or --coordinator=host:port --num_processes=N --process_id=I): each process
+runs its share, writes the predictions of its cases, and process 0 merges
+the records and writes the summary. The records are the same whatever the
+device and process count (each names the device and process that ran it).
+All logic lives in stnjax.eval.runs.
 """
 
 from pathlib import Path
@@ -39,6 +46,8 @@ _NO_PREDICTIONS = flags.DEFINE_bool("no_predictions", False,
 _LABEL = flags.DEFINE_string("label", None, "The method name of the records and summary "
                              "(--config.infer.label): name evaluations with different "
                              "settings so that launch.sweep compares them.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Local devices to run cases on (0: all).")
+_HOSTS = app.define_host_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -55,14 +64,16 @@ def main(argv):
         if _LABEL.value is not None:
             spec = spec.with_inference(label=_LABEL.value)
         runs.check_writable(out)
+    _HOSTS.start()
     # The cache in the output folder: evaluate leaves the training workdir alone.
-    log = app.setup(out / "evaluate.log", cache_base=out)
+    log = app.setup(out / "evaluate.log", cache_base=out, primary=app.is_primary())
     with app.exit_on_error(log):
         text = runs.evaluate_and_report(spec, workdir, out_dir=out,
                                         write_predictions=not _NO_PREDICTIONS.value,
-                                        resume=_RESUME.value)
-    print(text)
-    print(f"results in {out}")
+                                        resume=_RESUME.value, devices=_DEVICES.value)
+    if app.is_primary():
+        print(text)
+        print(f"results in {out}")
 
 
 if __name__ == "__main__":

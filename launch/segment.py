@@ -13,7 +13,11 @@ mean HU inside, rounds, seconds and warnings (an empty mask; a spacing far
 from the training data's). Every
 input is read and checked before anything is written: two inputs with the
 same name (p1/ct.nii.gz, p2/ct.nii.gz) are an error, and so is an existing
-mask unless --overwrite. Runs on CPU too.
+mask unless --overwrite. Runs on CPU too. Inputs run one per local device
+at a time (--devices=N: the first N only), and over several hosts with
+--multihost (as launch.train): each process segments its share and writes
+its masks; process 0 writes segment.json, which names the device and process
+of every input.
 """
 
 
@@ -28,6 +32,8 @@ _FOLD = flags.DEFINE_integer("fold", 0, "Which fold's models to use.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace outputs that exist in --out.")
 _PROBS = flags.DEFINE_bool("probabilities", False, "Also write the fused probability map "
                            "(<name>_prob.nii.gz, float32, the round the mask comes from).")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Local devices to run inputs on (0: all).")
+_HOSTS = app.define_host_flags()
 flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
@@ -35,9 +41,10 @@ def main(argv):
     from stnjax.eval import runs  # imports jax: after flag parsing
     from stnjax.eval.spec import EvalSpec
 
+    _HOSTS.start()
     # No log file (nothing is written before the checks); the trained
     # workdir's compilation cache, shared with evaluate.
-    log = app.setup(None, cache_base=_WORKDIR.value)
+    log = app.setup(None, cache_base=_WORKDIR.value, primary=app.is_primary())
     with app.exit_on_error(log):
         spec = EvalSpec.from_config(_CONFIG.value)
         inf = spec.inference
@@ -49,7 +56,8 @@ def main(argv):
         written = runs.segment_files(spec, _WORKDIR.value, argv[1:],
                                      out_dir=_OUT.value, fold=_FOLD.value,
                                      overwrite=_OVERWRITE.value,
-                                     probabilities=_PROBS.value)
+                                     probabilities=_PROBS.value,
+                                     devices=_DEVICES.value)
     for p in written:
         print(f"wrote {p}")
 

@@ -25,28 +25,20 @@ _CONFIG = app.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the runs.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Delete checkpoints of another config in the workdir.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
-_COORD = flags.DEFINE_string("coordinator", "", "Multi-host without cluster auto-detection: "
-                             "host:port of process 0 (with --num_processes, --process_id).")
-_NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-_PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_HOSTS = app.define_host_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     app.no_arguments(argv)
-    import jax  # after flag parsing
-    from stnjax.train import loop
+    from stnjax.train import loop  # imports jax: after flag parsing
     from stnjax.train.spec import TrainSpec
 
     with app.exit_on_error():  # the config, read once here; nothing written yet
         spec = TrainSpec.from_config(_CONFIG.value)
-    loop.initialize_distributed(spec.loop.multihost or _MULTIHOST.value or bool(_COORD.value),
-                                coordinator=_COORD.value, num_processes=_NPROC.value,
-                                process_id=_PID.value)
+    _HOSTS.start(spec.loop.multihost)
     workdir = Path(_WORKDIR.value)
-    log = app.setup(workdir / "train.log", cache_base=workdir,
-                    primary=jax.process_index() == 0)
+    log = app.setup(workdir / "train.log", cache_base=workdir, primary=app.is_primary())
     with app.exit_on_error(log):
         summaries = loop.train(spec, workdir, overwrite=_OVERWRITE.value)
     for s in summaries:

@@ -443,15 +443,17 @@ def mask_names(inputs_: Sequence[str], out: Path, *, overwrite: bool = False) ->
 
 def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[str], *,
                   out_dir: str | os.PathLike, fold: int = 0, overwrite: bool = False,
-                  probabilities: bool = False) -> list[Path]:
+                  probabilities: bool = False, devices: int = 0) -> list[Path]:
     """Segments NIfTI files or DICOM folders without labels (`stnjax.eval.segment`).
 
     Every input is checked (readable, a 3D volume, a mask name of its own,
     no existing output unless `overwrite`) before anything is written;
     masks (and with `probabilities` the fused probability maps) are
     written to `<out>/<name>_mask.nii.gz` (`_prob.nii.gz`) in the source
-    geometry, and `<out>/segment.json` after every input. Returns the
-    written mask (and probability) paths.
+    geometry, and `<out>/segment.json` after every input. Inputs run one
+    per local device at a time (`devices`: how many, 0 = all), over every
+    process of `jax.distributed` when there are several (a share each).
+    Returns the mask (and probability) paths this process wrote.
     """
     if not inputs_:
         raise InputError("inputs: give at least one NIfTI file or DICOM folder")
@@ -461,13 +463,16 @@ def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[
     target = spec.train.data.spacing
     grids = seg_lib.check_inputs(volumes, spec.inference.planes, target)
     reference, what = seg_lib.reference_spacing(spec.train.data, workdir)
-    seg = make_segmenter(spec, load_models(spec.train, workdir, fold, spec.inference.planes))
-    write_config_files(out, spec.record)
+    segs = device_segmenters(make_segmenter(spec, load_models(
+        spec.train, workdir, fold, spec.inference.planes)), devices)
+    hosts = Hosts.current()
+    if hosts.primary:
+        write_config_files(out, spec.record)
     settings = {"workdir": str(workdir), "fold": int(fold), "threshold": spec.threshold,
                 "planes": "".join(spec.inference.planes),
                 "max_rounds": spec.inference.max_rounds,
                 "saliency_input": spec.inference.saliency_input,
                 "spacing_mm": None if target is None else list(target)}
-    return seg_lib.run_all(seg, volumes, grids, outs, out=out, target=target,
+    return seg_lib.run_all(segs, volumes, grids, outs, out=out, target=target,
                            t=spec.threshold, reference=reference, reference_what=what,
-                           settings=settings)
+                           settings=settings, hosts=hosts)

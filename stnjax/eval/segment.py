@@ -7,8 +7,11 @@ before anything is written. Per input, `<out>/<name>_mask.nii.gz` (and with
 the mask comes from, float32) are written on the input's own grid, so they
 overlay it, and `<out>/segment.json` is rewritten after every input (what
 each input gave: paths, shape, spacing, organ volume in mL, mean HU inside
-the mask, rounds, seconds, warnings), so an interrupted call keeps the
-record of the finished ones.
+the mask, rounds, inference seconds, the device and process that ran it,
+warnings), so an interrupted call keeps the record of the finished ones.
+Inputs run one per device at a time (`stnjax.infer.cohort`), and over
+several processes with `--multihost` (`stnjax.eval.hosts`: each process
+segments its share and writes its outputs; process 0 writes segment.json).
 
 Warnings (logged and in segment.json): an empty mask, and a voxel spacing
 the models did not see in training: an axis more than 1.5 times coarser or
@@ -22,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +33,9 @@ import numpy as np
 from stnjax.checks import InputError
 from stnjax.data import resample, volume_io
 from stnjax.data.preprocess import PLANE_AXIS
+from stnjax.eval.hosts import Hosts, part_file, part_files
 from stnjax.fileio import atomic_write_text
+from stnjax.infer import cohort
 
 log = logging.getLogger("stnjax.eval")
 
@@ -138,52 +142,122 @@ def write_summary(out: Path, entries: Sequence[dict], settings: dict) -> Path:
     return path
 
 
-def segment_one(seg: Any, vol: Any, grid: tuple[int, int, int], target, t: float
-                ) -> tuple[np.ndarray, np.ndarray, Any]:
-    """(mask bool, probability float32, CaseResult) of one volume on its own
-    grid: the models run on `grid` (the target spacing's when `target`)."""
-    image = vol.data if target is None else resample.resample_linear(vol.data, grid)
-    res = seg.segment(image, t=t, run_all_rounds=False)
+def model_image(vol: Any, grid: tuple[int, int, int], target) -> np.ndarray:
+    """The HU volume the models run on: its own grid, or resampled to `grid`
+    (the target spacing's)."""
+    return vol.data if target is None else resample.resample_linear(vol.data, grid)
+
+
+def on_input_grid(res: Any, vol: Any, target) -> tuple[np.ndarray, np.ndarray]:
+    """(mask bool, probability float32) of a CaseResult on the input's own grid."""
     shape = vol.data.shape
     mask = res.mask if target is None else resample.to_grid(res.mask, shape)
     prob = np.asarray(res.score, np.float32)
     if target is not None:
         prob = np.clip(resample.resample_linear(prob, shape), 0.0, 1.0)
-    return mask, prob, res
+    return mask, prob
 
 
-def run_all(seg: Any, volumes, grids, outs, *, out: Path, target, t: float,
-            reference, reference_what: str, settings: dict) -> list[Path]:
-    """Segments every checked volume, writes its outputs and segment.json
-    after each; returns the written mask (and probability) paths."""
-    written, entries = [], []
-    for i, ((path, vol), grid, (mask_path, prob_path)) in enumerate(zip(volumes, grids, outs)):
-        t0 = time.perf_counter()
-        mask, prob, res = segment_one(seg, vol, grid, target, t)
+def segment_one(seg: Any, vol: Any, grid: tuple[int, int, int], target, t: float
+                ) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(mask bool, probability float32, CaseResult) of one volume on its own
+    grid: the models run on `grid` (the target spacing's when `target`)."""
+    res = seg.segment(model_image(vol, grid, target), t=t, run_all_rounds=False)
+    return (*on_input_grid(res, vol, target), res)
+
+
+def run_all(segs: Sequence[Any], volumes, grids, outs, *, out: Path, target, t: float,
+            reference, reference_what: str, settings: dict, hosts: Hosts | None = None
+            ) -> list[Path]:
+    """Segments every checked volume, one per device of `segs` at a time
+    (`stnjax.infer.cohort`; with several `hosts` each process its share),
+    writes its outputs and segment.json after each (process 0; the others
+    their part files, merged at the end); returns the paths this process
+    wrote. A failure raises after the finished inputs are recorded."""
+    hosts = hosts or Hosts()
+    job = _SegmentJob(volumes, grids, outs, out, target, t, reference, reference_what,
+                      settings, hosts)
+    hosts.agree("segment", [str(p) for p, _ in volumes], settings)
+    hosts.clear_stop(out)
+    keys = hosts.share([str(i) for i in range(len(volumes))])
+    run = cohort.run_cases(keys, segs, load=job.load, infer=job.infer, finish=job.finish,
+                           stop=lambda: hosts.stopped(out))
+    error = None
+    if run.failed is not None:
+        key, stage, e = run.failed
+        error = f"input {volumes[int(key)][0]} failed on {hosts.name()} ({stage}): {e}"
+        hosts.signal_stop(out, error)
+    statuses = hosts.statuses(error)
+    if hosts.primary and hosts.count > 1:
+        for p in part_files(out, "segment"):
+            job.entries.update({int(k): v for k, v in json.loads(p.read_text()).items()})
+            p.unlink()
+        write_summary(out, job.ordered(), settings)
+        hosts.clear_stop(out)
+    if run.failed is not None and hosts.count == 1:
+        raise run.failed[2]
+    failed = [s for s in statuses if s is not None]
+    if failed:
+        raise InputError(f"{failed[0]}; kept the outputs of {len(job.entries)} finished "
+                         f"inputs in {out} (segment.json)")
+    return job.written
+
+
+class _SegmentJob:
+    """The inputs of one `run_all` on this process: load (resampling, host),
+    infer (a device thread), finish (files, segment.json)."""
+
+    def __init__(self, volumes, grids, outs, out, target, t, reference, reference_what,
+                 settings, hosts):
+        self.volumes, self.grids, self.outs, self.out = volumes, grids, outs, out
+        self.target, self.t, self.settings, self.hosts = target, t, settings, hosts
+        self.reference, self.reference_what = reference, reference_what
+        self.entries: dict[int, dict] = {}
+        self.written: list[Path] = []
+
+    def load(self, key: str):
+        i = int(key)
+        return i, model_image(self.volumes[i][1], self.grids[i], self.target)
+
+    def infer(self, seg: Any, loaded) -> Any:
+        return seg.segment(loaded[1], t=self.t, run_all_rounds=False)
+
+    def finish(self, key: str, loaded, res: Any, device: str) -> None:
+        i = loaded[0]
+        (path, vol), (mask_path, prob_path) = self.volumes[i], self.outs[i]
+        mask, prob = on_input_grid(res, vol, self.target)
         volume_io.save_mask(mask, vol.geometry, mask_path)
-        written.append(mask_path)
+        self.written.append(mask_path)
         if prob_path is not None:
             volume_io.save_volume(prob, vol.geometry, prob_path)
-            written.append(prob_path)
+            self.written.append(prob_path)
         spacing = [float(s) for s in vol.geometry.spacing]
         warnings = [w for w in (
             "empty mask: no organ found" if not mask.any() else None,
-            spacing_warning(spacing, reference, reference_what)) if w]
+            spacing_warning(spacing, self.reference, self.reference_what)) if w]
         for w in warnings:
             log.warning("%s: %s", path, w)
-        seconds = time.perf_counter() - t0
-        entries.append({"input": str(path), "mask": str(mask_path),
-                        "probabilities": None if prob_path is None else str(prob_path),
-                        "shape": list(vol.data.shape), "spacing_mm": spacing,
-                        "model_grid": list(grid), **case_summary(mask, vol.data, spacing),
-                        "rounds": int(res.rounds), "seconds": round(seconds, 3),
-                        "seconds_coarse": round(float(res.time_coarse_s), 3),
-                        "warnings": warnings})
-        write_summary(out, entries, settings)
-        log.info("%d/%d %s: %d voxels (%.1f mL), %d rounds, %.1f s (coarse %.1f s)", i + 1,
-                 len(volumes), path, entries[-1]["voxels"], entries[-1]["volume_ml"],
-                 res.rounds, seconds, res.time_coarse_s)
-    return written
+        seconds = float(res.time_coarse_s) + float(sum(res.time_rounds_s))
+        self.entries[i] = {
+            "input": str(path), "mask": str(mask_path),
+            "probabilities": None if prob_path is None else str(prob_path),
+            "shape": list(vol.data.shape), "spacing_mm": spacing,
+            "model_grid": list(self.grids[i]), **case_summary(mask, vol.data, spacing),
+            "rounds": int(res.rounds), "seconds": round(seconds, 3),
+            "seconds_coarse": round(float(res.time_coarse_s), 3),
+            "device": device, "process": self.hosts.index, "warnings": warnings}
+        if self.hosts.primary:
+            write_summary(self.out, self.ordered(), self.settings)
+        else:
+            atomic_write_text(part_file(self.out, "segment", self.hosts.index),
+                              json.dumps({str(k): v for k, v in self.entries.items()}))
+        e = self.entries[i]
+        log.info("%d/%d %s on %s: %d voxels (%.1f mL), %d rounds, %.1f s (coarse %.1f s)",
+                 len(self.entries), len(self.volumes), path, device, e["voxels"],
+                 e["volume_ml"], res.rounds, seconds, res.time_coarse_s)
+
+    def ordered(self) -> list[dict]:
+        return [self.entries[k] for k in sorted(self.entries)]
 
 
 def reference_spacing(train_data: Any, workdir: str | os.PathLike
@@ -197,6 +271,6 @@ def reference_spacing(train_data: Any, workdir: str | os.PathLike
     return training_spacing_range(cached_case_records(cache)), "the training cases' spacing"
 
 
-__all__ = ["output_names", "segment_one", "run_all", "check_inputs", "reference_spacing",
+__all__ = ["output_names", "segment_one", "model_image", "on_input_grid", "run_all", "check_inputs", "reference_spacing",
            "spacing_warning", "case_summary", "training_spacing_range", "cached_case_records",
            "write_summary", "SPACING_FACTOR"]
