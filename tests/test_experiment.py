@@ -7,6 +7,7 @@ output folder that cannot be written (no output file may appear).
 """
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -405,3 +406,120 @@ def test_readme_python_snippet_runs_as_written(trained, tmp_path):
     assert r >= 1
     np.testing.assert_allclose(np.asarray(out.inter)[1:r + 1], np.asarray(res.inter)[1:r + 1],
                                atol=1e-5)
+
+
+# ------------------------------------------------------- cohort inference (issue 14)
+# Every case of a cohort must give the same record on any device of any
+# process: the comparisons below blank records.RUN_FIELDS only (wall-clock
+# times, which vary from run to run, and the device and process, which vary
+# with the device and process count by design); masks, metrics, rounds and
+# diagnostics must be the same bits as the one-device run's.
+
+_SEGMENTERS: dict = {}
+
+
+def _one_compilation(mp):
+    """Every evaluation and segmentation of these tests gets the same
+    Segmenter (and so compiles each program once: the device copies load
+    the first device's executable); the multi-process runs compile their own."""
+    make = runs.make_segmenter
+
+    def shared(spec, params):
+        key = json.dumps(spec.record, sort_keys=True, default=str)
+        return _SEGMENTERS.setdefault(key, make(spec, params))
+    mp.setattr(runs, "make_segmenter", shared)
+
+
+@pytest.fixture(scope="module")
+def cohort(trained, tmp_path_factory):
+    """A copy of the trained workdir whose fold 0 tests all 4 phantom cases
+    (the smoke fold has 1), and its evaluation on one device: the reference."""
+    spec, work = trained
+    copy = tmp_path_factory.mktemp("cohort") / "work"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("jax_cache"))
+    ds = inputs.dataset_dir(spec.train.data, copy)
+    ids = sorted(manifest.load_manifest(ds).case_ids)
+    manifest.write_fold_table(ds, {0: ids, 1: [], 2: [], 3: []})
+    with pytest.MonkeyPatch.context() as mp:
+        _one_compilation(mp)
+        one = runs.evaluate_fold(spec, copy, 0, out_dir=copy / "eval-1dev", devices=1)
+    assert [r.case_id for r in one] == ids and {r.device for r in one} == {"cpu:0"}
+    return spec, copy, one
+
+
+def _same_predictions(a: Path, b: Path, names) -> None:
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+def test_four_devices_give_the_one_device_records_and_resume_after_a_kill(
+        cohort, monkeypatch, tmp_path):
+    """4 cases on 4 devices: a kill in one device's case keeps the cases the
+    others finished; the rerun runs only the rest (no case twice) and ends
+    with the one-device records and predictions, from at least 2 devices."""
+    spec, work, one = cohort
+    _one_compilation(monkeypatch)
+    ran, orig, calls = [], runs.Segmenter.segment_image, itertools.count(1)
+
+    def segment(self, *a, **kw):
+        if next(calls) == kill_at:  # the second case to start: the first one finishes
+            raise RuntimeError("killed")
+        res = orig(self, *a, **kw)
+        ran.append(self.device)
+        return res
+    monkeypatch.setattr(runs.Segmenter, "segment_image", segment)
+    out, kill_at = tmp_path / "eval", 2
+    with pytest.raises(RuntimeError, match="killed"):
+        runs.evaluate_fold(spec, work, 0, out_dir=out, devices=4)
+    kept = records.read_records(out)
+    assert 1 <= len(kept) == len(ran) <= 3  # the finished cases, each recorded
+    assert not list(out.glob("cases.p*.json"))
+    kill_at = 0
+    resumed = runs.evaluate_fold(spec, work, 0, out_dir=out, devices=4)
+    assert len(ran) == len(one)  # each case ran once over the two runs
+    assert [records.without_run_fields(r) for r in resumed] == \
+        [records.without_run_fields(r) for r in one]
+    assert records.read_records(out) == resumed
+    assert len({r.device for r in resumed}) >= 2 and {r.process for r in resumed} == {0}
+    _same_predictions(work / "eval-1dev" / "predictions", out / "predictions",
+                      [f"{r.case_id}.nii.gz" for r in one])
+
+
+def test_segment_six_inputs_on_four_devices_like_one(cohort, monkeypatch, tmp_path):
+    spec, work, _ = cohort
+    _one_compilation(monkeypatch)
+    images = sorted(inputs.dataset_dir(spec.train.data, work).glob("images/*.nii.gz"))
+    for k in (0, 1):  # 6 inputs from the 4 phantoms
+        shutil.copy(images[k], tmp_path / f"again{k}.nii.gz")
+        images.append(tmp_path / f"again{k}.nii.gz")
+    outs = {}
+    for n in (1, 4):
+        written = runs.segment_files(spec, work, [str(p) for p in images],
+                                     out_dir=tmp_path / f"d{n}", devices=n)
+        outs[n] = json.loads((tmp_path / f"d{n}" / "segment.json").read_text())["inputs"]
+        assert len(written) == 6 and len({e["device"] for e in outs[n]}) >= min(n, 2)
+    run_fields = ("seconds", "seconds_coarse", "device", "process", "mask")
+    assert [{k: v for k, v in e.items() if k not in run_fields} for e in outs[4]] == \
+        [{k: v for k, v in e.items() if k not in run_fields} for e in outs[1]]
+    _same_predictions(tmp_path / "d1", tmp_path / "d4", [Path(e["mask"]).name for e in outs[1]])
+
+
+def test_hosts_share_and_refuse_different_case_lists(monkeypatch):
+    """The deterministic share, and the start-up check (one all-gather of
+    each process's case count and digest, faked here): a process that sees
+    other cases or settings is refused on every process, before any work."""
+    from stnjax.eval import hosts as H
+    h = H.Hosts(1, 3, "h1")
+    assert h.share(list("abcdefg")) == ["b", "e"] and H.Hosts(5, 8).share("abc") == []
+    rows = []
+    monkeypatch.setattr(H, "_allgather", lambda row: np.stack(rows))
+    for k, cases in enumerate((["a", "b"], ["a", "b"], ["a", "b"])):
+        rows.append(np.asarray(H.Hosts(k, 3)._digest_row(cases, {"t": 1})))
+    h.agree("fold 0", ["a", "b"], {"t": 1})  # the same everywhere: fine
+    rows[2] = np.asarray(H.Hosts(2, 3)._digest_row(["a"], {"t": 1}))
+    with pytest.raises(InputError, match=r"fold 0: the processes disagree .*processes \[2\].*"
+                                         r"process 2: 1\)"):
+        h.agree("fold 0", ["a", "b"], {"t": 1})
+    rows[2] = np.asarray(H.Hosts(2, 3)._digest_row(["a", "b"], {"t": 2}))
+    with pytest.raises(InputError, match=r"processes \[2\] differ"):
+        h.agree("fold 0", ["a", "b"], {"t": 1})

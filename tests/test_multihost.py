@@ -28,8 +28,6 @@ deletes under the shared workdir, so the test also checks that only process
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from multiproc import _env, _free_port, _gloo_available, _wait_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,28 +91,6 @@ runpy.run_module("launch.train", run_name="__main__", alter_sys=True)
 """
 
 
-def _free_port() -> int:
-    # Bound and released at once: another program could take it before the
-    # coordinator binds it, a race too rare on a test machine to retry.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-    # Drop the parent's XLA/JAX settings (conftest's 8 devices) and any
-    # cluster variables that jax.distributed would auto-detect.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_", "XLA_", "SLURM_", "OMPI_", "PMI_"))}
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                        "--xla_backend_optimization_level=0 "
-                        "--xla_llvm_disable_expensive_passes=true")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"  # jax's default; stated for clarity
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _start(workdir: Path, devices: int, audit: Path, *extra: str) -> subprocess.Popen:
     args = [f"--config={ROOT / 'launch/configs/smoke.py'}", f"--workdir={workdir}",
             *OVERRIDES, *extra]
@@ -120,35 +98,6 @@ def _start(workdir: Path, devices: int, audit: Path, *extra: str) -> subprocess.
     with open(audit.with_suffix(".out"), "w") as out:  # the child keeps its own copy
         return subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=out,
                                 stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_all(procs: dict, deadline: float, grace: float = 30.0) -> dict:
-    """Exit codes by name, plus "timeout": True when some had to be killed.
-
-    Polls until all exit. When one fails its peers get `grace` seconds (a
-    process whose peer died can wait long on the coordinator); at the
-    deadline, or after the grace, every process still running is killed.
-    """
-    stop_at = deadline
-    while time.monotonic() < stop_at:
-        codes = {n: p.poll() for n, p in procs.items()}
-        if all(c is not None for c in codes.values()):
-            return codes
-        if any(c for c in codes.values()):
-            stop_at = min(stop_at, time.monotonic() + grace)
-        time.sleep(0.2)
-    for p in procs.values():
-        if p.poll() is None:
-            p.kill()
-    return dict({n: p.wait() for n, p in procs.items()}, timeout=True)
-
-
-def _gloo_available() -> bool:
-    try:
-        from jax._src.lib import _jax
-    except ImportError:  # another layout: let the run say whether it works
-        return True
-    return hasattr(_jax, "make_gloo_tcp_collectives")
 
 
 @pytest.fixture(scope="module")

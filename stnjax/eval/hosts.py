@@ -64,11 +64,7 @@ class Hosts:
         data, folds or settings would split the cases wrongly."""
         if self.count == 1:
             return
-        text = json.dumps({"cases": list(cases), "settings": settings}, sort_keys=True,
-                          default=str)
-        row = np.concatenate([[len(cases)], np.frombuffer(
-            hashlib.sha256(text.encode()).digest(), np.uint8)]).astype(np.int32)
-        rows = _allgather(row)
+        rows = _allgather(self._digest_row(cases, settings))
         bad = [k for k in range(self.count) if not np.array_equal(rows[k], rows[0])]
         if bad:
             counts = ", ".join(f"process {k}: {int(rows[k][0])}" for k in range(self.count))
@@ -76,6 +72,14 @@ class Hosts:
                 f"{what}: the processes disagree on the cases or settings (processes {bad} "
                 f"differ from process 0; cases per process: {counts}); every host must see "
                 "the same dataset, folds, resumed records and settings. Nothing was run")
+
+    @staticmethod
+    def _digest_row(cases: Sequence[str], settings: Any) -> np.ndarray:
+        """(33,) int32: the case count, then the SHA-256 of cases and settings."""
+        text = json.dumps({"cases": list(cases), "settings": settings}, sort_keys=True,
+                          default=str)
+        digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+        return np.concatenate([[len(cases)], digest]).astype(np.int32)
 
     def statuses(self, error: str | None) -> list[str | None]:
         """Every process's failure message (None: it finished), in process
