@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -433,8 +434,10 @@ def _one_compilation(mp):
 @pytest.fixture(scope="module")
 def cohort(trained, tmp_path_factory):
     """A copy of the trained workdir whose fold 0 tests all 4 phantom cases
-    (the smoke fold has 1), and its evaluation on one device: the reference."""
+    (the smoke fold has 1), and its evaluation on one device: the reference.
+    3 rounds on volumes of their own size (48 x 48 x 24), to keep it short."""
     spec, work = trained
+    spec = spec.with_inference(max_rounds=3, volume_buckets=(24, 48))
     copy = tmp_path_factory.mktemp("cohort") / "work"
     shutil.copytree(work, copy, ignore=shutil.ignore_patterns("jax_cache"))
     ds = inputs.dataset_dir(spec.train.data, copy)
@@ -523,3 +526,78 @@ def test_hosts_share_and_refuse_different_case_lists(monkeypatch):
     rows[2] = np.asarray(H.Hosts(2, 3)._digest_row(["a", "b"], {"t": 2}))
     with pytest.raises(InputError, match=r"processes \[2\] differ"):
         h.agree("fold 0", ["a", "b"], {"t": 1})
+
+
+# launch.evaluate as __main__ (as `python -m` runs it); in process 1, reading
+# case FAIL_CASE raises an I/O error, as a host whose mount of the data failed.
+_EVAL_DRIVER = r"""
+import errno, os, runpy, sys
+fail_case = sys.argv[1]
+sys.argv = ["launch/evaluate.py"] + sys.argv[2:]
+if fail_case and "--process_id=1" in sys.argv:
+    from stnjax.data.store import CaseStore
+    image = CaseStore.image
+    def broken(self, cid, *a, **k):
+        if cid == fail_case:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), f"/mnt/lost/{cid}.nii.gz")
+        return image(self, cid, *a, **k)
+    CaseStore.image = broken
+runpy.run_module("launch.evaluate", run_name="__main__", alter_sys=True)
+"""
+
+
+COHORT_FLAGS = ("--config.infer.max_rounds=3", "--config.infer.volume_buckets=(24, 48)")
+
+
+def _two_hosts(work: Path, out: Path, fail_case: str = "") -> dict:
+    """launch.evaluate as 2 processes x 2 fake CPU devices; {name: (code, output)}."""
+    from multiproc import _env, _free_port, _wait_all
+    multi = (f"--coordinator=localhost:{_free_port()}", "--num_processes=2")
+    procs, logs = {}, {}
+    for k in (0, 1):
+        logs[k] = out.parent / f"{out.name}-p{k}.out"
+        with open(logs[k], "w") as f:
+            procs[k] = subprocess.Popen(
+                [sys.executable, "-c", _EVAL_DRIVER, fail_case, f"--workdir={work}",
+                 f"--out={out}", *COHORT_FLAGS, *multi, f"--process_id={k}"],
+                cwd=ROOT, env=dict(_env(2), STNJAX_HUGE_PAGES="0"), stdout=f,
+                stderr=subprocess.STDOUT, text=True)
+    codes = _wait_all(procs, time.monotonic() + 240)
+    return {k: (codes[k], logs[k].read_text()) for k in procs}
+
+
+def test_two_hosts_fail_stop_resume_and_match_one_device(cohort):
+    """launch.evaluate over 2 processes x 2 devices. Process 1 cannot read one
+    of its cases: both stop with one error line naming that case and host,
+    keeping the finished cases (merged by process 0). The same command then
+    resumes with the missing cases only and ends with the one-device records
+    (and predictions), the summary written by process 0."""
+    from multiproc import _gloo_available
+    if not _gloo_available():
+        pytest.skip("this jaxlib has no gloo CPU collectives")
+    spec, work, one = cohort
+    out, lost = work / "eval-2x2", one[-1].case_id  # the last case: process 1's share
+    res = _two_hosts(work, out, fail_case=lost)
+    for k, (code, text) in res.items():
+        errors = [l for l in text.splitlines() if l.startswith("error: ")]
+        assert code == 1 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+        assert f"{lost!r} failed on process 1 on host " in errors[0] and "(load)" in errors[0] \
+            and "Input/output error" in errors[0] and "a rerun resumes" in errors[0], errors
+    assert "process 0 on host" in res[0][1] and " stopped; kept the records" in res[0][1]
+    kept = records.read_records(out / "fold0")
+    assert kept and lost not in {r.case_id for r in kept}
+    assert all((out / "fold0" / "predictions" / f"{r.case_id}.nii.gz").is_file() for r in kept)
+    assert not list((out / "fold0").glob("cases.p*.json")) and \
+        not (out / "fold0" / ".stop").exists() and not (out / "summary.json").exists()
+
+    res = _two_hosts(work, out)
+    assert [c for c, _ in res.values()] == [0, 0], res[0][1][-3000:] + res[1][1][-3000:]
+    assert f"resuming, {len(kept)} of {len(one)} cases already evaluated" in res[0][1]
+    final = records.read_records(out / "fold0")
+    assert [records.without_run_fields(r) for r in final] == \
+        [records.without_run_fields(r) for r in one]
+    assert len({r.device for r in final}) >= 2 and {r.process for r in final} <= {0, 1}
+    _same_predictions(work / "eval-1dev" / "predictions", out / "fold0" / "predictions",
+                      [f"{r.case_id}.nii.gz" for r in one])
+    assert (out / "summary.json").is_file() and "results in" in res[0][1] and \
+        "results in" not in res[1][1]

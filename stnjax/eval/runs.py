@@ -290,11 +290,13 @@ def _end_records(job: _FoldJob, run: cohort.CohortRun) -> list[CaseRecord]:
         hosts.clear_stop(out)
     records = job.records()
     kept = (f"kept the records (and predictions) of {len(records)} finished cases in {out}, "
-            "from which a rerun resumes")
+            "from which a rerun resumes" if hosts.primary else
+            f"kept the records (and predictions) of the finished cases in {out} (process 0 "
+            "merges them), from which a rerun resumes")
     if run.failed is not None:
-        cid, _, e = run.failed
+        cid, stage, e = run.failed
         if isinstance(e, OSError):
-            raise _with_note(e, f"case {cid} not recorded on {hosts.name()}; {kept}") from e
+            raise _with_note(e, f"case {cid!r} failed on {hosts.name()} ({stage}); {kept}") from e
         if isinstance(e, InputError) or hosts.count > 1:
             raise InputError(f"{error}; {kept}") from e
         raise e
