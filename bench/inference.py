@@ -15,12 +15,24 @@
    reports 5.22 rounds on average at t = 0.99). Reported: coarse time,
    time per round, and totals for 10 and for 5.22 rounds. Compilation is
    timed separately and excluded.
+3. --cohort: cases per second of cohort inference (`stnjax.infer.cohort`:
+   one case per device, a loader thread ahead of the devices) on 1, 2, 4,
+   ... devices (--cohort_devices), and the idle fraction of each device; the
+   same untrained models and phantom cases (--cohort_cases of them, all
+   rounds run) for every device count, compilation done before the timing.
+   On a CPU the devices are fake (`--xla_force_host_platform_device_count`,
+   set here to the largest count unless XLA_FLAGS sets it): they share the
+   machine's cores, so the figure says how well the scheduling overlaps,
+   not what more chips would give.
+
+  python bench/inference.py --cohort --small --cohort_devices=1,2,4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +49,8 @@ from stnjax.phantom import volumes as phantom  # noqa: E402
 from stnjax.fileio import atomic_write_text  # noqa: E402
 from stnjax.models.rstn import RSTN  # noqa: E402
 from stnjax.data.preprocess import model_input  # noqa: E402
+from stnjax.infer import cohort  # noqa: E402
+from stnjax.infer.segmenter import Segmenter  # noqa: E402
 
 PAPER_MEAN_ROUNDS = 5.22
 
@@ -107,6 +121,50 @@ def end_to_end(width, variant, dtype, shape, batch, rounds) -> dict:
             "compile_s": compile_s}
 
 
+def cohort_throughput(width, variant, dtype, shape, n_cases, device_counts, rounds) -> dict:
+    """Cases/s and per-device idle fractions of `run_cases` over the first
+    n local devices, for each n of `device_counts`."""
+    rstn = make_rstn(width, variant, dtype)
+    spec = infer.InferenceSpec(planes=("Z",), max_rounds=rounds)
+    params = {"Z": jax.jit(rstn.init_params, static_argnums=1)(jax.random.key(0), (64, 64))}
+    cases = []
+    for i in range(n_cases):
+        hu, labels, _ = phantom.make_phantom(i, phantom.PhantomConfig(shape=shape))
+        cases.append((hu, labels == phantom.PANCREAS_ID))
+    base = Segmenter(rstn, params, spec)
+    rows = []
+    for n in device_counts:
+        segs = [base.on_device(d) for d in jax.local_devices()[:n]]
+        for s in segs:  # compiled (first device) or loaded (the others), not timed
+            s.segment(cases[0][0], label=cases[0][1], t=2.0)
+        run = cohort.run_cases(
+            [str(i) for i in range(n_cases)], segs,
+            load=lambda k: (model_input(cases[int(k)][0]), cases[int(k)][1]),
+            infer=lambda seg, c: seg.segment_image(c[0], label=c[1], t=2.0),
+            finish=lambda k, c, res, dev: None)
+        if run.failed:
+            raise run.failed[2]
+        idle = run.idle_fraction()
+        rows.append({"devices": n, "cases": n_cases, "wall_s": run.wall_s,
+                     "cases_per_s": n_cases / run.wall_s,
+                     "cases_per_device": {d.device: d.cases for d in run.devices},
+                     "idle_fraction": idle})
+        gain = rows[-1]["cases_per_s"] / rows[0]["cases_per_s"]
+        print(f"cohort {n:2d} device(s): {n_cases} cases in {run.wall_s:6.2f} s, "
+              f"{n_cases / run.wall_s:6.2f} cases/s (x{gain:.2f}); idle "
+              + ", ".join(f"{d} {f:.2f}" for d, f in idle.items()), flush=True)
+    return {"dtype": dtype, "volume": list(shape), "rounds": rounds, "planes": "Z",
+            "runs": rows}
+
+
+def _fake_cpu_devices(n: int) -> None:
+    """On a CPU, `n` fake devices unless XLA_FLAGS sets a count (before the
+    backend starts)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny sizes for a CPU")
@@ -116,7 +174,24 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--skip_e2e", action="store_true")
     ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--cohort", action="store_true", help="only the cohort benchmark")
+    ap.add_argument("--cohort_devices", default="1,2,4", help="device counts to compare")
+    ap.add_argument("--cohort_cases", type=int, default=16)
+    ap.add_argument("--cohort_rounds", type=int, default=3)
     a = ap.parse_args()
+    if a.cohort:
+        counts = [int(n) for n in a.cohort_devices.split(",")]
+        _fake_cpu_devices(max(counts))
+        if max(counts) > len(jax.local_devices()):
+            ap.error(f"--cohort_devices: {max(counts)} > {len(jax.local_devices())} local devices")
+        width, shape = (1.0, (512, 512, 240)) if not a.small else (1 / 16, (96, 96, 48))
+        r = cohort_throughput(width, a.variant, a.dtypes.split(",")[0], shape, a.cohort_cases,
+                              counts, a.cohort_rounds)
+        r.update(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+                 jax=jax.__version__, width=width)
+        if a.json:
+            atomic_write_text(a.json, json.dumps(r, indent=2))
+        return
     width, size, shape = (1.0, 512, (512, 512, 240)) if not a.small else \
         (1 / 16, 96, (96, 96, 48))
     dtypes = a.dtypes.split(",")

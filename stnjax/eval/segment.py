@@ -177,8 +177,11 @@ def run_all(segs: Sequence[Any], volumes, grids, outs, *, out: Path, target, t: 
     hosts = hosts or Hosts()
     job = _SegmentJob(volumes, grids, outs, out, target, t, reference, reference_what,
                       settings, hosts)
+    if hosts.primary:  # nothing of an earlier failed run; the others wait in `agree`
+        hosts.clear_stop(out)
+        for p in part_files(out, "segment"):
+            p.unlink()
     hosts.agree("segment", [str(p) for p, _ in volumes], settings)
-    hosts.clear_stop(out)
     keys = hosts.share([str(i) for i in range(len(volumes))])
     run = cohort.run_cases(keys, segs, load=job.load, infer=job.infer, finish=job.finish,
                            stop=lambda: hosts.stopped(out))
