@@ -22,7 +22,7 @@ import hashlib
 import json
 import socket
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -94,6 +94,33 @@ class Hosts:
         return [bytes(r[1:]).rstrip(b"\0").decode(errors="replace") if r[0] else None
                 for r in rows]
 
+    def outcome(self, out: Path, failure: tuple[str, str, BaseException] | None
+                ) -> tuple[str | None, list[str | None]]:
+        """(this process's failure message, every process's) at the end of a
+        run: `failure` is (what failed, e.g. "case 'x'", stage, exception) or
+        None; a failure first tells the others to stop (`signal_stop`)."""
+        error = None
+        if failure is not None:
+            what, stage, e = failure
+            error = f"{what} failed on {self.name()} ({stage}): {reason(e)}"
+            self.signal_stop(out, error)
+        return error, self.statuses(error)
+
+    def merge_parts(self, out: Path, stem: str, read: Callable[[Path], None],
+                    write: Callable[[], None]) -> None:
+        """Process 0 of several, after `outcome`: `read` each part file of
+        `stem`, `write` the merged result, then remove the part files and the
+        stop file. A no-op elsewhere."""
+        if not (self.primary and self.count > 1):
+            return
+        parts = part_files(out, stem)
+        for p in parts:
+            read(p)
+        write()
+        for p in parts:
+            p.unlink()
+        self.clear_stop(out)
+
     # ------------------------------------------------------- the stop file
     def signal_stop(self, out: Path, message: str) -> None:
         """Tells the other processes to start no new case (`stopped`)."""
@@ -120,9 +147,16 @@ def part_files(out: Path, stem: str) -> list[Path]:
                   if p.name[len(stem) + 2:-5].isdigit())
 
 
+def reason(e: BaseException) -> str:
+    """An exception in one line: "<file>: <reason>" for an OS error."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
+
+
 def _allgather(row: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(row))
 
 
-__all__ = ["Hosts", "part_file", "part_files", "STOP_FILE"]
+__all__ = ["Hosts", "part_file", "part_files", "reason", "STOP_FILE"]

@@ -274,20 +274,16 @@ def _end_records(job: _FoldJob, run: cohort.CohortRun) -> list[CaseRecord]:
     files into cases.json; a failure anywhere raises on every process, after
     the merge, naming the case and host and what was kept."""
     hosts, out = job.hosts, job.out
-    error = None
-    if run.failed is not None:
-        cid, stage, e = run.failed
-        error = f"case {cid!r} failed on {hosts.name()} ({stage}): {_reason(e)}"
-        hosts.signal_stop(out, error)
-    statuses = hosts.statuses(error)
-    if hosts.primary and hosts.count > 1:
-        for p in part_files(out, "cases"):
-            job.new.update({r.case_id: r for r in read_records(p) if r.case_id in job.test_ids})
+    failure = run.failed and (f"case {run.failed[0]!r}", *run.failed[1:])
+    error, statuses = hosts.outcome(out, failure)
+
+    def read(part: Path) -> None:
+        job.new.update({r.case_id: r for r in read_records(part) if r.case_id in job.test_ids})
+
+    def write() -> None:
         if job.records():
             write_records(job.records(), out)
-        for p in part_files(out, "cases"):
-            p.unlink()
-        hosts.clear_stop(out)
+    hosts.merge_parts(out, "cases", read, write)
     records = job.records()
     kept = (f"kept the records (and predictions) of {len(records)} finished cases in {out}, "
             "from which a rerun resumes" if hosts.primary else
@@ -304,13 +300,6 @@ def _end_records(job: _FoldJob, run: cohort.CohortRun) -> list[CaseRecord]:
     if others:
         raise InputError(f"{others[0]}; {hosts.name()} stopped; {kept}")
     return records
-
-
-def _reason(e: BaseException) -> str:
-    """An exception in one line: "<file>: <reason>" for an OS error."""
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    return str(e) or type(e).__name__
 
 
 def _case_outputs(spec: EvalSpec, store: CaseStore, cid: str, label: np.ndarray,

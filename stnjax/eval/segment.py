@@ -185,18 +185,12 @@ def run_all(segs: Sequence[Any], volumes, grids, outs, *, out: Path, target, t: 
     keys = hosts.share([str(i) for i in range(len(volumes))])
     run = cohort.run_cases(keys, segs, load=job.load, infer=job.infer, finish=job.finish,
                            stop=lambda: hosts.stopped(out))
-    error = None
-    if run.failed is not None:
-        key, stage, e = run.failed
-        error = f"input {volumes[int(key)][0]} failed on {hosts.name()} ({stage}): {e}"
-        hosts.signal_stop(out, error)
-    statuses = hosts.statuses(error)
-    if hosts.primary and hosts.count > 1:
-        for p in part_files(out, "segment"):
-            job.entries.update({int(k): v for k, v in json.loads(p.read_text()).items()})
-            p.unlink()
-        write_summary(out, job.ordered(), settings)
-        hosts.clear_stop(out)
+    failure = run.failed and (f"input {volumes[int(run.failed[0])][0]}", *run.failed[1:])
+    _, statuses = hosts.outcome(out, failure)
+
+    def read(part: Path) -> None:
+        job.entries.update({int(k): v for k, v in json.loads(part.read_text()).items()})
+    hosts.merge_parts(out, "segment", read, lambda: write_summary(out, job.ordered(), settings))
     if run.failed is not None and hosts.count == 1:
         raise run.failed[2]
     failed = [s for s in statuses if s is not None]
