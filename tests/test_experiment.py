@@ -155,8 +155,8 @@ def test_interrupted_evaluation_resumes(trained, tmp_path, monkeypatch):
 
     out = tmp_path / "b"
     kill_at = 2
-    with pytest.raises(RuntimeError, match="killed"):
-        runs.evaluate_fold(spec, work, 0, out_dir=out)
+    with pytest.raises(RuntimeError, match="killed"):  # one device: the cases in order
+        runs.evaluate_fold(spec, work, 0, out_dir=out, devices=1)
     assert [r.case_id for r in records.read_records(out)] == [full[0].case_id]
     kill_at, calls[:] = 0, []
     resumed = runs.evaluate_fold(spec, work, 0, out_dir=out)

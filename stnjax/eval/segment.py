@@ -197,7 +197,7 @@ def run_all(segs: Sequence[Any], volumes, grids, outs, *, out: Path, target, t: 
     if failed:
         raise InputError(f"{failed[0]}; kept the outputs of {len(job.entries)} finished "
                          f"inputs in {out} (segment.json)")
-    return job.written
+    return job.written()
 
 
 class _SegmentJob:
@@ -210,7 +210,7 @@ class _SegmentJob:
         self.target, self.t, self.settings, self.hosts = target, t, settings, hosts
         self.reference, self.reference_what = reference, reference_what
         self.entries: dict[int, dict] = {}
-        self.written: list[Path] = []
+        self.files: dict[int, list[Path]] = {}
 
     def load(self, key: str):
         i = int(key)
@@ -224,10 +224,10 @@ class _SegmentJob:
         (path, vol), (mask_path, prob_path) = self.volumes[i], self.outs[i]
         mask, prob = on_input_grid(res, vol, self.target)
         volume_io.save_mask(mask, vol.geometry, mask_path)
-        self.written.append(mask_path)
+        self.files[i] = [mask_path]
         if prob_path is not None:
             volume_io.save_volume(prob, vol.geometry, prob_path)
-            self.written.append(prob_path)
+            self.files[i].append(prob_path)
         spacing = [float(s) for s in vol.geometry.spacing]
         warnings = [w for w in (
             "empty mask: no organ found" if not mask.any() else None,
@@ -255,6 +255,10 @@ class _SegmentJob:
 
     def ordered(self) -> list[dict]:
         return [self.entries[k] for k in sorted(self.entries)]
+
+    def written(self) -> list[Path]:
+        """The files this process wrote, in input order."""
+        return [f for k in sorted(self.files) for f in self.files[k]]
 
 
 def reference_spacing(train_data: Any, workdir: str | os.PathLike

@@ -73,8 +73,9 @@ def run_cases(keys: Sequence[str], segmenters: Sequence[Any], *,
       prefetch: cases loaded ahead (0: one per device).
       stop: polled before each load; True stops loading (another host failed).
 
-    The first failure stops loading; cases already running are finished
-    (and kept), then `CohortRun.failed` names it. Nothing is raised.
+    The first failure stops loading; cases already loaded are run and
+    finished (and kept; after a failed finish, only run), then
+    `CohortRun.failed` names it. Nothing is raised.
     """
     n_dev = len(segmenters)
     if n_dev < 1:
@@ -139,9 +140,7 @@ def _device_worker(seg, st: DeviceStats, infer, todo, done, halt, fail) -> None:
             item = todo.get()
             if item is _END:
                 return
-            if halt.is_set():
-                continue  # drain: a failure stopped the cohort
-            key, loaded = item
+            key, loaded = item  # loaded before any failure: run it (at most one per device)
             t0 = time.perf_counter()
             try:
                 res = infer(seg, loaded)
