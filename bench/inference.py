@@ -136,11 +136,11 @@ def cohort_throughput(width, variant, dtype, shape, n_cases, device_counts, roun
     for n in device_counts:
         segs = [base.on_device(d) for d in jax.local_devices()[:n]]
         for s in segs:  # compiled (first device) or loaded (the others), not timed
-            s.segment(cases[0][0], label=cases[0][1], t=2.0)
+            s.segment(cases[0][0], label=cases[0][1])
         run = cohort.run_cases(
             [str(i) for i in range(n_cases)], segs,
             load=lambda k: (model_input(cases[int(k)][0]), cases[int(k)][1]),
-            infer=lambda seg, c: seg.segment_image(c[0], label=c[1], t=2.0),
+            infer=lambda seg, c: seg.segment_image(c[0], label=c[1]),  # all rounds
             finish=lambda k, c, res, dev: None)
         if run.failed:
             raise run.failed[2]
