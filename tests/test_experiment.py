@@ -458,7 +458,8 @@ def _same_predictions(a: Path, b: Path, names) -> None:
 def test_four_devices_give_the_one_device_records_and_resume_after_a_kill(
         cohort, monkeypatch, tmp_path):
     """4 cases on 4 devices: a kill in one device's case keeps the cases the
-    others finished; the rerun runs only the rest (no case twice) and ends
+    others finished; the rerun (reading the records of cases.json and of
+    another process's part file) runs only the rest (no case twice) and ends
     with the one-device records and predictions, from at least 2 devices."""
     spec, work, one = cohort
     _one_compilation(monkeypatch)
@@ -477,12 +478,19 @@ def test_four_devices_give_the_one_device_records_and_resume_after_a_kill(
     kept = records.read_records(out)
     assert 1 <= len(kept) == len(ran) <= 3  # the finished cases, each recorded
     assert not list(out.glob("cases.p*.json"))
+    # As if a 2-process run had been killed: its last case recorded by
+    # process 1 in its part file, not yet merged by process 0.
+    (out / "cases.p1.json").write_text(records.records_json_text(kept[-1:]))
+    if kept[:-1]:
+        records.write_records(kept[:-1], out)
+    else:
+        (out / "cases.json").unlink()
     kill_at = 0
     resumed = runs.evaluate_fold(spec, work, 0, out_dir=out, devices=4)
     assert len(ran) == len(one)  # each case ran once over the two runs
     assert [records.without_run_fields(r) for r in resumed] == \
         [records.without_run_fields(r) for r in one]
-    assert records.read_records(out) == resumed
+    assert records.read_records(out) == resumed and not list(out.glob("cases.p*.json"))
     assert len({r.device for r in resumed}) >= 2 and {r.process for r in resumed} == {0}
     _same_predictions(work / "eval-1dev" / "predictions", out / "predictions",
                       [f"{r.case_id}.nii.gz" for r in one])
