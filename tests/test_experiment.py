@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -497,6 +498,8 @@ def test_four_devices_give_the_one_device_records_and_resume_after_a_kill(
 
 
 def test_segment_six_inputs_on_four_devices_like_one(cohort, monkeypatch, tmp_path):
+    """segment of 6 inputs on 4 devices, and on 2 processes x 2 devices
+    (simulated in threads), writes the one-device run's masks and entries."""
     spec, work, _ = cohort
     _one_compilation(monkeypatch)
     images = sorted(inputs.dataset_dir(spec.train.data, work).glob("images/*.nii.gz"))
@@ -509,10 +512,38 @@ def test_segment_six_inputs_on_four_devices_like_one(cohort, monkeypatch, tmp_pa
                                      out_dir=tmp_path / f"d{n}", devices=n)
         outs[n] = json.loads((tmp_path / f"d{n}" / "segment.json").read_text())["inputs"]
         assert len(written) == 6 and len({e["device"] for e in outs[n]}) >= min(n, 2)
+    # Two processes of one run, as two threads: the all-gather of
+    # stnjax.eval.hosts becomes a barrier between them.
+    from stnjax.eval import hosts as H
+    me, rows, gate = threading.local(), {}, threading.Barrier(2, timeout=120)
+
+    def allgather(row):
+        rows[me.k] = row
+        gate.wait()
+        out = np.stack([rows[0], rows[1]])
+        gate.wait()
+        return out
+
+    def process(k):
+        me.k = k
+        runs.segment_files(spec, work, [str(p) for p in images], out_dir=tmp_path / "h2",
+                           devices=2)
+    monkeypatch.setattr(H, "_allgather", allgather)
+    monkeypatch.setattr(H.Hosts, "current", classmethod(lambda cls: cls(me.k, 2, "h")))
+    threads = [threading.Thread(target=process, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outs["h2"] = json.loads((tmp_path / "h2" / "segment.json").read_text())["inputs"]
+    assert [e["process"] for e in outs["h2"]] == [0, 1, 0, 1, 0, 1]  # every other input
+    assert not list((tmp_path / "h2").glob("segment.p*.json"))
     run_fields = ("seconds", "seconds_coarse", "device", "process", "mask")
-    assert [{k: v for k, v in e.items() if k not in run_fields} for e in outs[4]] == \
-        [{k: v for k, v in e.items() if k not in run_fields} for e in outs[1]]
-    _same_predictions(tmp_path / "d1", tmp_path / "d4", [Path(e["mask"]).name for e in outs[1]])
+    for n in (4, "h2"):
+        assert [{k: v for k, v in e.items() if k not in run_fields} for e in outs[n]] == \
+            [{k: v for k, v in e.items() if k not in run_fields} for e in outs[1]]
+        _same_predictions(tmp_path / "d1", tmp_path / ("d4" if n == 4 else n),
+                          [Path(e["mask"]).name for e in outs[1]])
 
 
 def test_hosts_share_and_refuse_different_case_lists(monkeypatch):

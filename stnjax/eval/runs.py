@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -77,7 +78,7 @@ def check_writable(folder: str | os.PathLike) -> Path:
     out = Path(folder)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
+        probe = out / f".write-test-{os.getpid()}-{threading.get_ident()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
