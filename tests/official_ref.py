@@ -144,7 +144,7 @@ def fcn8s(sd: dict, net: str, x: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+    return np.exp(-np.logaddexp(0.0, -x))
 
 
 def saliency(sd: dict, prob: np.ndarray) -> np.ndarray:
