@@ -348,7 +348,9 @@ def test_official_pytorch_model_agrees(tmp_path, monkeypatch):
     sd = ref.random_state_dict(WIDTH, seed=9)
     model = _narrow_official(torch, module, sd)
     path = tmp_path / "FD0:XJ3_1_20180822_204202.pkl"
-    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)
+    # The legacy (pre-1.6, non-zip) format the released PyTorch 0.4 files have.
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path,
+               _use_new_zipfile_serialization=False)
     cw.convert_official(path, tmp_path / "w", "X", 0, data_dir=str(tmp_path))
     spec = TrainSpec.from_config(stored.get_config(str(tmp_path / "w")))
     params = runs.load_models(spec, tmp_path / "w", 0, "X")["X"]
