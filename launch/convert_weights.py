@@ -190,6 +190,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.official_rstn:
         if not FLAGS.plane or not FLAGS.workdir:
             raise app.UsageError("--official_rstn needs --plane and --workdir")
+        app.setup(None)  # stnjax's log lines on stderr; orbax's INFO lines off
         with app.exit_on_error():
             prov = convert_official(FLAGS.official_rstn, FLAGS.workdir, FLAGS.plane,
                                     FLAGS.fold, data_dir=FLAGS.data_dir,
