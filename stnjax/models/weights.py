@@ -14,6 +14,12 @@ checks and a checksum. This module needs no torch:
   content checksum inside and a sha256 file beside it.
 * `assign_pretrained` puts it into FCN8s params with zero heads; the RSTN
   calls it once for the coarse and once for the fine network.
+* `convert_official_rstn` maps a whole trained RSTN of the official PyTorch
+  code (`coarse_model.*`, `fine_model.*`, `saliency1.*`, `saliency2.*`,
+  DataParallel's "module." stripped) to stnjax RSTN params, score heads and
+  the three upsampling kernels per network included (for
+  `FCN8s(upsampling="stored")`); `stnjax.train.imported` writes them as a
+  finished run.
 
 Reading the .pth file itself (torch.load) lives in launch/convert_weights.py.
 Note: the PASCAL weights expect mean-subtracted 0-255 BGR input; the
