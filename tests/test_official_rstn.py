@@ -82,6 +82,10 @@ def test_upsample_transposed_is_pytorch_conv_transpose():
         # The bilinear diagonal is Caffe's per-channel layer.
         diag = upsample_transposed(nhwc(x), jnp.asarray(bilinear_diagonal(k, 3)), s, crop)
         assert rel_err(diag, upsample_bilinear(nhwc(x), k, s, crop)) < 1e-6
+    with pytest.raises(InputError, match=r"upsample_transposed: crop \(40, 0, 0, 0\)"):
+        upsample_transposed(nhwc(x), jnp.zeros((4, 4, 3, 3)), 2, (40, 0, 0, 0))
+    with pytest.raises(InputError, match="kernel"):
+        upsample_transposed(nhwc(x), jnp.zeros((4, 4, 2, 3)), 2)
 
 
 def test_convert_records_provenance_and_config(converted):

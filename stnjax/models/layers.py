@@ -353,6 +353,19 @@ def _interp_matrix(n: int, k: int, s: int, lo: int, hi: int) -> np.ndarray:
     return a[lo:full - hi].astype(np.float32)
 
 
+def _checked_crop(who: str, h: int, w: int, k: int, s: int,
+                  crop: Sequence[int]) -> tuple[int, int, int, int]:
+    """The crop (top, bottom, left, right) as ints; InputError unless it
+    leaves at least one pixel of the (h - 1) s + k by (w - 1) s + k output."""
+    top, bottom, left, right = (int(v) for v in crop)
+    full_h, full_w = (h - 1) * s + k, (w - 1) * s + k
+    if min(top, bottom, left, right) < 0 or full_h - top - bottom < 1 \
+            or full_w - left - right < 1:
+        raise InputError(f"{who}: crop {tuple(crop)} does not fit the {full_h}x{full_w} "
+                         f"output of a {h}x{w} input")
+    return top, bottom, left, right
+
+
 def upsample_bilinear(x: jax.Array, kernel_size: int, stride: int,
                       crop: Sequence[int] = (0, 0, 0, 0)) -> jax.Array:
     """Per-channel bilinear transposed convolution (no bias), optionally cropped.
@@ -381,14 +394,8 @@ def upsample_bilinear(x: jax.Array, kernel_size: int, stride: int,
     """
     check_array(x, "upsample_bilinear: x", rank=4, dtype_kind="f")
     k, s = int(kernel_size), int(stride)
-    top, bottom, left, right = (int(v) for v in crop)
     _, h, w, _ = x.shape
-    out_h = (h - 1) * s + k - top - bottom
-    out_w = (w - 1) * s + k - left - right
-    if min(top, bottom, left, right) < 0 or out_h < 1 or out_w < 1:
-        raise InputError(
-            f"upsample_bilinear: crop {tuple(crop)} does not fit the "
-            f"{(h - 1) * s + k}x{(w - 1) * s + k} output of a {h}x{w} input")
+    top, bottom, left, right = _checked_crop("upsample_bilinear", h, w, k, s, crop)
     a_h = jnp.asarray(_interp_matrix(h, k, s, top, bottom), x.dtype)
     a_w = jnp.asarray(_interp_matrix(w, k, s, left, right), x.dtype)
     return jnp.einsum("oh,nhwc,pw->nopc", a_h, x, a_w,
@@ -412,12 +419,10 @@ def upsample_transposed(x: jax.Array, kernel: jax.Array, stride: int,
       x: (N, h, w, Cin) float array.
       kernel: (k, k, Cin, Cout) float array (square kernel).
       stride: s >= 1.
-      crop: (top, bottom, left, right) rows / columns removed from the full
-        (n - 1) * s + k output.
+      crop: as in `upsample_bilinear`.
 
     Returns:
-      (N, (h - 1) * s + k - top - bottom, (w - 1) * s + k - left - right, Cout),
-      dtype of x.
+      (N, H', W', Cout) with H', W' as in `upsample_bilinear`, dtype of x.
     """
     check_array(x, "upsample_transposed: x", rank=4, dtype_kind="f")
     k, s = int(kernel.shape[0]), int(stride)
@@ -425,12 +430,8 @@ def upsample_transposed(x: jax.Array, kernel: jax.Array, stride: int,
         raise InputError(f"upsample_transposed: kernel {tuple(kernel.shape)} and stride {s} "
                          f"do not fit a (k, k, {x.shape[-1]}, Cout) transposed conv")
     n, h, w, _ = x.shape
-    top, bottom, left, right = (int(v) for v in crop)
+    top, bottom, left, right = _checked_crop("upsample_transposed", h, w, k, s, crop)
     full_h, full_w = (h - 1) * s + k, (w - 1) * s + k
-    if min(top, bottom, left, right) < 0 or full_h - top - bottom < 1 \
-            or full_w - left - right < 1:
-        raise InputError(f"upsample_transposed: crop {tuple(crop)} does not fit the "
-                         f"{full_h}x{full_w} output of a {h}x{w} input")
     m = -(-k // s)  # blocks of s taps per axis
     wk = jnp.pad(kernel.astype(x.dtype), ((0, m * s - k), (0, m * s - k), (0, 0), (0, 0)))
     cout = wk.shape[-1]
