@@ -51,7 +51,8 @@ flags.DEFINE_string("output", None, "Output .npz for stnjax.models.weights.load_
 flags.DEFINE_enum("style", "auto", list(weights.STYLES), "Key naming of the input.")
 flags.DEFINE_float("width", 1.0, "FCN8s width the shapes must match (1.0 for real checkpoints).")
 flags.DEFINE_string("official_rstn", None, "An official PyTorch RSTN snapshot (.pkl / .pth, "
-                    "or .npz with the same keys) to import into --workdir.")
+                    "or .npz with the same keys) to import into --workdir (its width is "
+                    "read from conv1_1: 1.0 for the released files; --width is not used).")
 flags.DEFINE_enum("plane", None, ["X", "Y", "Z"], "The snapshot's plane (--official_rstn).")
 flags.DEFINE_integer("fold", 0, "The snapshot's fold (--official_rstn).")
 flags.DEFINE_string("workdir", None, "The workdir the imported run goes to (--official_rstn).")

@@ -30,6 +30,7 @@ from launch import convert_weights as cw
 from launch.configs import stored
 from stnjax.checks import InputError
 from stnjax.eval import runs
+from stnjax.eval.spec import EvalSpec
 from stnjax.models import weights
 from stnjax.models.layers import (StoredUpsampling, bilinear_diagonal, upsample_bilinear,
                                   upsample_transposed)
@@ -98,6 +99,11 @@ def test_convert_records_provenance_and_config(converted):
     config = json.loads((w / "config.json").read_text())
     assert config["model"]["upsampling"] == "stored" and config["model"]["variant"] == "reference"
     assert config["data"]["planes"] == "Z" and config["data"]["dir"].endswith("data")
+    # What launch.evaluate / launch.segment make of the workdir: the models' spec,
+    # and the same params load_models gave the fixture (a complete run of this config).
+    spec = EvalSpec.from_config(stored.get_config(str(w)))
+    assert spec.inference.planes == ("Z",)
+    assert spec.train.config_hash == converted["spec"].config_hash
     # The upsampling kernels are the snapshot's, off-diagonal values included.
     up8 = converted["params"]["fine"]["upscore8"]["kernel"]
     np.testing.assert_array_equal(up8, converted["sd"]["fine_model.upscore8.weight"]
