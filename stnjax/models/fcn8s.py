@@ -242,12 +242,6 @@ class FCN8s(nn.Module):
         all-zero network gets no gradient). (Named `init_scheme` because
         `init` is the Flax method.)
       in_channels: if set, the required channel count of the input.
-      upsampling: "bilinear" (the default, Caffe: per-channel bilinear
-        constants, not parameters) or "stored" (the official PyTorch models:
-        each upsampling layer's full (k, k, C, C) channel kernel is a param,
-        `upscore2`, `upscore_pool4`, `upscore8` / `kernel`, initialised to
-        the bilinear diagonal, given no gradient and never updated by the
-        optimiser). Same sizes, crops and `valid_hw` rule either way.
       conv_grad: "custom" (the default: every convolution's gradient written
         out by `layers.conv2d`, "im2col" for `IM2COL_LAYERS`, "taps" for the rest) or
         "xla" (XLA's own convolution gradients). Inference is identical;
@@ -255,6 +249,12 @@ class FCN8s(nn.Module):
         gradients equal XLA's to float32 rounding; "custom" exists because
         XLA:CPU runs its own convolution gradients 10-100x slower inside a
         `lax.switch` branch, where the fine network trains (layers.py).
+      upsampling: "bilinear" (the default, Caffe: per-channel bilinear
+        constants, not parameters) or "stored" (the official PyTorch models:
+        each upsampling layer's full (k, k, C, C) channel kernel is a param,
+        `upscore2`, `upscore_pool4`, `upscore8` / `kernel`, initialised to
+        the bilinear diagonal, given no gradient and never updated by the
+        optimiser). Same sizes, crops and `valid_hw` rule either way.
     """
     num_outputs: int = 3
     width: float = 1.0
