@@ -34,7 +34,7 @@ import re
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -44,6 +44,9 @@ from launch import app
 
 from stnjax.checks import InputError
 from stnjax.models import weights
+
+if TYPE_CHECKING:
+    from stnjax.train.spec import TrainSpec
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "PyTorch state dict (.pth / .pt) or a NumPy .npz with the same keys.")
@@ -102,8 +105,8 @@ def read_state_dict(path: str | Path, flag: str = "--input") -> dict[str, np.nda
                          f"load safely ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
                          ) from None
     if not isinstance(obj, dict) or not any(hasattr(v, "detach") for v in obj.values()):
-        raise InputError(f"convert_weights: {path} holds a {type(obj).__name__} "
-                         "without tensors, not a state dict")
+        raise InputError(f"convert_weights: {path} holds a {type(obj).__name__}, not a "
+                         "state dict (a dict of tensors)")
     return {str(k): v.detach().cpu().float().numpy() for k, v in obj.items()
             if hasattr(v, "detach")}
 
@@ -140,7 +143,7 @@ def check_official_name(path: str | Path, plane: str, fold: int) -> str | None:
     return m.group(3)
 
 
-def official_spec(width: float, data_dir: str | None):
+def official_spec(width: float, data_dir: str | None) -> "TrainSpec":
     """The TrainSpec of imported official models (launch/configs/official_rstn.py)."""
     from launch.configs import official_rstn
     from stnjax.train.spec import TrainSpec

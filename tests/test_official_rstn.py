@@ -379,3 +379,11 @@ def test_official_pytorch_model_agrees(tmp_path, monkeypatch):
     inside = fine > 1e-6
     assert np.array_equal(nchw(got) > 0, inside) and inside.sum() < inside.size
     assert rel_err(nchw(got)[inside], fine[inside]) < 1e-5
+    # Torch files that are not state dicts: a whole pickled module (its classes
+    # are code: weights_only refuses it) and a list of tensors.
+    torch.save(torch.nn.Conv2d(3, 3, 1), tmp_path / "module.pth")
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    for name, why in (("module.pth", "torch can load safely"), ("list.pth", "holds a list")):
+        with pytest.raises(InputError, match=f"{name}.*{why}"):
+            cw.convert_official(tmp_path / name, tmp_path / "w2", "X", 0)
+    assert not (tmp_path / "w2").exists()
