@@ -383,7 +383,9 @@ def test_official_pytorch_model_agrees(tmp_path, monkeypatch):
     # are code: weights_only refuses it) and a list of tensors.
     torch.save(torch.nn.Conv2d(3, 3, 1), tmp_path / "module.pth")
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
-    for name, why in (("module.pth", "torch can load safely"), ("list.pth", "holds a list")):
+    (tmp_path / "cut.pkl").write_bytes(path.read_bytes()[:20000])  # a truncated snapshot
+    for name, why in (("module.pth", "torch can load safely"), ("list.pth", "holds a list"),
+                      ("cut.pkl", "torch can load safely")):
         with pytest.raises(InputError, match=f"{name}.*{why}"):
             cw.convert_official(tmp_path / name, tmp_path / "w2", "X", 0)
     assert not (tmp_path / "w2").exists()
