@@ -13,7 +13,10 @@ neither torch nor the official code is a dependency of stnjax; each process
 computes only while the other waits, and the timed calls alternate A/B after
 --warmup untimed calls of each (stnjax's first call also compiles; that time
 is reported apart). Reported: per-call times, medians, and the ratio
-stnjax / official (below 1 = stnjax faster).
+stnjax / official (below 1 = stnjax faster). The worker inherits this
+process's memory settings (`launch/hugepages.py`: huge pages, and tcmalloc
+where installed; STNJAX_MALLOC=glibc for glibc on both sides), so both
+sides run with the same allocator; the JSON records which.
 
 A path that does not hold the official `OrganSegRSTN/model.py`, or a Python
 without torch, is an error naming what is missing, before anything is timed.
@@ -153,6 +156,9 @@ def main(argv):
            "stnjax_first_call_s": first_s, "median_stnjax_s": med_s, "median_official_s": med_o,
            "ratio_stnjax_over_official": med_s / med_o, "median_pair_ratio": pair, "rows": rows,
            "official": official.info, "jax": jax.__version__, "cpus": os.cpu_count(),
+           # Both processes run with these (the worker inherits them): launch/hugepages.py.
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+           "ld_preload": os.environ.get("LD_PRELOAD", ""),
            "device": jax.devices()[0].device_kind}
     if _OUT.value:
         from stnjax.fileio import atomic_write_text

@@ -113,6 +113,7 @@ def test_full_size_joint_step_shapes():
     ("model", "dropout_rate", 1.0, "model.dropout_rate"),
     ("model", "canvases", (0, 32), "model.canvases"),
     ("model", "saliency_kernels", (4,), "kernel_sizes"),
+    ("model", "upsampling", "nearest", "model.upsampling"),
     ("data", "batch_size", 0, "data.batch_size"),
     ("data", "buckets", (0,), "data.buckets"),
     ("data", "slice_threshold", 0.0, "data.slice_threshold"),
@@ -134,18 +135,20 @@ def test_out_of_range_values_fail_when_the_config_is_read(section, field, value,
 
 def test_fields_added_later_keep_old_workdirs_identity():
     """A config record from before data.spacing, data.organ_ids and
-    model.remat_full_canvas existed hashes like today's at their defaults
-    (its checkpoints stay usable); setting spacing or several organ ids
-    makes another identity."""
+    model.remat_full_canvas and model.upsampling existed hashes like today's
+    at their defaults (its checkpoints stay usable); setting spacing,
+    several organ ids or the stored upsampling makes another identity."""
     rec = json.loads(_config("phantom").to_json())
     old = json.loads(json.dumps(rec))
     for section, field in (("data", "spacing"), ("data", "organ_ids"),
-                           ("model", "remat_full_canvas")):
+                           ("model", "remat_full_canvas"), ("model", "upsampling")):
         del old[section][field]
     assert workdir.config_hash(old) == workdir.config_hash(rec)
     rec["model"]["remat_full_canvas"] = False  # speed only: same models
     assert workdir.config_hash(old) == workdir.config_hash(rec)
-    for field, value in (("spacing", [3.0, 3.0, 3.0]), ("organ_ids", [1, 2])):
+    for section, field, value in (("data", "spacing", [3.0, 3.0, 3.0]),
+                                  ("data", "organ_ids", [1, 2]),
+                                  ("model", "upsampling", "stored")):
         changed = json.loads(json.dumps(rec))
-        changed["data"][field] = value
+        changed[section][field] = value
         assert workdir.config_hash(changed) != workdir.config_hash(old), field

@@ -54,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.prob_fixed_margin = 0.5  # training: P(all margins = K)
     c.model.canvases = (128, 192, 256, 384, 512)  # fine crop canvas sides
     c.model.remat_full_canvas = True  # training: recompute the full canvas's fine forward
+    # Upsampling layers: "bilinear" (Caffe's per-channel bilinear, constants) or
+    # "stored" (full channel kernels held in the params, frozen: the official
+    # PyTorch models, imported with launch.convert_weights --official_rstn).
+    c.model.upsampling = "bilinear"
 
     # ---- training (stnjax.train) ----------------------------------------------
     c.train = ml_collections.ConfigDict()

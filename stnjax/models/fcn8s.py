@@ -32,6 +32,10 @@ constants built at trace time, not parameters: they are never trained, get
 no gradient and are not in the parameter tree (2,592 values per network in
 the reference count, excluded here). At width 1 with 3 outputs the tree
 holds exactly the reference's 134,275,145 trainable values.
+`upsampling="stored"` (the official PyTorch models, whose upsampling
+kernels carry PyTorch's random initialisation off the channel diagonal,
+frozen) holds the three full (k, k, C, C) kernels as params instead
+(2,592 values at 3 outputs), frozen: no gradient, no optimiser update.
 
 Checked on an H200 against a PyTorch implementation of the reference
 network (torch Conv2d pad 100, MaxPool2d ceil_mode, ConvTranspose2d with the
@@ -68,8 +72,8 @@ from jax import lax
 
 from stnjax.checks import InputError, check_array, is_concrete
 # Re-exported: the layer primitives were defined here before layers.py.
-from stnjax.models.layers import (Conv2D, bilinear_kernel, max_pool_ceil,  # noqa: F401
-                                  max_pool_ceil_window, upsample_bilinear)
+from stnjax.models.layers import (Conv2D, StoredUpsampling, bilinear_kernel,  # noqa: F401
+                                  max_pool_ceil, max_pool_ceil_window, upsample_bilinear)
 
 VARIANTS = ("reference", "pad32")
 FCN_CONV_GRADS = ("custom", "xla")
@@ -80,6 +84,11 @@ FCN_CONV_GRADS = ("custom", "xla")
 # fc6, a 7 x 7 kernel on a map hardly larger than it. The rest: "taps".
 IM2COL_LAYERS = ("conv1_1", "fc6")
 INIT_SCHEMES = ("he", "reference")
+# "bilinear": Caffe's per-channel bilinear constants; "stored": per-layer
+# channel kernels held in the params (frozen), as the official PyTorch models.
+UPSAMPLINGS = ("bilinear", "stored")
+# The three transposed convolutions: (kernel size, stride), in the order they run.
+UPSAMPLING_LAYERS = {"upscore2": (4, 2), "upscore_pool4": (4, 2), "upscore8": (16, 8)}
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 # VGG16 convolution blocks: (number of 3x3 convs, output channels).
@@ -123,6 +132,12 @@ def fcn8s_layer_shapes(width: float = 1.0, num_outputs: int = 3,
     shapes["score_pool4"] = ((1, 1, pool_channels[3], num_outputs), (num_outputs,))
     shapes["score_pool3"] = ((1, 1, pool_channels[2], num_outputs), (num_outputs,))
     return shapes
+
+
+def upsampling_shapes(num_outputs: int = 3) -> dict[str, tuple[int, int, int, int]]:
+    """Kernel shapes (k, k, C, C) of the three upsampling layers, held as params
+    with `FCN8s.upsampling="stored"` only (the PyTorch port's names)."""
+    return {name: (k, k, num_outputs, num_outputs) for name, (k, _) in UPSAMPLING_LAYERS.items()}
 
 
 def fcn8s_extents(hw: Any, variant: str) -> dict[str, Any]:
@@ -234,6 +249,12 @@ class FCN8s(nn.Module):
         gradients equal XLA's to float32 rounding; "custom" exists because
         XLA:CPU runs its own convolution gradients 10-100x slower inside a
         `lax.switch` branch, where the fine network trains (layers.py).
+      upsampling: "bilinear" (the default, Caffe: per-channel bilinear
+        constants, not parameters) or "stored" (the official PyTorch models:
+        each upsampling layer's full (k, k, C, C) channel kernel is a param,
+        `upscore2`, `upscore_pool4`, `upscore8` / `kernel`, initialised to
+        the bilinear diagonal, given no gradient and never updated by the
+        optimiser). Same sizes, crops and `valid_hw` rule either way.
     """
     num_outputs: int = 3
     width: float = 1.0
@@ -243,6 +264,7 @@ class FCN8s(nn.Module):
     init_scheme: str = "he"
     in_channels: int | None = None
     conv_grad: str = "custom"
+    upsampling: str = "bilinear"
 
     def _check_config(self) -> None:
         if self.variant not in VARIANTS:
@@ -259,6 +281,9 @@ class FCN8s(nn.Module):
         if self.conv_grad not in FCN_CONV_GRADS:
             raise InputError(
                 f"FCN8s.conv_grad: expected one of {FCN_CONV_GRADS}, got {self.conv_grad!r}")
+        if self.upsampling not in UPSAMPLINGS:
+            raise InputError(
+                f"FCN8s.upsampling: expected one of {UPSAMPLINGS}, got {self.upsampling!r}")
         if jnp.dtype(self.dtype) not in [jnp.dtype(d) for d in DTYPES]:
             raise InputError(f"FCN8s.dtype: expected float32 or bfloat16, got {self.dtype}")
 
@@ -332,7 +357,13 @@ class FCN8s(nn.Module):
         # the lone run's padding) is exact inside the "fc6" extent; fc7 and
         # score_fr are 1x1, so the relu(bias) values beyond it only reach
         # score_fr beyond it, which is masked: no mask on the 4096-wide maps.
-        return _heads(h, pool3, pool4, conv, keep, ref, (height, width))
+        def up(name: str, h: jax.Array, crop: tuple[int, int, int, int]) -> jax.Array:
+            k, s = UPSAMPLING_LAYERS[name]
+            if self.upsampling == "stored":
+                return StoredUpsampling(k, s, crop, name=name)(h)
+            return upsample_bilinear(h, k, s, crop)
+
+        return _heads(h, pool3, pool4, conv, up, keep, ref, (height, width))
 
 
 def _vgg_body(x: jax.Array, conv: Callable, keep: Callable, ref: bool
@@ -363,10 +394,11 @@ def _vgg_body(x: jax.Array, conv: Callable, keep: Callable, ref: bool
     return h, pools[2], pools[3]
 
 
-def _heads(h: jax.Array, pool3: jax.Array, pool4: jax.Array, conv: Callable, keep: Callable,
-           ref: bool, hw: tuple[int, int]) -> jax.Array:
+def _heads(h: jax.Array, pool3: jax.Array, pool4: jax.Array, conv: Callable, up: Callable,
+           keep: Callable, ref: bool, hw: tuple[int, int]) -> jax.Array:
     """The score heads of `FCN8s`: fc7's map and the pool3 / pool4 skips
-    fused and upsampled to the input size `hw`; (N, H, W, C) float32."""
+    fused and upsampled (`up(layer name, map, crop)`) to the input size `hw`;
+    (N, H, W, C) float32."""
     height, width = hw
     # Heads: 3-channel maps, fused and upsampled in float32 (cheap).
     # Masks on score_fr and the fused maps (values of either sign): a
@@ -377,19 +409,18 @@ def _heads(h: jax.Array, pool3: jax.Array, pool4: jax.Array, conv: Callable, kee
     score_pool4 = conv("score_pool4", pool4, "VALID").astype(jnp.float32)
     score_pool3 = conv("score_pool3", pool3, "VALID").astype(jnp.float32)
     if ref:
-        up2 = upsample_bilinear(score_fr, 4, 2)
+        up2 = up("upscore2", score_fr, (0, 0, 0, 0))
         fuse4 = keep(up2 + score_pool4[:, 5:5 + up2.shape[1], 5:5 + up2.shape[2]], "fuse4")
-        up4 = upsample_bilinear(fuse4, 4, 2)
+        up4 = up("upscore_pool4", fuse4, (0, 0, 0, 0))
         fuse3 = keep(up4 + score_pool3[:, 9:9 + up4.shape[1], 9:9 + up4.shape[2]], "fuse3")
         full = (fuse3.shape[1] - 1) * 8 + 16, (fuse3.shape[2] - 1) * 8 + 16
-        out = upsample_bilinear(
-            fuse3, 16, 8, (31, full[0] - 31 - height, 31, full[1] - 31 - width))
+        out = up("upscore8", fuse3, (31, full[0] - 31 - height, 31, full[1] - 31 - width))
     else:
-        fuse4 = keep(upsample_bilinear(score_fr, 4, 2, (1, 1, 1, 1)) + score_pool4, "fuse4")
-        fuse3 = keep(upsample_bilinear(fuse4, 4, 2, (1, 1, 1, 1)) + score_pool3, "fuse3")
+        fuse4 = keep(up("upscore2", score_fr, (1, 1, 1, 1)) + score_pool4, "fuse4")
+        fuse3 = keep(up("upscore_pool4", fuse4, (1, 1, 1, 1)) + score_pool3, "fuse3")
         # Aligned crop of 4 per side, plus the bottom/right padding.
         pad_h, pad_w = -height % 32, -width % 32
-        out = upsample_bilinear(fuse3, 16, 8, (4, 4 + pad_h, 4, 4 + pad_w))
+        out = up("upscore8", fuse3, (4, 4 + pad_h, 4, 4 + pad_w))
     # The lone run's output ends at (h, w); beyond it the padded run would
     # give the upsampling's tail: zeroed, so it has no gradient either.
     return keep(out, "output")

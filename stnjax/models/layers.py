@@ -26,7 +26,9 @@ Each has a reason to exist beside the textbook `lax` call:
   Gradients equal XLA's to float32 rounding (tests/test_layers.py,
   tests/test_train_compile.py).
 * `upsample_bilinear`: the frozen per-channel bilinear transposed convolution
-  as two small matrix products (separable kernel).
+  as two small matrix products (separable kernel); `upsample_transposed` /
+  `StoredUpsampling`: the same layer with a full, stored channel kernel (the
+  official PyTorch models' upsampling, `FCN8s.upsampling="stored"`).
 * `max_pool_ceil`: ceil-mode 2 x 2 pooling as a reshape and a max, with the
   Caffe first-maximum gradient written elementwise.
 
@@ -351,6 +353,19 @@ def _interp_matrix(n: int, k: int, s: int, lo: int, hi: int) -> np.ndarray:
     return a[lo:full - hi].astype(np.float32)
 
 
+def _checked_crop(who: str, h: int, w: int, k: int, s: int,
+                  crop: Sequence[int]) -> tuple[int, int, int, int]:
+    """The crop (top, bottom, left, right) as ints; InputError unless it
+    leaves at least one pixel of the (h - 1) s + k by (w - 1) s + k output."""
+    top, bottom, left, right = (int(v) for v in crop)
+    full_h, full_w = (h - 1) * s + k, (w - 1) * s + k
+    if min(top, bottom, left, right) < 0 or full_h - top - bottom < 1 \
+            or full_w - left - right < 1:
+        raise InputError(f"{who}: crop {tuple(crop)} does not fit the {full_h}x{full_w} "
+                         f"output of a {h}x{w} input")
+    return top, bottom, left, right
+
+
 def upsample_bilinear(x: jax.Array, kernel_size: int, stride: int,
                       crop: Sequence[int] = (0, 0, 0, 0)) -> jax.Array:
     """Per-channel bilinear transposed convolution (no bias), optionally cropped.
@@ -379,18 +394,93 @@ def upsample_bilinear(x: jax.Array, kernel_size: int, stride: int,
     """
     check_array(x, "upsample_bilinear: x", rank=4, dtype_kind="f")
     k, s = int(kernel_size), int(stride)
-    top, bottom, left, right = (int(v) for v in crop)
     _, h, w, _ = x.shape
-    out_h = (h - 1) * s + k - top - bottom
-    out_w = (w - 1) * s + k - left - right
-    if min(top, bottom, left, right) < 0 or out_h < 1 or out_w < 1:
-        raise InputError(
-            f"upsample_bilinear: crop {tuple(crop)} does not fit the "
-            f"{(h - 1) * s + k}x{(w - 1) * s + k} output of a {h}x{w} input")
+    top, bottom, left, right = _checked_crop("upsample_bilinear", h, w, k, s, crop)
     a_h = jnp.asarray(_interp_matrix(h, k, s, top, bottom), x.dtype)
     a_w = jnp.asarray(_interp_matrix(w, k, s, left, right), x.dtype)
     return jnp.einsum("oh,nhwc,pw->nopc", a_h, x, a_w,
                       precision=lax.Precision.HIGHEST)
+
+
+def upsample_transposed(x: jax.Array, kernel: jax.Array, stride: int,
+                        crop: Sequence[int] = (0, 0, 0, 0)) -> jax.Array:
+    """Transposed convolution with a full channel kernel (no bias), optionally cropped.
+
+    PyTorch's `ConvTranspose2d` (padding 0, dilation 1) with the weight
+    stored as (k, k, Cin, Cout) (PyTorch's (Cin, Cout, k, k) moved by
+    (2, 3, 0, 1)): out[n, s i + a, s j + b, o] += x[n, i, j, c] w[a, b, c, o].
+    The official RSTN's upsampling layers carry such kernels: the bilinear
+    filter on the channel diagonal, PyTorch's random initialisation off it
+    (frozen ever since). Computed as one product (every input pixel times the
+    whole kernel, at HIGHEST precision) and an overlap-add of the ceil(k / s)^2
+    shifted stride-s blocks, so the crop is a slice.
+
+    Args:
+      x: (N, h, w, Cin) float array.
+      kernel: (k, k, Cin, Cout) float array (square kernel).
+      stride: s >= 1.
+      crop: as in `upsample_bilinear`.
+
+    Returns:
+      (N, H', W', Cout) with H', W' as in `upsample_bilinear`, dtype of x.
+    """
+    check_array(x, "upsample_transposed: x", rank=4, dtype_kind="f")
+    k, s = int(kernel.shape[0]), int(stride)
+    if kernel.ndim != 4 or kernel.shape[1] != k or kernel.shape[2] != x.shape[-1] or s < 1:
+        raise InputError(f"upsample_transposed: kernel {tuple(kernel.shape)} and stride {s} "
+                         f"do not fit a (k, k, {x.shape[-1]}, Cout) transposed conv")
+    n, h, w, _ = x.shape
+    top, bottom, left, right = _checked_crop("upsample_transposed", h, w, k, s, crop)
+    full_h, full_w = (h - 1) * s + k, (w - 1) * s + k
+    m = -(-k // s)  # blocks of s taps per axis
+    wk = jnp.pad(kernel.astype(x.dtype), ((0, m * s - k), (0, m * s - k), (0, 0), (0, 0)))
+    cout = wk.shape[-1]
+    # t[n, i, p, q, j, p', q', o]: input pixel (i, j) times tap (p s + q, p' s + q').
+    t = jnp.einsum("nhwc,abco->nhawbo", x, wk, precision=lax.Precision.HIGHEST)
+    t = t.reshape(n, h, m, s, w, m, s, cout)
+    out = 0.0
+    for p in range(m):  # block row i + p of the output takes tap block p of row i
+        for q in range(m):
+            out = out + jnp.pad(t[:, :, p, :, :, q], ((0, 0), (p, m - 1 - p), (0, 0),
+                                                      (q, m - 1 - q), (0, 0), (0, 0)))
+    out = out.reshape(n, (h + m - 1) * s, (w + m - 1) * s, cout)
+    return out[:, top:full_h - bottom, left:full_w - right]
+
+
+class StoredUpsampling(nn.Module):
+    """A frozen transposed convolution whose kernel is a variable of the model.
+
+    Param: `kernel` (k, k, C, C) float32, initialised to the bilinear filter
+    on the channel diagonal (the `upsample_bilinear` result) and replaced by
+    the stored kernel of imported weights. The kernel enters through
+    `lax.stop_gradient` (no gradient) and the optimiser leaves it alone
+    (`stnjax.train.optim`: the upsampling layers are frozen), as in the
+    official code, where these layers are never trained.
+    """
+    kernel_size: int
+    stride: int
+    crop: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, h, w, C) float -> (N, (h - 1) s + k - crop, ..., C), dtype of x."""
+        c, k = x.shape[-1], self.kernel_size
+
+        def init(key, shape, dtype=jnp.float32):
+            del key
+            return jnp.asarray(bilinear_diagonal(k, c), dtype).reshape(shape)
+
+        kernel = self.param("kernel", init, (k, k, c, c))
+        return upsample_transposed(x, lax.stop_gradient(kernel), self.stride, self.crop)
+
+
+def bilinear_diagonal(k: int, channels: int) -> np.ndarray:
+    """(k, k, C, C) float32: `bilinear_kernel(k)` on the channel diagonal, zeros
+    across channels (the Caffe upsampling as a full channel kernel)."""
+    out = np.zeros((k, k, channels, channels), np.float32)
+    for c in range(channels):
+        out[:, :, c, c] = bilinear_kernel(k)
+    return out
 
 
 def max_pool_ceil_window(x: jax.Array) -> jax.Array:

@@ -40,7 +40,7 @@ import numpy as np
 
 from stnjax.models import crop
 from stnjax.checks import InputError, check_array, check_int, check_range
-from stnjax.models.fcn8s import FCN8s
+from stnjax.models.fcn8s import FCN8s, UPSAMPLINGS
 from stnjax.models.saliency import Saliency, check_kernel_sizes
 
 Params = dict[str, Any]
@@ -126,13 +126,18 @@ class RSTN:
             raise InputError(f"config.model.saliency_bias: expected 3 values (one per slice "
                              f"channel), got {tuple(model['saliency_bias'])}")
         check_kernel_sizes(tuple(model["saliency_kernels"]))
+        # Absent from configs written before the field existed: Caffe's bilinear.
+        upsampling = model.get("upsampling", "bilinear")
+        if upsampling not in UPSAMPLINGS:
+            raise InputError(f"config.model.upsampling: expected one of {UPSAMPLINGS}, "
+                             f"got {upsampling!r}")
         if model["init"] == "pretrained" and not model["pretrained"]:
             raise InputError("config.model.pretrained: a weights file is needed when "
                              "config.model.init is 'pretrained'")
         fcn = FCN8s(num_outputs=3, width=float(model["width"]), variant=model["variant"],
                     dropout_rate=float(model["dropout_rate"]), dtype=DTYPES[model["dtype"]],
                     init_scheme="reference" if model["init"] == "pretrained" else "he",
-                    in_channels=3)
+                    in_channels=3, upsampling=upsampling)
         sal = Saliency(kernel_sizes=tuple(int(k) for k in model["saliency_kernels"]),
                        channels=3, last_bias=tuple(float(b) for b in model["saliency_bias"]))
         return cls(fcn=fcn, saliency=sal, margin=int(model["margin"]),

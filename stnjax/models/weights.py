@@ -14,6 +14,12 @@ checks and a checksum. This module needs no torch:
   content checksum inside and a sha256 file beside it.
 * `assign_pretrained` puts it into FCN8s params with zero heads; the RSTN
   calls it once for the coarse and once for the fine network.
+* `convert_official_rstn` maps a whole trained RSTN of the official PyTorch
+  code (`coarse_model.*`, `fine_model.*`, `saliency1.*`, `saliency2.*`,
+  DataParallel's "module." stripped) to stnjax RSTN params, score heads and
+  the three upsampling kernels per network included (for
+  `FCN8s(upsampling="stored")`); `stnjax.train.imported` writes them as a
+  finished run.
 
 Reading the .pth file itself (torch.load) lives in launch/convert_weights.py.
 Note: the PASCAL weights expect mean-subtracted 0-255 BGR input; the
@@ -33,7 +39,8 @@ import numpy as np
 
 from stnjax import fileio
 from stnjax.checks import InputError
-from stnjax.models.fcn8s import BODY_LAYERS, HEAD_LAYERS, fcn8s_layer_shapes
+from stnjax.models.fcn8s import (BODY_LAYERS, HEAD_LAYERS, fcn8s_layer_shapes,
+                                 upsampling_shapes)
 
 STYLES = ("auto", "pytorch-fcn", "torchvision-vgg16")
 # Indices of the 13 convs in torchvision's vgg16().features (ReLU / pool between).
@@ -118,9 +125,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, style: str = "auto",
     """
     if style not in STYLES:
         raise InputError(f"convert_state_dict: style must be one of {STYLES}, got {style!r}")
-    sd = {str(k): v for k, v in state_dict.items()}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    sd = strip_module_prefix(state_dict)
     if style == "auto":
         style = detect_style(list(sd))
     expected = _source_keys(style, width)
@@ -147,7 +152,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, style: str = "auto",
     return out
 
 
-def _content_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+def content_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     """sha256 over sorted (key, dtype, shape, C-order bytes): layout-independent."""
     h = hashlib.sha256()
     for key in sorted(arrays):
@@ -190,7 +195,7 @@ def save_pretrained(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
         raise InputError(f"save_pretrained: {META_KEY!r} is a reserved array name")
     arrs = {k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
     record = dict(meta or {})
-    record.update(format=FORMAT, content_sha256=_content_sha256(arrs))
+    record.update(format=FORMAT, content_sha256=content_sha256(arrs))
     blob = np.frombuffer(json.dumps(record, sort_keys=True).encode(), dtype=np.uint8)
     with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrs, **{META_KEY: blob})  # a file object: savez would add ".npz"
@@ -239,7 +244,7 @@ def load_pretrained(path: str | os.PathLike, *, sha256: str | None = None,
     if meta.get("format") != FORMAT:
         raise InputError(f"load_pretrained: {str(path)!r} has format {meta.get('format')!r}, "
                          f"expected {FORMAT!r}")
-    if _content_sha256(arrays) != meta.get("content_sha256"):
+    if content_sha256(arrays) != meta.get("content_sha256"):
         raise InputError(f"load_pretrained: {str(path)!r}: array contents do not match "
                          "the recorded checksum")
     return (arrays, meta) if with_meta else arrays
@@ -295,3 +300,100 @@ def assign_pretrained(fcn_params: Mapping[str, Any], pretrained: Mapping[str, np
             else:
                 new[name][part] = value
     return {"params": new} if wrapped else new
+
+
+# ----------------------------------------------------- official RSTN snapshots
+# The official PyTorch RSTN (`torch.save(RSTN_model.state_dict())`): two
+# FCN8s under these prefixes, the saliency convolutions at the top level.
+OFFICIAL_NETS = {"coarse_model": "coarse", "fine_model": "fine"}
+OFFICIAL_SALIENCY = ("saliency1", "saliency2")
+SALIENCY_KERNELS = (3, 5)  # the official saliency: 3 x 3, ReLU, 5 x 5
+
+
+def _official_keys(width: float, num_outputs: int = 3
+                   ) -> dict[str, tuple[tuple[str, str, str], tuple[int, ...], str]]:
+    """{official key: ((net, layer, part), expected shape, kind)} of an official
+    RSTN state dict; kind "conv" (OIHW), "transposed" ((in, out, k, k)) or
+    "bias"."""
+    out = {}
+    fcn = fcn8s_layer_shapes(width, num_outputs)
+    for prefix, net in OFFICIAL_NETS.items():
+        for name, (kshape, bshape) in fcn.items():
+            out[f"{prefix}.{name}.weight"] = ((net, name, "kernel"), _torch_shape(kshape), "conv")
+            out[f"{prefix}.{name}.bias"] = ((net, name, "bias"), bshape, "bias")
+        for name, (k, _, cin, cout) in upsampling_shapes(num_outputs).items():
+            out[f"{prefix}.{name}.weight"] = ((net, name, "kernel"), (cin, cout, k, k),
+                                              "transposed")
+    c = num_outputs
+    for name, k in zip(OFFICIAL_SALIENCY, SALIENCY_KERNELS):
+        out[f"{name}.weight"] = (("saliency", name, "kernel"), (c, c, k, k), "conv")
+        out[f"{name}.bias"] = (("saliency", name, "bias"), (c,), "bias")
+    return out
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The state dict with `nn.DataParallel`'s "module." prefix removed, when
+    every key carries it; keys as str."""
+    sd = {str(k): v for k, v in state_dict.items()}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def convert_official_rstn(state_dict: Mapping[str, Any], *, width: float = 1.0,
+                          where: str = "convert_official_rstn") -> dict[str, dict]:
+    """Maps an official PyTorch RSTN state dict to stnjax RSTN params.
+
+    Args:
+      state_dict: {key: array} as NumPy arrays, the official names
+        (`coarse_model.conv1_1.weight` ... `fine_model.upscore8.weight`,
+        `saliency1.weight`, ...), with or without a common "module." prefix.
+        Convolutions are OIHW, the three transposed convolutions per network
+        (in, out, k, k).
+      width: the FCN8s width the shapes must match (1.0: the released models;
+        smaller widths are for tests).
+      where: the name errors start with (the file, at the command line).
+
+    Returns:
+      {'coarse': {layer: {'kernel', 'bias'}}, 'saliency': {...}, 'fine': ...}
+      float32 NumPy arrays: conv kernels HWIO, the upsampling layers
+      (`upscore2`, `upscore_pool4`, `upscore8`) as {'kernel': (k, k, in,
+      out)}, the params of `FCN8s(upsampling="stored")` and the default
+      two-layer `Saliency`.
+
+    Raises:
+      InputError listing every missing key, unexpected key and shape
+      mismatch (a snapshot of another architecture), or naming a key with
+      NaN or infinite values.
+    """
+    sd = strip_module_prefix(state_dict)
+    expected = _official_keys(width)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    bad = [f"{k}: got {tuple(np.shape(sd[k]))}, expected {shape}"
+           for k, (_, shape, _) in expected.items()
+           if k in sd and tuple(np.shape(sd[k])) != shape]
+    _raise_problems(f"{where} (official RSTN, width {width})", [
+        missing and f"missing keys ({len(missing)}): {missing}",
+        unexpected and f"unexpected keys ({len(unexpected)}): {unexpected}",
+        bad and "shape mismatches: " + "; ".join(bad)])
+    params: dict[str, dict] = {"coarse": {}, "saliency": {}, "fine": {}}
+    for key, ((net, layer, part), _, kind) in expected.items():
+        a = np.asarray(sd[key], dtype=np.float32)
+        if not np.all(np.isfinite(a)):
+            raise InputError(f"{where}: {key} holds NaN or infinite values")
+        if kind == "conv":
+            a = a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        elif kind == "transposed":
+            a = a.transpose(2, 3, 0, 1)  # (in, out, kh, kw) -> (kh, kw, in, out)
+        params[net].setdefault(layer, {})[part] = np.ascontiguousarray(a)
+    return params
+
+
+def official_width(state_dict: Mapping[str, Any]) -> float:
+    """The FCN8s width of an official-layout state dict, read from conv1_1's
+    output channels (64 at width 1); 1.0 when the key is absent (the key
+    check then names it)."""
+    sd = strip_module_prefix(state_dict)
+    w = sd.get("coarse_model.conv1_1.weight")
+    return 1.0 if w is None or np.ndim(w) != 4 else float(np.shape(w)[0]) / 64.0

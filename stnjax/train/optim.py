@@ -22,7 +22,9 @@ Groups, by path in the RSTN parameter tree {'coarse', 'saliency', 'fine'}:
 | 3     | saliency|fine/**/bias           | lr_mult[3] (20) | 0            |
 
 The bilinear upsampling layers are constants of the model, not parameters,
-so they are frozen by construction. A mode may also freeze whole top-level
+so they are frozen by construction; with `model.upsampling = "stored"` their
+kernels are params (`<net>/upscore*/kernel`), and those leaves are frozen
+here: a zero update, no weight decay, the slots kept (`frozen_leaf`). A mode may also freeze whole top-level
 networks (`trainable`): a frozen leaf gets a zero update and keeps its
 momentum buffer unchanged. This is how S leaves the unused saliency module
 alone (as the PyTorch port, which skips parameters without a gradient;
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from stnjax.checks import InputError
+from stnjax.models.fcn8s import UPSAMPLING_LAYERS
 
 TOP_LEVEL = ("coarse", "saliency", "fine")
 GROUP_NAMES = ("coarse_kernel", "coarse_bias", "fine_kernel", "fine_bias")
@@ -80,15 +83,23 @@ def param_groups(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: leaf_group(p), params)
 
 
+def frozen_leaf(path: Sequence[Any]) -> bool:
+    """Is the leaf one of an FCN's upsampling layers (`FCN8s.upsampling="stored"`:
+    `<net>/upscore*/kernel`), which are never trained."""
+    names = [_key_name(k) for k in path]
+    return len(names) >= 3 and names[-2] in UPSAMPLING_LAYERS
+
+
 def trainable_tree(params: Any, trainable: Collection[str] | None) -> Any:
-    """A tree like `params` of Python bools: is the leaf's network trained."""
+    """A tree like `params` of Python bools: is the leaf trained (its network
+    is in `trainable`, None = all, and it is not a frozen upsampling kernel)."""
     if trainable is not None:
         bad = set(trainable) - set(TOP_LEVEL)
         if bad:
             raise InputError(f"trainable: unknown networks {sorted(bad)}; expected {TOP_LEVEL}")
 
     def f(path, _):
-        return trainable is None or _key_name(path[0]) in trainable
+        return (trainable is None or _key_name(path[0]) in trainable) and not frozen_leaf(path)
 
     return jax.tree_util.tree_map_with_path(f, params)
 

@@ -46,7 +46,7 @@ _IGNORED = {
 _IGNORED_SECTIONS = ("infer",)
 # Fields added after runs existed: at these values they mean what a config
 # without them meant, so they stay out of the identity (old workdirs resume).
-_ABSENT_AT = {"data.organ_ids": [], "data.spacing": []}
+_ABSENT_AT = {"data.organ_ids": [], "data.spacing": [], "model.upsampling": "bilinear"}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -149,9 +149,11 @@ def package_versions() -> dict[str, Any]:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = None
-    # The malloc setting the launchers add (launch/hugepages.py): it changes
-    # the speed on a CPU, not the results.
+    # The malloc settings the launchers add (launch/hugepages.py: glibc's huge
+    # pages, tcmalloc preloaded where installed): they change the speed on a
+    # CPU, not the results.
     out["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+    out["ld_preload"] = os.environ.get("LD_PRELOAD", "")
     out["backend"] = jax.default_backend()
     out["devices"] = [str(d) for d in jax.devices()]
     out["local_devices"] = jax.local_device_count()

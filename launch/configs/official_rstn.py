@@ -1,0 +1,23 @@
+"""The official PyTorch RSTN models (twni2016/OrganSegRSTN_PyTorch), imported.
+
+  python -m launch.convert_weights --official_rstn='FD0:XJ3_1_....pkl' --plane=X \
+      --fold=0 --workdir=runs/official --data_dir=/data/nih-pancreas
+
+writes this config into the workdir (`launch.evaluate` and `launch.segment`
+then use it as for a trained run). It is `nih_pancreas` (the setting the
+official models were trained with: full-width reference FCN-8s, the
+two-layer 3 x 3 / 5 x 5 saliency, margin 20) with the official upsampling:
+`model.upsampling = "stored"`, the three transposed convolutions of each
+FCN-8s taken from the snapshot (the bilinear filter on the channel diagonal,
+PyTorch's random initialisation off it, never trained), not Caffe's
+per-channel bilinear.
+"""
+
+from launch.configs import nih_pancreas
+
+
+def get_config():
+    c = nih_pancreas.get_config()
+    c.name = "official_rstn"
+    c.model.upsampling = "stored"
+    return c
