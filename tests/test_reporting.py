@@ -29,3 +29,45 @@ def test_job_eta_counts_the_later_runs_at_this_runs_rate(monkeypatch, caplog):
         rep.flush(0, lambda *a: None)
         line = caplog.records[-1].getMessage() + " |"
         assert want in line, line
+
+
+def _records():
+    """Two attempts (a restart at iteration 20) of S then J, logged every 2 steps."""
+    recs = []
+    for attempt, steps in ((0, range(2, 21, 2)), (1, range(2, 41, 2))):
+        for step in steps:
+            it = step + 20 * attempt
+            recs.append({"event": "train", "iteration": it, "step": step, "attempt": attempt,
+                         "steps": 2, "stage": "S" if step <= 20 else "J",
+                         "loss": 1.0 / it, "loss_coarse": 1.2 / it, "loss_fine": 0.8 / it,
+                         "lr": 1e-3 if step <= 30 else 5e-4, "examples_per_s": 10.0 + step,
+                         "compiled": step == 2})
+    return recs + [{"event": "diverged", "iteration": 0}]
+
+
+def test_progress_picture_marks_stages_and_restarts(tmp_path):
+    from stnjax.train import progress
+
+    stages, restarts = progress._boundaries(_records()[:-1])
+    assert stages == [(0, "S"), (20, "S"), (40, "J")] and restarts == [20]
+    np.testing.assert_allclose(progress.moving_average([1, 2, 3, 4], 2), [1, 1.5, 2.5, 3.5])
+    path = progress.draw_progress(_records(), tmp_path / "progress.png", title="rstn fold 0")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert not [p for p in tmp_path.iterdir() if p.name != "progress.png"]  # no temporaries
+    progress.draw_progress([], tmp_path / "empty.png", title="no steps yet")  # no crash
+
+
+def test_progress_picture_is_redrawn_at_most_once_a_minute(tmp_path, monkeypatch):
+    from stnjax.train import progress
+
+    drawn, now = [], [0.0]
+    monkeypatch.setattr(progress, "draw_progress", lambda recs, path, title: drawn.append(now[0]))
+    pic = progress.ProgressPicture(tmp_path / "p.png", _records, title="t", min_interval_s=60,
+                                   clock=lambda: now[0])
+    for t in (0, 10, 59, 61, 100, 130):
+        now[0] = t
+        pic.update()
+    now[0] = 131
+    pic.update(force=True)  # the run's end
+    assert drawn == [0, 61, 130, 131]

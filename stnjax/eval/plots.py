@@ -10,21 +10,19 @@ global backend switch, no display needed) and are written atomically.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from stnjax.eval.records import (CaseRecord, check_records, check_threshold, result_at_threshold,
                                  threshold_key)
 from stnjax.eval.summaries import (MAIN_THRESHOLD, ThresholdRow, compare, method_name,
                                    method_order)
-from stnjax.fileio import atomic_write
+from stnjax.fileio import atomic_write_figure
 
 _COLORS = {"rstn": "#1f5fa8", "stagewise": "#c8452f"}
 _CYCLE = ["#2a9d46", "#8e44ad", "#e08e0b", "#555555"]
@@ -38,13 +36,7 @@ def _color(method: str, methods: Sequence[str]) -> str:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    """Renders with the Agg canvas into memory, then writes atomically."""
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    path = Path(path)
-    atomic_write({path: buf.getvalue()}, f"plot {path.name}")
-    return path
+    return atomic_write_figure(fig, path)
 
 
 def plot_sweep(rows: Sequence[ThresholdRow], path: str | os.PathLike) -> Path:
