@@ -26,7 +26,7 @@ from pathlib import Path
 
 from absl import flags
 
-from launch import app
+from . import app
 
 _CONFIG = app.define_config(stored_default=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
@@ -65,5 +65,10 @@ def main(argv):
     print(f"results in {out}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `stnjax-evaluate` console command (same as `python -m launch.evaluate`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,4 +1,11 @@
-"""Logging set-up shared by the launchers: stderr plus a log file."""
+"""Logging set-up shared by the launchers: stderr plus a log file, and --verbosity.
+
+At the default verbosity the command's own lines ('stnjax' logger: progress,
+ETAs, warnings) are shown and the libraries' (absl, jax, orbax: backend
+probing, every checkpoint save) only from WARNING up. `--verbosity=N`, when
+given, sets both: -1 only warnings and errors, 0 the libraries' INFO lines
+too, 1 and up DEBUG (and tracebacks of one-line errors, launch/app.py).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +14,35 @@ import sys
 from pathlib import Path
 
 from absl import logging as absl_logging
+from absl.logging import converter
+
+_GIVEN: dict[str, int | None] = {"verbosity": None}  # --verbosity as given, None: not given
+
+
+def set_verbosity(verbosity: int | None) -> None:
+    """Applies --verbosity (absl's scale; None: not given) to the libraries'
+    loggers now, before any backend starts, and to `setup_logging` later."""
+    _GIVEN["verbosity"] = verbosity
+    absl_logging.set_verbosity(absl_logging.WARNING if verbosity is None else verbosity)
+
+
+def command_level() -> int:
+    """The level of the command's own 'stnjax' lines (INFO unless --verbosity says)."""
+    given = _GIVEN["verbosity"]
+    return logging.INFO if given is None else converter.absl_to_standard(given)
 
 
 def setup_logging(log_file: Path | None, *, primary: bool = True) -> logging.Logger:
     """Routes the 'stnjax' loggers to stderr and, on the primary process,
     to `log_file` (its folder is created). Returns the 'stnjax' logger."""
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    set_verbosity(_GIVEN["verbosity"])  # orbax logs every save at INFO
     # A log write that fails (a full disk) must not print logging's own
     # traceback over the command's one-line error.
     logging.raiseExceptions = False
     fmt = logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S")
     logger = logging.getLogger("stnjax")
-    logger.setLevel(logging.INFO if primary else logging.WARNING)
+    level = command_level()
+    logger.setLevel(level if primary else max(level, logging.WARNING))
     logger.propagate = False
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)

@@ -19,7 +19,7 @@ mask unless --overwrite. Runs on CPU too.
 
 from absl import flags
 
-from launch import app
+from . import app
 
 _CONFIG = app.define_config(stored_default=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
@@ -54,5 +54,10 @@ def main(argv):
         print(f"wrote {p}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `stnjax-segment` console command (same as `python -m launch.segment`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -134,7 +134,7 @@ def test_version_exits_0_naming_stnjax_and_its_packages(tmp_path):
         r = subprocess.run([sys.executable, "-m", cmd, "--version"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.startswith(f"stnjax {stnjax.__version__} (python ")
+        assert r.stdout.startswith(f"stnjax {stnjax.__version__} (commit ")
         assert f"jax {importlib.metadata.version('jax')}," in r.stdout
     assert not list(tmp_path.iterdir())  # --version writes nothing
 
