@@ -148,7 +148,8 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
     the same windowed volumes the models were trained on). Returns the
     per-case records (also written to `<out>/cases.{json,csv}`, rewritten
     atomically after every case; predictions to
-    `<out>/predictions/<case>.nii.gz` in the source geometry). With
+    `<out>/predictions/<case>.nii.gz` in the source geometry, each with a
+    picture of three slices through the organ, `<out>/overlays/<case>.png`). With
     `resume`, cases already recorded in `<out>` by an interrupted run with
     the same models and inference settings (its config.json) are taken from
     there, not run again; other settings mean a fresh evaluation.
@@ -189,7 +190,7 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
                  100 * rec.dsc_rounds[0], t, 100 * rec.metrics_at[threshold_key(t)]["dsc"],
                  rec.metrics_at[threshold_key(t)]["round"],
                  rec.time_coarse_s + sum(rec.time_rounds_s))
-    log.info("fold %d: %d compilations %s", fold, seg.compile_count, seg.compiled_buckets())
+    log.info("fold %d: %s %s", fold, seg.compile_summary(), seg.compiled_buckets())
     write_records(records, out)
     return records
 
@@ -213,6 +214,9 @@ def _evaluate_case(spec: EvalSpec, seg: Segmenter, store: CaseStore, cid: str, f
                       t=spec.threshold, native=native)
     if preds is not None:
         volume_io.save_mask(mask, store.geometry(cid), preds / f"{cid}.nii.gz")
+        # The picture beside the predictions: <out>/overlays/<case>.png (model grid).
+        plots.plot_case_overlay(rec, store.image(cid), label, res.mask,
+                                preds.parent / "overlays" / f"{cid}.png", t=spec.threshold)
     return rec
 
 
@@ -323,20 +327,21 @@ def mask_names(inputs_: Sequence[str], out: Path, *, overwrite: bool = False) ->
 
 def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[str], *,
                   out_dir: str | os.PathLike, fold: int = 0, overwrite: bool = False,
-                  probabilities: bool = False) -> list[Path]:
+                  probabilities: bool = False, preview: bool = False) -> list[Path]:
     """Segments NIfTI files or DICOM folders without labels (`stnjax.eval.segment`).
 
     Every input is checked (readable, a 3D volume, a mask name of its own,
     no existing output unless `overwrite`) before anything is written;
     masks (and with `probabilities` the fused probability maps) are
     written to `<out>/<name>_mask.nii.gz` (`_prob.nii.gz`) in the source
-    geometry, and `<out>/segment.json` after every input. Returns the
-    written mask (and probability) paths.
+    geometry, with `preview` a picture `<out>/<name>_preview.png`, and
+    `<out>/segment.json` after every input. Returns the written paths.
     """
     if not inputs_:
         raise InputError("inputs: give at least one NIfTI file or DICOM folder")
     out = check_writable(out_dir)
-    outs = seg_lib.output_names(inputs_, out, overwrite=overwrite, probabilities=probabilities)
+    outs = seg_lib.output_names(inputs_, out, overwrite=overwrite, probabilities=probabilities,
+                                preview=preview)
     volumes = [(Path(p), volume_io.load_image(p)) for p in inputs_]  # fail before writing
     target = spec.train.data.spacing
     grids = seg_lib.check_inputs(volumes, spec.inference.planes, target)
@@ -350,4 +355,4 @@ def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[
                 "spacing_mm": None if target is None else list(target)}
     return seg_lib.run_all(seg, volumes, grids, outs, out=out, target=target,
                            t=spec.threshold, reference=reference, reference_what=what,
-                           settings=settings)
+                           settings=settings, preview=preview)

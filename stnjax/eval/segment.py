@@ -30,7 +30,8 @@ import numpy as np
 
 from stnjax.checks import InputError
 from stnjax.data import resample, volume_io
-from stnjax.data.preprocess import PLANE_AXIS
+from stnjax.data.preprocess import PLANE_AXIS, window_hu
+from stnjax.eval import plots
 from stnjax.fileio import atomic_write_text
 
 log = logging.getLogger("stnjax.eval")
@@ -39,11 +40,18 @@ log = logging.getLogger("stnjax.eval")
 SPACING_FACTOR = 1.5
 
 
+def preview_name(mask_path: Path) -> Path:
+    """The preview picture beside a mask: `<out>/<name>_preview.png`."""
+    return mask_path.with_name(mask_path.name.removesuffix("_mask.nii.gz") + "_preview.png")
+
+
 def output_names(inputs_: Sequence[str], out: Path, *, overwrite: bool = False,
-                 probabilities: bool = False) -> list[tuple[Path, Path | None]]:
+                 probabilities: bool = False, preview: bool = False
+                 ) -> list[tuple[Path, Path | None]]:
     """(mask, probability map or None) files of each input: `<out>/<name>_mask
     .nii.gz` and `<out>/<name>_prob.nii.gz` (name: the file without .nii /
-    .nii.gz, or the DICOM folder's name). InputError, before anything runs,
+    .nii.gz, or the DICOM folder's name; with `preview` the `preview_name`
+    picture is checked too). InputError, before anything runs,
     when two inputs would write the same file or an output exists and
     `overwrite` is False."""
     outs, seen = [], {}
@@ -51,7 +59,8 @@ def output_names(inputs_: Sequence[str], out: Path, *, overwrite: bool = False,
         name = Path(p).name.removesuffix(".gz").removesuffix(".nii") or "volume"
         pair = (out / f"{name}_mask.nii.gz",
                 out / f"{name}_prob.nii.gz" if probabilities else None)
-        for dest in (d for d in pair if d is not None):
+        pictures = (preview_name(pair[0]),) if preview else ()
+        for dest in (d for d in pair + pictures if d is not None):
             if dest in seen:
                 raise InputError(f"inputs: {seen[dest]} and {p} would both write {dest}; "
                                  "segment them into separate --out folders (or rename one)")
@@ -153,9 +162,12 @@ def segment_one(seg: Any, vol: Any, grid: tuple[int, int, int], target, t: float
 
 
 def run_all(seg: Any, volumes, grids, outs, *, out: Path, target, t: float,
-            reference, reference_what: str, settings: dict) -> list[Path]:
-    """Segments every checked volume, writes its outputs and segment.json
-    after each; returns the written mask (and probability) paths."""
+            reference, reference_what: str, settings: dict, preview: bool = False
+            ) -> list[Path]:
+    """Segments every checked volume, writes its outputs (with `preview` a
+    picture of three slices through the mask, `preview_name`) and
+    segment.json after each; returns the written mask, probability and
+    picture paths."""
     written, entries = [], []
     for i, ((path, vol), grid, (mask_path, prob_path)) in enumerate(zip(volumes, grids, outs)):
         t0 = time.perf_counter()
@@ -172,10 +184,13 @@ def run_all(seg: Any, volumes, grids, outs, *, out: Path, target, t: float,
         for w in warnings:
             log.warning("%s: %s", path, w)
         seconds = time.perf_counter() - t0
+        stats = case_summary(mask, vol.data, spacing)
+        if preview:
+            written.append(_preview(vol, mask, stats, preview_name(mask_path), path, warnings))
         entries.append({"input": str(path), "mask": str(mask_path),
                         "probabilities": None if prob_path is None else str(prob_path),
                         "shape": list(vol.data.shape), "spacing_mm": spacing,
-                        "model_grid": list(grid), **case_summary(mask, vol.data, spacing),
+                        "model_grid": list(grid), **stats,
                         "rounds": int(res.rounds), "seconds": round(seconds, 3),
                         "seconds_coarse": round(float(res.time_coarse_s), 3),
                         "warnings": warnings})
@@ -183,7 +198,19 @@ def run_all(seg: Any, volumes, grids, outs, *, out: Path, target, t: float,
         log.info("%d/%d %s: %d voxels (%.1f mL), %d rounds, %.1f s (coarse %.1f s)", i + 1,
                  len(volumes), path, entries[-1]["voxels"], entries[-1]["volume_ml"],
                  res.rounds, seconds, res.time_coarse_s)
+    log.info("%s", seg.compile_summary())
     return written
+
+
+def _preview(vol: Any, mask: np.ndarray, stats: dict, picture: Path, path: Path,
+             warnings: Sequence[str]) -> Path:
+    """The input (HU window) with the mask's outline, three slices through
+    it; `stats`: its `case_summary`."""
+    title = f"{path.name}: {stats['voxels']} voxels, {stats['volume_ml']:.1f} mL"
+    if warnings:
+        title += "\nwarning: " + "; ".join(warnings)
+    return plots.plot_overlay(window_hu(vol.data), {"prediction": mask}, vol.geometry.spacing,
+                              picture, title=title)
 
 
 def reference_spacing(train_data: Any, workdir: str | os.PathLike
@@ -197,6 +224,6 @@ def reference_spacing(train_data: Any, workdir: str | os.PathLike
     return training_spacing_range(cached_case_records(cache)), "the training cases' spacing"
 
 
-__all__ = ["output_names", "segment_one", "run_all", "check_inputs", "reference_spacing",
+__all__ = ["output_names", "preview_name", "segment_one", "run_all", "check_inputs", "reference_spacing",
            "spacing_warning", "case_summary", "training_spacing_range", "cached_case_records",
            "write_summary", "SPACING_FACTOR"]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stnjax.infer import compile_log
 from stnjax.infer import rounds as infer
 from stnjax import metrics
 from stnjax.checks import InputError, check_array
@@ -93,6 +94,8 @@ class Segmenter:
         #: seconds each compilation took, by (function name, bucket); case
         #: times (`CaseResult.time_*`) exclude them.
         self.compile_seconds: dict[tuple, float] = {}
+        #: the (function name, bucket) keys the persistent cache served
+        self.cache_loaded: set[tuple] = set()
         r, s = rstn, spec
         self._fns = {
             "coarse": lambda p, im, ex: _coarse_with_check(r, p, im, ex, spec=s),
@@ -116,6 +119,14 @@ class Segmenter:
         """Number of executables compiled so far (one per function and bucket)."""
         return len(self._compiled)
 
+    def compile_summary(self) -> str:
+        """One line: how many programs were compiled and how many the
+        persistent compilation cache served (`compile_log`)."""
+        n, loaded = len(self._compiled), len(self.cache_loaded)
+        if n and loaded == n:
+            return f"compiled nothing: all {n} programs loaded from the compilation cache"
+        return f"compiled {n - loaded} programs ({loaded} loaded from the compilation cache)"
+
     def compiled_buckets(self) -> list[tuple]:
         """(function name, padded shape) of every compilation."""
         return sorted((k[0], k[1]) for k in self._compiled)
@@ -126,10 +137,14 @@ class Segmenter:
         key = (name, bucket)
         if key not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[key] = jax.jit(self._fns[name]).lower(*args).compile()
+            with compile_log.watch() as seen:
+                self._compiled[key] = jax.jit(self._fns[name]).lower(*args).compile()
             self.compile_seconds[key] = time.perf_counter() - t0
-            log.info("compiled %s for bucket %s in %.1f s", name, "x".join(map(str, bucket)),
-                     self.compile_seconds[key])
+            if seen.loaded:
+                self.cache_loaded.add(key)
+            log.info("%s %s for bucket %s in %.1f s",
+                     "loaded from the compilation cache:" if seen.loaded else "compiled", name,
+                     "x".join(map(str, bucket)), self.compile_seconds[key])
 
     def _call(self, name: str, bucket: tuple, *args):
         self._compile(name, bucket, *args)
