@@ -139,7 +139,7 @@ def test_evaluate_command_with_other_inference_settings(trained, tmp_path):
 
 def _volatile_free(rec):
     """A record without its timings (they differ between runs)."""
-    return dataclasses.replace(rec, time_coarse_s=0.0, time_rounds_s=[])
+    return dataclasses.replace(rec, time_coarse_s=0.0, time_rounds_s=[], time_loop_s=0.0)
 
 
 def test_interrupted_evaluation_resumes(trained, tmp_path, monkeypatch):

@@ -113,6 +113,7 @@ def case_record(res: CaseResult, case_id: str, label: np.ndarray,
         case_id=case_id, fold=int(fold), method=method, gt_voxels=int(np.count_nonzero(ref)),
         spacing=sp, dsc_rounds=dsc, inter_dsc=inter, rounds_run=int(res.rounds),
         time_coarse_s=res.time_coarse_s, time_rounds_s=list(res.time_rounds_s),
+        time_loop_s=res.time_loop_s,
         metrics_at={threshold_key(t): full}, oracle=res.oracles or None,
         extra={"plane_dsc": res.plane_dsc, "bucket": list(res.bucket),
                "overflow": res.overflow, "rounds": round_diagnostics(res, label, spacing)})
@@ -189,7 +190,7 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
                  "(round %d), %.1f s", fold, i + 1, len(test_ids), cid,
                  100 * rec.dsc_rounds[0], t, 100 * rec.metrics_at[threshold_key(t)]["dsc"],
                  rec.metrics_at[threshold_key(t)]["round"],
-                 rec.time_coarse_s + sum(rec.time_rounds_s))
+                 rec.time_total_s)
     log.info("fold %d: %s %s", fold, seg.compile_summary(), seg.compiled_buckets())
     write_records(records, out)
     return records

@@ -224,6 +224,7 @@ def reference_spacing(train_data: Any, workdir: str | os.PathLike
     return training_spacing_range(cached_case_records(cache)), "the training cases' spacing"
 
 
-__all__ = ["output_names", "preview_name", "segment_one", "run_all", "check_inputs", "reference_spacing",
+__all__ = ["output_names", "preview_name", "segment_one",
+           "run_all", "check_inputs", "reference_spacing",
            "spacing_warning", "case_summary", "training_spacing_range", "cached_case_records",
            "write_summary", "SPACING_FACTOR"]

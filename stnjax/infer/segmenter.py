@@ -38,11 +38,13 @@ class CaseResult:
     mask}, round_at: {t_k: round} for the report thresholds; plane_dsc:
     {plane: DSC of that plane's coarse mask} (with label); oracles: {name:
     DSC} (with label and oracles=True); times in seconds (compilation
-    excluded); bucket: the padded shape; overflow: crops cut to the largest
-    canvas (0 by default); main_round: the round whose mask is `mask` (the
-    first with inter-DSC >= t, else the last run); voxels, hits (T+1,) and
-    boxes (T+1, P, 2): the per-round diagnostics of `C2FResult`, P the
-    planes in `planes` order.
+    excluded): time_rounds_s per round when timed one by one
+    (`per_round_timing`), else empty and time_loop_s the loop's total;
+    bucket: the padded shape; overflow: crops cut to the largest canvas (0
+    by default); main_round: the round whose mask is `mask` (the first with
+    inter-DSC >= t, else the last run); voxels, hits (T+1,) and boxes
+    (T+1, P, 2): the per-round diagnostics of `C2FResult`, P the planes in
+    `planes` order.
     """
     mask: np.ndarray
     score: np.ndarray
@@ -63,6 +65,7 @@ class CaseResult:
     hits: np.ndarray | None = None
     boxes: np.ndarray | None = None
     planes: tuple[str, ...] = ()
+    time_loop_s: float = 0.0
 
 
 class Segmenter:
@@ -214,6 +217,7 @@ class Segmenter:
             raise InputError("coarse probabilities contain NaN or infinite values: the "
                              "parameters (checkpoint) are broken")
         t_arr = jnp.float32(t_loop)
+        time_loop = 0.0
         if self.per_round_timing:
             res, times = self._stepwise(bucket, image, extent, score0, mask0, t_arr, lab)
         else:
@@ -223,8 +227,8 @@ class Segmenter:
             self._compile(name, bucket, *args)  # not timed
             t0 = time.perf_counter()
             res = jax.block_until_ready(self._call(name, bucket, *args))
-            total = time.perf_counter() - t0
-            times = [total / max(int(res.rounds), 1)] * int(res.rounds)
+            # One loop: its total, not a made-up split over the rounds.
+            times, time_loop = [], time.perf_counter() - t0
         rounds = int(res.rounds)
         inter, dsc = np.asarray(res.inter), np.asarray(res.dsc)
         thresholds = self.spec.report_thresholds
@@ -244,7 +248,8 @@ class Segmenter:
             mask=main, score=crop(res.score), coarse_mask=crop(mask0), rounds=rounds,
             inter=inter, dsc=None if label is None else dsc, masks_at=masks_at,
             round_at=round_at, plane_dsc=plane_dsc, oracles=orc,
-            time_coarse_s=time_coarse, time_rounds_s=times, bucket=bucket,
+            time_coarse_s=time_coarse, time_rounds_s=times, time_loop_s=time_loop,
+            bucket=bucket,
             overflow=int(res.overflow), main_round=round_at[t_key],
             voxels=np.asarray(res.voxels), hits=np.asarray(res.hits),
             boxes=np.asarray(res.boxes), planes=tuple(self.spec.planes))
