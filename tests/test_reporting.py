@@ -1,4 +1,5 @@
-"""The training log's ETAs: this run's and, with later runs, the whole job's."""
+"""The logs' ETAs: training (this run's and the whole job's), evaluation and segmentation
+per case, and the training-curve picture progress.png."""
 
 import logging
 
@@ -71,3 +72,33 @@ def test_progress_picture_is_redrawn_at_most_once_a_minute(tmp_path, monkeypatch
     now[0] = 131
     pic.update(force=True)  # the run's end
     assert drawn == [0, 61, 130, 131]
+
+
+def test_case_progress_eta_leaves_compilation_out(caplog):
+    """evaluate/segment: a line as each case starts with the ETA of the cases
+    left at the mean time of the finished ones (compilation not counted),
+    and a line per stage the Segmenter reports."""
+    from stnjax.eval import progress
+
+    now, compiled = [0.0], [0.0]
+    seg = type("Seg", (), {"compile_seconds": {}, "on_stage": None})()
+    prog = progress.CaseProgress("fold 0", 3, compile_seconds=lambda: compiled[0],
+                                 clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger=progress.log.name)
+    prog.start("0007")
+    now[0] += 50.0
+    compiled[0] += 40.0  # the first case compiled for 40 of its 50 s
+    prog.stage("coarse stage", 0.25)
+    assert prog.elapsed() == (10.0, 40.0)
+    prog.done()
+    prog.start("0008")
+    now[0] += 20.0
+    prog.done()
+    prog.start("0009")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["fold 0 case 1/3 0007: started; ETA after the first case",
+                     "fold 0 case 1/3 0007: coarse stage done in 0.25 s",
+                     "fold 0 case 2/3 0008: started; ETA 20s for 2 cases",
+                     "fold 0 case 3/3 0009: started; ETA 15s for 1 case"]
+    hooked = progress.case_progress("segment", 1, seg)
+    assert seg.on_stage == hooked.stage

@@ -24,6 +24,7 @@ from stnjax.data.store import CaseStore
 from stnjax.eval import plots, summaries
 from stnjax.eval import segment as seg_lib
 from stnjax.eval import report as text_report
+from stnjax.eval.progress import case_progress
 from stnjax.eval.records import CaseRecord, read_records, threshold_key, write_records
 from stnjax.eval.spec import EvalSpec
 from stnjax.infer.segmenter import CaseResult, Segmenter
@@ -172,10 +173,12 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
         log.info("fold %d: resuming, %d of %d cases already evaluated in %s", fold,
                  len(done), len(test_ids), out)
     records = []
+    progress = case_progress(f"fold {fold}", len(test_ids) - len(done), seg)
     for i, cid in enumerate(test_ids):
         if cid in done:
             records.append(done[cid])
             continue
+        progress.start(cid)
         try:
             rec = _evaluate_case(spec, seg, store, cid, fold, preds)
             # After every case: an interrupted run resumes here.
@@ -185,6 +188,7 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
                                 f"of {len(records)} finished cases in {out}, from which a "
                                 "rerun resumes") from e
         records.append(rec)
+        progress.done()
         t = spec.threshold
         log.info("fold %d case %d/%d %s: DSC round 0 %.2f %%, at t=%.2f %.2f %% "
                  "(round %d), %.1f s", fold, i + 1, len(test_ids), cid,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +31,7 @@ from stnjax.checks import InputError
 from stnjax.data import resample, volume_io
 from stnjax.data.preprocess import PLANE_AXIS, window_hu
 from stnjax.eval import plots
+from stnjax.eval.progress import case_progress
 from stnjax.fileio import atomic_write_text
 
 log = logging.getLogger("stnjax.eval")
@@ -169,8 +169,9 @@ def run_all(seg: Any, volumes, grids, outs, *, out: Path, target, t: float,
     segment.json after each; returns the written mask, probability and
     picture paths."""
     written, entries = [], []
+    progress = case_progress("segment", len(volumes), seg)
     for i, ((path, vol), grid, (mask_path, prob_path)) in enumerate(zip(volumes, grids, outs)):
-        t0 = time.perf_counter()
+        progress.start(path.name)
         mask, prob, res = segment_one(seg, vol, grid, target, t)
         volume_io.save_mask(mask, vol.geometry, mask_path)
         written.append(mask_path)
@@ -183,7 +184,7 @@ def run_all(seg: Any, volumes, grids, outs, *, out: Path, target, t: float,
             spacing_warning(spacing, reference, reference_what)) if w]
         for w in warnings:
             log.warning("%s: %s", path, w)
-        seconds = time.perf_counter() - t0
+        seconds, compiling = progress.elapsed()  # compilation apart
         stats = case_summary(mask, vol.data, spacing)
         if preview:
             written.append(_preview(vol, mask, stats, preview_name(mask_path), path, warnings))
@@ -192,12 +193,14 @@ def run_all(seg: Any, volumes, grids, outs, *, out: Path, target, t: float,
                         "shape": list(vol.data.shape), "spacing_mm": spacing,
                         "model_grid": list(grid), **stats,
                         "rounds": int(res.rounds), "seconds": round(seconds, 3),
+                        "seconds_compiling": round(compiling, 3),
                         "seconds_coarse": round(float(res.time_coarse_s), 3),
                         "warnings": warnings})
         write_summary(out, entries, settings)
-        log.info("%d/%d %s: %d voxels (%.1f mL), %d rounds, %.1f s (coarse %.1f s)", i + 1,
-                 len(volumes), path, entries[-1]["voxels"], entries[-1]["volume_ml"],
-                 res.rounds, seconds, res.time_coarse_s)
+        progress.done()
+        log.info("%d/%d %s: %d voxels (%.1f mL), %d rounds, %.1f s (coarse %.1f s; "
+                 "compiling %.1f s apart)", i + 1, len(volumes), path, entries[-1]["voxels"],
+                 entries[-1]["volume_ml"], res.rounds, seconds, res.time_coarse_s, compiling)
     log.info("%s", seg.compile_summary())
     return written
 

@@ -99,6 +99,10 @@ class Segmenter:
         self.compile_seconds: dict[tuple, float] = {}
         #: the (function name, bucket) keys the persistent cache served
         self.cache_loaded: set[tuple] = set()
+        #: called with (stage, seconds) as a case runs: "coarse stage", then
+        #: "round <r>" per round, or "rounds 1-<n>" for the jitted loop
+        #: (progress lines, `stnjax.eval.progress`); None: no calls
+        self.on_stage: Callable[[str, float], None] | None = None
         r, s = rstn, spec
         self._fns = {
             "coarse": lambda p, im, ex: _coarse_with_check(r, p, im, ex, spec=s),
@@ -213,6 +217,7 @@ class Segmenter:
         probs, score0, mask0, finite = self._call("coarse", bucket, self.params, image, extent)
         finite = bool(finite)
         time_coarse = time.perf_counter() - t0
+        self._stage_done("coarse stage", time_coarse)
         if not finite:
             raise InputError("coarse probabilities contain NaN or infinite values: the "
                              "parameters (checkpoint) are broken")
@@ -229,6 +234,7 @@ class Segmenter:
             res = jax.block_until_ready(self._call(name, bucket, *args))
             # One loop: its total, not a made-up split over the rounds.
             times, time_loop = [], time.perf_counter() - t0
+            self._stage_done(f"rounds 1-{int(res.rounds)} (one loop)", time_loop)
         rounds = int(res.rounds)
         inter, dsc = np.asarray(res.inter), np.asarray(res.dsc)
         thresholds = self.spec.report_thresholds
@@ -264,7 +270,12 @@ class Segmenter:
             st = jax.block_until_ready(
                 self._call("step", bucket, self.params, image, extent, st, lab, score0))
             times.append(time.perf_counter() - t0)
+            self._stage_done(f"round {len(times)}", times[-1])
         return infer.finish(st), times
+
+    def _stage_done(self, stage: str, seconds: float) -> None:
+        if self.on_stage is not None:
+            self.on_stage(stage, seconds)
 
     def _oracles(self, bucket, image, extent, probs, score0, mask0, lab, crop,
                  lab_np) -> dict[str, float]:
