@@ -468,3 +468,28 @@ def test_readme_python_snippet_runs_as_written(trained, tmp_path):
     assert r >= 1
     np.testing.assert_allclose(np.asarray(out.inter)[1:r + 1], np.asarray(res.inter)[1:r + 1],
                                atol=1e-5)
+
+
+def test_readme_scripted_studies_run_as_written(trained):
+    """The README's second Python example (two labelled settings evaluated and
+    compared, then a sweep over t), with only its WORKDIR line pointed at
+    the smoke training run."""
+    import contextlib
+    import io
+    spec, work = trained
+    text = (ROOT / "README.md").read_text()
+    code = text[text.index("Scripted studies:"):]
+    code = code[code.index("```python\n") + 10:]
+    code = code[:code.index("```")]
+    code, n = re.subn(r"^WORKDIR\b.*$", f"WORKDIR = {str(work)!r}", code, count=1, flags=re.M)
+    assert n == 1, "README example lost its WORKDIR line"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
+    lines = printed.getvalue().splitlines()
+    assert lines[0].startswith("coarse-saliency vs reference at t = 0.99: ")
+    assert len(lines) == 1 + 2 * 6 and "reference        t = 2.0  : DSC" in lines[-1]
+    sweep = (work / "sweep.csv").read_text().splitlines()
+    assert len(sweep) == 1 + 2 * 6
+    for label in ("reference", "coarse-saliency"):
+        assert records.read_records(work / f"eval-{label}" / "fold0")[0].method == label
