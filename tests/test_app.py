@@ -190,3 +190,28 @@ def test_stored_config_takes_sequence_overrides(tmp_path):
     assert r.returncode != 0
     assert "not supported for overriding" not in r.stderr, r.stderr[-2000:]
     assert "checkpoint" in r.stderr, r.stderr[-2000:]
+
+
+def test_verbosity_sets_the_commands_and_the_libraries_levels():
+    """Not given: the command's own INFO lines, the libraries' (absl, jax,
+    orbax) from WARNING up; given, --verbosity sets both (absl's scale).
+    A command's stderr at the default: tests/test_install.py."""
+    import logging as std_logging
+
+    from absl import logging as absl_logging
+
+    from launch import logs
+    try:
+        for given, command, libraries in ((None, std_logging.INFO, std_logging.WARNING),
+                                          (-1, std_logging.WARNING, std_logging.WARNING),
+                                          (0, std_logging.INFO, std_logging.INFO),
+                                          (1, std_logging.DEBUG, std_logging.DEBUG)):
+            logs.set_verbosity(given)
+            assert logs.command_level() == command
+            # absl's level is what its handler (on the root logger in a
+            # command: absl's app.run puts it there) lets through.
+            assert absl_logging.get_verbosity() == (-1 if given is None else given)
+            assert absl_logging.converter.absl_to_standard(
+                absl_logging.get_verbosity()) == libraries
+    finally:
+        logs.set_verbosity(None)

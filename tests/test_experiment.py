@@ -35,6 +35,24 @@ from stnjax.train import workdir as wd
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's in-process runs, as
+    the commands have: the many evaluations of the same models and buckets
+    compile each program once. Put back as it was afterwards (the worker
+    runs other test files next)."""
+    from jax._src import compilation_cache as cc
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {k: getattr(jax.config, k) for k in keys}
+    cc.reset_cache()  # the cache is set up once per process, at the first compilation
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(keys[1], 0.0)
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
