@@ -201,6 +201,8 @@ def test_verbosity_sets_the_commands_and_the_libraries_levels():
     from absl import logging as absl_logging
 
     from launch import logs
+    logger = std_logging.getLogger("stnjax")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
     try:
         for given, command, libraries in ((None, std_logging.INFO, std_logging.WARNING),
                                           (-1, std_logging.WARNING, std_logging.WARNING),
@@ -215,3 +217,4 @@ def test_verbosity_sets_the_commands_and_the_libraries_levels():
                 absl_logging.get_verbosity()) == libraries
     finally:
         logs.set_verbosity(None)
+        logger.handlers[:], logger.propagate, logger.level = saved  # as other tests expect
