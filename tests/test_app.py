@@ -217,4 +217,5 @@ def test_verbosity_sets_the_commands_and_the_libraries_levels():
                 absl_logging.get_verbosity()) == libraries
     finally:
         logs.set_verbosity(None)
-        logger.handlers[:], logger.propagate, logger.level = saved  # as other tests expect
+        logger.handlers[:], logger.propagate = saved[:2]  # as other tests expect
+        logger.setLevel(saved[2])
