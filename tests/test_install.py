@@ -102,6 +102,10 @@ def test_every_command_runs_from_another_directory(installed):
     assert "--config.train.stages='S:4,I:4,J:4'" in r.stdout  # a built-in config, by name
     r = _run(bin_, elsewhere, "evaluate", "--help")
     assert r.returncode == 0 and "--label" in r.stdout, r.stderr
+    r = _run(bin_, elsewhere, "main", "--help")  # its default config, from site-packages
+    assert r.returncode == 0 and "--config.train.stages='S:600,I:600,J:600'" in r.stdout
+    r = _run(bin_, elsewhere, "make-dataset", "--help")
+    assert r.returncode == 0 and "--msd" in r.stdout, r.stderr
     r = subprocess.run([str(bin_ / "python"), "-c", "import launch"], cwd=elsewhere,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "No module named 'launch'" in r.stderr
