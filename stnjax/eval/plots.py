@@ -219,14 +219,13 @@ _OTHER_COLOR = ("#ffdc00", "yellow")
 
 
 def organ_slices(masks: Sequence[np.ndarray], shape: Sequence[int]) -> tuple[int, int, int]:
-    """Per canonical axis, the slice with the most voxels of the masks'
-    union (the middle slice where all are empty)."""
-    union = np.zeros(tuple(shape), bool)
-    for m in masks:
-        union |= np.asarray(m, bool)
-    if not union.any():
+    """Per canonical axis, the slice with the most voxels of the first
+    non-empty mask (give the label before the prediction: the slices go
+    through the organ); the middle slices where all are empty."""
+    first = next((np.asarray(m, bool) for m in masks if np.asarray(m).any()), None)
+    if first is None:
         return tuple(int(s) // 2 for s in shape)
-    return tuple(int(np.argmax(union.sum(axis=tuple(a for a in range(3) if a != ax))))
+    return tuple(int(np.argmax(first.sum(axis=tuple(a for a in range(3) if a != ax))))
                  for ax in range(3))
 
 
@@ -241,8 +240,8 @@ def _view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
 def plot_overlay(image: np.ndarray, masks: Mapping[str, np.ndarray],
                  spacing: Sequence[float], path: str | os.PathLike, *, title: str,
                  window: tuple[float, float] = (0.0, 1.0)) -> Path:
-    """Three slices through the organ (coronal, sagittal, axial; `organ_slices`)
-    of a canonical volume, in grey over `window`, with each mask's outline
+    """Three slices through the organ (coronal, sagittal, axial; `organ_slices`
+    of the masks in their order) of a canonical volume, in grey over `window`, with each mask's outline
     (`OVERLAY_COLORS` by name: "label", "prediction"). All masks empty: the
     middle slices, "empty mask" written over them."""
     image = np.asarray(image, np.float32)
@@ -270,14 +269,16 @@ def plot_overlay(image: np.ndarray, masks: Mapping[str, np.ndarray],
 
 
 def plot_case_overlay(record: CaseRecord, image: np.ndarray, label: np.ndarray,
-                      prediction: np.ndarray, path: str | os.PathLike, *,
-                      t: float = MAIN_THRESHOLD) -> Path:
-    """`plot_overlay` of an evaluated case (model grid: windowed image, label,
-    the reported mask), its per-round DSC and the result at t in the title."""
+                      prediction: np.ndarray, spacing: Sequence[float],
+                      path: str | os.PathLike, *, t: float = MAIN_THRESHOLD) -> Path:
+    """`plot_overlay` of an evaluated case on the model grid (windowed image,
+    label, the reported mask; `spacing` that grid's, which differs from the
+    record's source spacing with data.spacing), its per-round DSC and the
+    result at t in the title."""
     res = result_at_threshold(record, t)
     rounds = " ".join(f"{100 * d:.1f}" for d in record.dsc_rounds)
     title = (f"{method_name(record.method)} fold {record.fold} case {record.case_id}: DSC at "
              f"t = {threshold_key(t)} {100 * res.dsc:.1f} % (round {res.round})\n"
              f"DSC per round 0..{len(record.dsc_rounds) - 1} (%): {rounds}")
-    return plot_overlay(image, {"label": label, "prediction": prediction}, record.spacing,
-                        path, title=title)
+    return plot_overlay(image, {"label": label, "prediction": prediction}, spacing, path,
+                        title=title)

@@ -220,7 +220,7 @@ def _evaluate_case(spec: EvalSpec, seg: Segmenter, store: CaseStore, cid: str, f
     if preds is not None:
         volume_io.save_mask(mask, store.geometry(cid), preds / f"{cid}.nii.gz")
         # The picture beside the predictions: <out>/overlays/<case>.png (model grid).
-        plots.plot_case_overlay(rec, store.image(cid), label, res.mask,
+        plots.plot_case_overlay(rec, store.image(cid), label, res.mask, store.spacing(cid),
                                 preds.parent / "overlays" / f"{cid}.png", t=spec.threshold)
     return rec
 
