@@ -5,7 +5,8 @@
   python -m launch.evaluate --config=launch/configs/nih_pancreas.py \
       --config.data.dir=/data/nih --config.data.folds=all --workdir=runs/nih
 
-Per fold: <out>/fold<f>/{cases.json, cases.csv, predictions/*.nii.gz};
+Per fold: <out>/fold<f>/{cases.json, cases.csv, predictions/*.nii.gz,
+overlays/*.png (three slices through the organ, label and prediction outlined)};
 over the folds: <out>/{summary.txt, summary.json, sweep.csv, *.png} and the
 resolved config and package versions (config.json, versions.json). <out> is
 <workdir>/eval unless --out names another folder, e.g. to compare inference

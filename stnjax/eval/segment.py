@@ -7,8 +7,10 @@ before anything is written. Per input, `<out>/<name>_mask.nii.gz` (and with
 the mask comes from, float32) are written on the input's own grid, so they
 overlay it, and `<out>/segment.json` is rewritten after every input (what
 each input gave: paths, shape, spacing, organ volume in mL, mean HU inside
-the mask, rounds, seconds, warnings), so an interrupted call keeps the
-record of the finished ones.
+the mask, rounds, seconds with the compiling or loading of programs apart,
+warnings), so an interrupted call keeps the record of the finished ones.
+With `preview`, `<out>/<name>_preview.png` too: three slices through the
+mask over the image ("empty mask" written on it when there is none).
 
 Warnings (logged and in segment.json): an empty mask, and a voxel spacing
 the models did not see in training: an axis more than 1.5 times coarser or
