@@ -39,13 +39,14 @@ from typing import Callable, Iterator, Sequence
 from absl import app as absl_app
 from absl import flags
 
-from launch import compile_cache, hugepages
-from launch.logs import setup_logging
+from . import compile_cache, hugepages, logs
+from .logs import setup_logging
 
 UsageError = absl_app.UsageError
 
 
 _VERBOSE = {"tracebacks": False}  # --verbosity >= 1 as the user gave it
+_COMMAND = {"module": "__main__"}  # the launcher module `run` started (its doc and flags)
 
 
 def _flag_value(argv: Sequence[str], name: str) -> str | None:
@@ -128,7 +129,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     _check_config_file(argv)
     try:
         rest = flags.FLAGS(argv)
-        _VERBOSE["tracebacks"] = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
+        given = flags.FLAGS["verbosity"].present
+        _VERBOSE["tracebacks"] = given and flags.FLAGS.verbosity >= 1
+        logs.set_verbosity(flags.FLAGS.verbosity if given else None)  # before jax starts
         return rest
     except flags.Error as e:
         sys.exit(f"error: {e}")
@@ -152,18 +155,26 @@ def version_line() -> str:
             return importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
+    from stnjax import buildinfo
+
     deps = ", ".join(f"{p} {ver(p)}" for p in ("jax", "jaxlib", "flax", "optax",
                                                 "orbax-checkpoint", "numpy"))
-    return f"stnjax {stnjax.__version__} (python {sys.version.split()[0]}; {deps})"
+    commit = buildinfo.commit() or "unknown"
+    return (f"stnjax {stnjax.__version__} (commit {commit}; python {sys.version.split()[0]}; "
+            f"{deps})")
 
 
 def print_help(argv: Sequence[str]) -> None:
     """--help: the command's docstring, its flags, and, when it takes a
     --config, every config field with its value in the given (or default)
     config file, as `--config.FIELD=VALUE` lines."""
-    doc = (sys.modules["__main__"].__doc__ or "").strip()
+    module = sys.modules[_COMMAND["module"]]
+    doc = (module.__doc__ or "").strip()
     print(doc + "\n" if doc else "", end="")
-    print("\nflags:\n" + flags.FLAGS.main_module_help())
+    # absl files a flag under the defining module's name, or under argv[0]
+    # when that module is __main__ (python -m launch.X).
+    key = sys.argv[0] if module.__name__ == "__main__" else module.__name__
+    print("\nflags:\n" + flags.FLAGS.module_help(key))
     if "config" not in flags.FLAGS:
         return
     default = flags.FLAGS["config"].default_as_str
@@ -235,6 +246,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     An operating-system error (read-only or full disk, a missing folder)
     outside `exit_on_error`, in the set-up of logging for example, is one line too."""
     hugepages.reexec_with_huge_pages()
+    _COMMAND["module"] = main.__module__
 
     def guarded(argv: list[str]) -> None:
         try:

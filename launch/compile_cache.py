@@ -40,5 +40,7 @@ def enable(base: str | Path) -> Path | None:
     # JAX creates the folder when it first writes (not here: a command's
     # other processes, or one that fails its checks, then leave no trace).
     jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Every program, the quick ones too: a repeated segment call then
+    # compiles nothing at all (the Segmenter's log says so).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return cache

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from launch import app
+from . import app
 
 from stnjax.checks import InputError
 from stnjax.models import weights
@@ -211,5 +211,10 @@ def main(argv: list[str]) -> None:
     print(f"{FLAGS.output}: sha256 {digest}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `stnjax-convert-weights` console command (same as `python -m launch.convert_weights`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -5,7 +5,8 @@
   python -m launch.evaluate --config=launch/configs/nih_pancreas.py \
       --config.data.dir=/data/nih --config.data.folds=all --workdir=runs/nih
 
-Per fold: <out>/fold<f>/{cases.json, cases.csv, predictions/*.nii.gz};
+Per fold: <out>/fold<f>/{cases.json, cases.csv, predictions/*.nii.gz,
+overlays/*.png (three slices through the organ, label and prediction outlined)};
 over the folds: <out>/{summary.txt, summary.json, sweep.csv, *.png} and the
 resolved config and package versions (config.json, versions.json). <out> is
 <workdir>/eval unless --out names another folder, e.g. to compare inference
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from absl import flags
 
-from launch import app
+from . import app
 
 _CONFIG = app.define_config(stored_default=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
@@ -76,5 +77,10 @@ def main(argv):
         print(f"results in {out}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `stnjax-evaluate` console command (same as `python -m launch.evaluate`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

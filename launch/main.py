@@ -30,8 +30,8 @@ from pathlib import Path
 
 from absl import flags
 
-from launch import app
-from launch.configs.common import stagewise_baseline
+from . import app
+from .configs.common import stagewise_baseline
 
 _CONFIG = app.define_config(str(Path(__file__).parent / "configs" / "phantom.py"))
 _WORKDIR = flags.DEFINE_string("workdir", "runs/phantom", "Output folder.")
@@ -76,5 +76,10 @@ def _same_data(config, spec, workdir: Path):
     return config
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `stnjax-main` console command (same as `python -m launch.main`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

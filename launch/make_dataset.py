@@ -28,7 +28,7 @@ from pathlib import Path
 
 from absl import flags
 
-from launch import app
+from . import app
 
 _OUT = flags.DEFINE_string("out", None, "Dataset folder to write dataset.json into.")
 _NAME = flags.DEFINE_string("name", "", "Dataset name (default: the folder's name).")
@@ -101,5 +101,10 @@ def main(argv):
     print(f"wrote {path} ({len(cases)} cases, organ id(s) {organ})")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `stnjax-make-dataset` console command (same as `python -m launch.make_dataset`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

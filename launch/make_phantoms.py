@@ -9,7 +9,7 @@ the existing folder; different flags need --overwrite.
 
 from absl import flags
 
-from launch import app
+from . import app
 from stnjax.phantom import dataset as phantom_dataset
 from stnjax.phantom import volumes as phantom
 
@@ -46,5 +46,10 @@ def main(argv):
     print(phantom_dataset.format_summary(rows))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `stnjax-make-phantoms` console command (same as `python -m launch.make_phantoms`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -7,7 +7,8 @@ Without --config, the config the models were trained with (stored in
 
 No labels needed. Masks are written as <out>/<name>_mask.nii.gz in the
 source geometry (they overlay the input in 3D Slicer / ITK-SNAP), with
---probabilities also the fused probability map (<name>_prob.nii.gz), and
+--probabilities also the fused probability map (<name>_prob.nii.gz), with
+--preview a picture of three slices through the mask (<name>_preview.png), and
 <out>/segment.json holds per input the shape, spacing, organ volume (mL),
 mean HU inside, rounds, seconds and warnings (an empty mask; a spacing far
 from the training data's). Every
@@ -23,7 +24,7 @@ of every input.
 
 from absl import flags
 
-from launch import app
+from . import app
 
 _CONFIG = app.define_config(stored_default=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
@@ -34,6 +35,8 @@ _PROBS = flags.DEFINE_bool("probabilities", False, "Also write the fused probabi
                            "(<name>_prob.nii.gz, float32, the round the mask comes from).")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Local devices to run inputs on (0: all).")
 _HOSTS = app.define_host_flags()
+_PREVIEW = flags.DEFINE_bool("preview", False, "Also draw <name>_preview.png: three slices "
+                             "through the mask over the image (says so when it is empty).")
 flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
@@ -56,11 +59,16 @@ def main(argv):
         written = runs.segment_files(spec, _WORKDIR.value, argv[1:],
                                      out_dir=_OUT.value, fold=_FOLD.value,
                                      overwrite=_OVERWRITE.value,
-                                     probabilities=_PROBS.value,
+                                     probabilities=_PROBS.value, preview=_PREVIEW.value,
                                      devices=_DEVICES.value)
     for p in written:
         print(f"wrote {p}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `stnjax-segment` console command (same as `python -m launch.segment`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import flags
 
-from launch import app
+from . import app
 from stnjax.eval import summaries
 from stnjax.eval import plots, report
 from stnjax.eval.records import read_records
@@ -51,5 +51,10 @@ def main(argv: list[str]) -> None:
         print(f"wrote {p}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `stnjax-sweep` console command (same as `python -m launch.sweep`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

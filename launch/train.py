@@ -19,7 +19,7 @@ from pathlib import Path
 
 from absl import flags
 
-from launch import app
+from . import app
 
 _CONFIG = app.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the runs.")
@@ -46,5 +46,10 @@ def main(argv):
               f"{len(s['restarts'])} restarts, loss {s.get('loss')}, {s['run_dir']}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `stnjax-train` console command (same as `python -m launch.train`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -15,6 +15,7 @@ Temporary names are hidden: `.<target name>.<random hex><suffix>`.
 API:
   atomic_write_bytes(path, data)    one file from bytes
   atomic_write_text(path, text)     one file from text (UTF-8)
+  atomic_write_figure(fig, path)    a Matplotlib figure as PNG
   atomic_write(files, who)          several files, renamed only when all are written
   atomic_path(path, suffix=...)     a temporary path for writers that want a file name
   make_temp_dir(path)               a hidden new folder next to `path` (build, then rename)
@@ -170,6 +171,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     if not isinstance(text, str):
         raise TypeError(f"atomic_write_text: expected str for {path}, got {type(text).__name__}")
     atomic_write({path: text}, "atomic_write_text")
+
+
+def atomic_write_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """A Matplotlib `Figure` rendered with the Agg canvas into memory (no
+    pyplot, no display), then written atomically as PNG; returns the path."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    path = Path(path)
+    atomic_write({path: buf.getvalue()}, f"plot {path.name}")
+    return path
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # longest (test_train_run.py, about 3 minutes) came last and set the
 # suite's end alone. Within a file the order is kept (the sort is stable).
 _LONGEST_FIRST = ("test_experiment.py", "test_train_run.py", "test_train_compile.py",
-                  "test_realct.py", "test_infer.py", "test_rstn.py", "test_multihost.py",
+                  "test_realct.py", "test_install.py", "test_infer.py", "test_rstn.py", "test_multihost.py",
                   "test_train_steps.py", "test_layers.py")
 
 

@@ -134,7 +134,7 @@ def test_version_exits_0_naming_stnjax_and_its_packages(tmp_path):
         r = subprocess.run([sys.executable, "-m", cmd, "--version"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.startswith(f"stnjax {stnjax.__version__} (python ")
+        assert r.stdout.startswith(f"stnjax {stnjax.__version__} (commit ")
         assert f"jax {importlib.metadata.version('jax')}," in r.stdout
     assert not list(tmp_path.iterdir())  # --version writes nothing
 
@@ -190,3 +190,32 @@ def test_stored_config_takes_sequence_overrides(tmp_path):
     assert r.returncode != 0
     assert "not supported for overriding" not in r.stderr, r.stderr[-2000:]
     assert "checkpoint" in r.stderr, r.stderr[-2000:]
+
+
+def test_verbosity_sets_the_commands_and_the_libraries_levels():
+    """Not given: the command's own INFO lines, the libraries' (absl, jax,
+    orbax) from WARNING up; given, --verbosity sets both (absl's scale).
+    A command's stderr at the default: tests/test_install.py."""
+    import logging as std_logging
+
+    from absl import logging as absl_logging
+
+    from launch import logs
+    logger = std_logging.getLogger("stnjax")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    try:
+        for given, command, libraries in ((None, std_logging.INFO, std_logging.WARNING),
+                                          (-1, std_logging.WARNING, std_logging.WARNING),
+                                          (0, std_logging.INFO, std_logging.INFO),
+                                          (1, std_logging.DEBUG, std_logging.DEBUG)):
+            logs.set_verbosity(given)
+            assert logs.command_level() == command
+            # absl's level is what its handler (on the root logger in a
+            # command: absl's app.run puts it there) lets through.
+            assert absl_logging.get_verbosity() == (-1 if given is None else given)
+            assert absl_logging.converter.absl_to_standard(
+                absl_logging.get_verbosity()) == libraries
+    finally:
+        logs.set_verbosity(None)
+        logger.handlers[:], logger.propagate = saved[:2]  # as other tests expect
+        logger.setLevel(saved[2])

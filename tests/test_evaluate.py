@@ -363,3 +363,29 @@ def test_write_summary(tmp_path):
     assert doc["groups"][0]["main"]["mean"] == pytest.approx(s.group("rstn").main.mean)
     assert pt.read_text() == report.format_summary(s)
     assert sorted(os.listdir(tmp_path)) == ["summary.json", "summary.txt"]
+
+
+def test_rounds_run_as_one_loop_have_no_made_up_per_round_times(tmp_path):
+    """A case whose rounds ran as one jitted loop records the loop's total,
+    not an even split: no time_r<k> columns, the total in time_loop_s; its
+    time at t is known only when the loop stopped at the round read there.
+    Records written before the field existed read back with 0."""
+    looped = rec([0.5, 0.6, 0.7, 0.7], [None, 0.8, 0.995, 1.0], case="0001", rounds_run=2,
+                 time_rounds_s=[], time_loop_s=3.0)
+    stepped = rec([0.5, 0.6, 0.7, 0.7], [None, 0.8, 0.995, 1.0], case="0002")
+    assert looped.time_total_s == 5.0 and stepped.time_total_s == 3.5
+    assert [looped.time_until(k) for k in (0, 1, 2)] == [2.0, None, 5.0]
+    assert [stepped.time_until(k) for k in (0, 1, 2, 3)] == [2.0, 2.5, 3.0, 3.5]
+    _, pc = records.write_records([looped, stepped], tmp_path)
+    with open(pc, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["time_loop_s"] for r in rows] == ["3.0", "0.0"]
+    assert [r["time_total_s"] for r in rows] == ["5.0", "3.5"]
+    assert rows[0]["time_r1"] == "" and rows[1]["time_r1"] == "0.5"
+    assert records.read_records(pc) == [looped, stepped]
+    old = looped.to_dict()
+    del old["time_loop_s"]
+    assert records.CaseRecord.from_dict(old).time_loop_s == 0.0
+    at_99, at_999 = summaries.sweep([looped], (0.99, 0.999))
+    assert at_99.mean_time_s == 5.0  # the loop stopped at round 2, read at round 2
+    assert at_999.mean_time_s is None  # read at round 3, past the loop's end: unknown

@@ -10,6 +10,7 @@ import errno
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,12 +28,31 @@ from launch.configs import smoke
 from stnjax import metrics
 from stnjax.checks import InputError
 from stnjax.data import manifest, volume_io
-from stnjax.eval import records, runs
+from stnjax.eval import plots, records, runs
+from stnjax.eval import segment as seg_lib
 from stnjax.eval.spec import EvalSpec
 from stnjax.train import inputs, loop
 from stnjax.train import workdir as wd
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's in-process runs, as
+    the commands have: the many evaluations of the same models and buckets
+    compile each program once. Put back as it was afterwards (the worker
+    runs other test files next)."""
+    from jax._src import compilation_cache as cc
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {k: getattr(jax.config, k) for k in keys}
+    cc.reset_cache()  # the cache is set up once per process, at the first compilation
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(keys[1], 0.0)
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +82,9 @@ def test_evaluate_fold_writes_records_predictions_and_reports(trained, tmp_path)
         mask = volume_io.load_label_map(pred, case.geometry).astype(bool)
         key = records.threshold_key(spec.threshold)
         assert abs(metrics.dsc(mask, case.label) - r.metrics_at[key]["dsc"]) < 1e-6
+        _assert_png(out / "overlays" / f"{r.case_id}.png", min_width=1000)
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(
+        f"{r.case_id}.png" for r in recs)  # one picture a case, no temporaries
     text = runs.report(recs, out, thresholds=spec.report_thresholds,
                        main_threshold=spec.threshold, record=spec.record)
     assert "Coarse (round 0)" in text
@@ -71,6 +94,16 @@ def test_evaluate_fold_writes_records_predictions_and_reports(trained, tmp_path)
     assert json.loads((out / "config.json").read_text()) == json.loads(
         smoke.get_config().to_json())
     assert json.loads((out / "versions.json").read_text())["jax"] == jax.__version__
+
+
+def _assert_png(path: Path, min_width: int) -> None:
+    """A complete PNG file of at least `min_width` pixels across (header and
+    end chunk) and of a plausible size."""
+    import struct
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[-12:-4] == b"\0\0\0\0IEND", path
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= min_width and height >= 300 and len(data) > 20_000, (path, width, len(data))
 
 
 def test_evaluate_command_with_other_inference_settings(trained, tmp_path):
@@ -265,7 +298,7 @@ def test_segment_files_without_labels(trained, tmp_path):
     assert not any(p for p in out.iterdir() if not p.name.startswith("."))
 
 
-def test_segment_json_probabilities_and_warnings(trained, tmp_path):
+def test_segment_json_probabilities_and_warnings(trained, tmp_path, monkeypatch):
     """segment.json against the written files and a hand-made input: shape,
     spacing, voxels and mL of the mask file, mean HU inside it; the
     probability map on the input's grid in [0, 1]; the empty-mask and the
@@ -281,10 +314,30 @@ def test_segment_json_probabilities_and_warnings(trained, tmp_path):
     flat = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine), str(flat))
     out = tmp_path / "out"
+    texts = {}  # the words drawn on each preview
+
+    def save(fig, path):
+        texts[Path(path).name] = [t.get_text() for ax in fig.axes for t in ax.texts]
+        return save_png(fig, path)
+    save_png = plots._save
+    monkeypatch.setattr(plots, "_save", save)
+    real = seg_lib.on_input_grid
+
+    def on_input_grid(res, vol, target):  # the flat volume: no organ, whatever
+        mask, prob = real(res, vol, target)  # the tiny models say
+        return (mask if vol.data.any() else np.zeros_like(mask)), prob
+    monkeypatch.setattr(seg_lib, "on_input_grid", on_input_grid)
     written = runs.segment_files(spec, work, [str(src), str(fine), str(flat)], out_dir=out,
-                                 probabilities=True)
+                                 probabilities=True, preview=True)
     assert [p.name for p in written] == [
-        f"{n}_{k}.nii.gz" for n in (src.name[:-7], "fine", "flat") for k in ("mask", "prob")]
+        f"{n}_{k}" for n in (src.name[:-7], "fine", "flat")
+        for k in ("mask.nii.gz", "prob.nii.gz", "preview.png")]
+    for p in written[2::3]:
+        _assert_png(p, min_width=1000)
+    # The flat volume's mask is empty: its picture says so, the others' not.
+    assert [("empty mask" in texts[p.name]) for p in written[2::3]] == [
+        not (np.asarray(nib.load(m).dataobj) > 0).any() for m in written[::3]]
+    assert texts["flat_preview.png"].count("empty mask") == 3  # on each of the three views
     doc = json.loads((out / "segment.json").read_text())
     assert doc["settings"]["threshold"] == spec.threshold
     assert [Path(e["input"]).name for e in doc["inputs"]] == [src.name, "fine.nii.gz", "flat.nii.gz"]
@@ -306,6 +359,34 @@ def test_segment_json_probabilities_and_warnings(trained, tmp_path):
            for e in doc["inputs"]]
     assert far == [False, True, False]
     assert doc["inputs"][0]["voxels"] > 0
+
+
+def test_a_second_segment_call_compiles_nothing(trained, tmp_path):
+    """`launch.segment` keeps its compiled programs in the persistent
+    compilation cache: a second call, on another volume of the same bucket,
+    loads every program from there and says so (the first compiled them)."""
+    spec, work = trained
+    src = sorted(inputs.dataset_dir(spec.train.data, work).glob("images/*.nii.gz"))[0]
+    other = tmp_path / "other.nii.gz"  # another volume, of the same size
+    img = nib.load(src)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine), str(other))
+
+    def segment(out, volume):
+        proc = subprocess.run(
+            [sys.executable, "-m", "launch.segment", f"--workdir={work}", f"--out={out}",
+             f"--compilation_cache={tmp_path / 'cache'}", str(volume)],
+            cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", STNJAX_HUGE_PAGES="0"),
+            capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+    first = segment(tmp_path / "a", src)
+    assert " I compiled coarse for bucket " in first
+    assert re.search(r"I compiled [1-9]\d* programs \(0 loaded from the compilation cache\)",
+                     first), first
+    second = segment(tmp_path / "b", other)
+    assert not re.search(r" I compiled \w+ for bucket", second), second  # none compiled
+    assert " I loaded from the compilation cache: coarse for bucket " in second
+    assert "compiled nothing: all " in second, second
 
 
 DATA = ROOT.parent / "shared" / "data"
@@ -538,7 +619,7 @@ def test_segment_six_inputs_on_four_devices_like_one(cohort, monkeypatch, tmp_pa
     outs["h2"] = json.loads((tmp_path / "h2" / "segment.json").read_text())["inputs"]
     assert [e["process"] for e in outs["h2"]] == [0, 1, 0, 1, 0, 1]  # every other input
     assert not list((tmp_path / "h2").glob("segment.p*.json"))
-    run_fields = ("seconds", "seconds_coarse", "device", "process", "mask")
+    run_fields = ("seconds", "seconds_compiling", "seconds_coarse", "device", "process", "mask")
     for n in (4, "h2"):
         assert [{k: v for k, v in e.items() if k not in run_fields} for e in outs[n]] == \
             [{k: v for k, v in e.items() if k not in run_fields} for e in outs[1]]
@@ -640,3 +721,28 @@ def test_two_hosts_fail_stop_resume_and_match_one_device(cohort):
                       [f"{r.case_id}.nii.gz" for r in one])
     assert (out / "summary.json").is_file() and "results in" in res[0][1] and \
         "results in" not in res[1][1]
+
+
+def test_readme_scripted_studies_run_as_written(trained):
+    """The README's second Python example (two labelled settings evaluated and
+    compared, then a sweep over t), with only its WORKDIR line pointed at
+    the smoke training run."""
+    import contextlib
+    import io
+    spec, work = trained
+    text = (ROOT / "README.md").read_text()
+    code = text[text.index("Scripted studies:"):]
+    code = code[code.index("```python\n") + 10:]
+    code = code[:code.index("```")]
+    code, n = re.subn(r"^WORKDIR\b.*$", f"WORKDIR = {str(work)!r}", code, count=1, flags=re.M)
+    assert n == 1, "README example lost its WORKDIR line"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
+    lines = printed.getvalue().splitlines()
+    assert lines[0].startswith("coarse-saliency vs reference at t = 0.99: ")
+    assert len(lines) == 1 + 2 * 6 and "reference        t = 2.0  : DSC" in lines[-1]
+    sweep = (work / "sweep.csv").read_text().splitlines()
+    assert len(sweep) == 1 + 2 * 6
+    for label in ("reference", "coarse-saliency"):
+        assert records.read_records(work / f"eval-{label}" / "fold0")[0].method == label

@@ -170,3 +170,25 @@ def test_no_function_over_80_lines():
                         long.append(f"{path.relative_to(root.parent)}:{node.lineno} "
                                     f"{node.name} ({n} lines)")
     assert not long, "\n".join(long)
+
+
+def test_launchers_import_each_other_relatively_and_every_package_is_installed():
+    """launch/ is installed as `stnjax.launch` (pyproject.toml): inside it
+    `from launch...` would fail once installed, so its modules import each
+    other relatively and its config files through `stnjax.launch.configs`;
+    and every package folder of the library is in pyproject's list."""
+    import tomllib
+
+    root = STNJAX.parent
+    bad = []
+    for path in (root / "launch").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            bad += [f"{path.relative_to(root)}: imports {n}" for n in names
+                    if n.split(".")[0] == "launch"]
+    assert not bad, "\n".join(bad)
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(p.parent.relative_to(root).parts) for p in STNJAX.rglob("__init__.py")}
+    assert folders | {"stnjax.launch", "stnjax.launch.configs"} == set(setuptools["packages"])
+    assert setuptools["package-dir"] == {"stnjax.launch": "launch"}

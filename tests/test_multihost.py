@@ -196,7 +196,7 @@ def test_only_process_0_writes_shared_outputs(runs):
 
     w0, w1 = top(runs["audits"]["m0"]), top(runs["audits"]["m1"])
     shared = {"train.log", "config.json", "versions.json", "fold0/Z/metrics.jsonl",
-              "fold0/Z/run.json"}
+              "fold0/Z/run.json", "fold0/Z/progress.png"}
     # Process 0 writes the run's outputs and the built-in dataset ...
     assert shared <= w0, shared - w0
     assert any(p.startswith("phantom-") for p in w0)

@@ -82,11 +82,14 @@ def test_btcv_smoke_train_evaluate_segment_with_spacing(tmp_path):
     key = next(iter(rec["metrics_at"]))
     assert rec["gt_voxels"] == int(label.sum())
     assert abs(rec["metrics_at"][key]["dsc"] - _dice(mask, label)) < 1e-6
+    overlay = (work / "eval" / "fold0" / "overlays" / f"{rec['case_id']}.png").read_bytes()
+    assert overlay[:8] == b"\x89PNG\r\n\x1a\n" and len(overlay) > 20_000
     # segment: the mask overlays its input.
     masks = tmp_path / "masks"
     _ok(_cli("launch.segment", f"--workdir={work}", f"--out={masks}",
-             "--config.infer.max_rounds=1", entry["image"]))
+             "--config.infer.max_rounds=1", "--preview", entry["image"]))
     seg = nib.load(next(masks.glob("*_mask.nii.gz")))
+    assert next(masks.glob("*_preview.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert seg.shape == src_img.shape
     np.testing.assert_allclose(seg.affine, src_img.affine, atol=1e-4)
 

@@ -168,3 +168,17 @@ def test_labels_name_evaluations_for_the_sweep():
                 + [dataclasses.replace(r, method=b.method) for r in recs])
     rows = summaries.sweep(labelled, [0.9, 0.99])
     assert sorted({r.method for r in rows}) == ["rounds10", "rounds5"]
+
+
+def test_overlay_slices_go_through_the_label_first():
+    """The overlay's three slices cross the organ (the label's largest
+    slices; a prediction elsewhere does not move them); none found: middle."""
+    from stnjax.eval import plots
+
+    label, pred = np.zeros((20, 30, 10), bool), np.zeros((20, 30, 10), bool)
+    label[4:7, 10:12, 2:4] = True
+    label[5, 10:20, 3] = True  # the most voxels: row 5, column 10..11, slice 3
+    pred[15:19, 25:29, 7:9] = True
+    assert plots.organ_slices([label, pred], label.shape) == (5, 10, 3)
+    assert plots.organ_slices([np.zeros_like(label), pred], label.shape) == (15, 25, 7)
+    assert plots.organ_slices([np.zeros_like(label)], label.shape) == (10, 15, 5)

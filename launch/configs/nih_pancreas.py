@@ -21,7 +21,7 @@ series and NIfTI labels); its folds.json is created by case id (01-20,
 the global batch, split over all devices).
 """
 
-from launch.configs.common import base_config
+from stnjax.launch.configs.common import base_config
 
 
 def get_config():

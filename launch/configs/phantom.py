@@ -36,7 +36,7 @@ fine network too little context at its edges. The canvases (32, 64, 96)
 hold every box of a 96-pixel slice, so no crop is cut.
 """
 
-from launch.configs.common import base_config, from_scratch_cpu
+from stnjax.launch.configs.common import base_config, from_scratch_cpu
 
 
 def get_config():

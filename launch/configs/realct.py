@@ -31,7 +31,7 @@ checked on cases kept aside, not tuned here.
 
 from ml_collections import config_dict
 
-from launch.configs.common import base_config, from_scratch_cpu
+from stnjax.launch.configs.common import base_config, from_scratch_cpu
 
 
 def get_config():

@@ -7,7 +7,7 @@ Axial plane of fold 0 only; 4 phantom cases of 48 x 48 x 24 voxels; a
 4 steps. Compiles in seconds and runs in well under a minute on 2 CPU cores.
 """
 
-from launch.configs.common import base_config
+from stnjax.launch.configs.common import base_config
 
 
 def get_config():

@@ -24,7 +24,7 @@ compare), and the saliency module exists in the parameter tree but is
 never trained or used. The convergence guard is for RSTN's S stage only.
 """
 
-from launch.configs.nih_pancreas import get_config as nih_config
+from stnjax.launch.configs.nih_pancreas import get_config as nih_config
 
 
 def get_config():

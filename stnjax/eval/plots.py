@@ -10,21 +10,19 @@ global backend switch, no display needed) and are written atomically.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from stnjax.eval.records import (CaseRecord, check_records, check_threshold, result_at_threshold,
                                  threshold_key)
 from stnjax.eval.summaries import (MAIN_THRESHOLD, ThresholdRow, compare, method_name,
                                    method_order)
-from stnjax.fileio import atomic_write
+from stnjax.fileio import atomic_write_figure
 
 _COLORS = {"rstn": "#1f5fa8", "stagewise": "#c8452f"}
 _CYCLE = ["#2a9d46", "#8e44ad", "#e08e0b", "#555555"]
@@ -38,13 +36,7 @@ def _color(method: str, methods: Sequence[str]) -> str:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    """Renders with the Agg canvas into memory, then writes atomically."""
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    path = Path(path)
-    atomic_write({path: buf.getvalue()}, f"plot {path.name}")
-    return path
+    return atomic_write_figure(fig, path)
 
 
 def plot_sweep(rows: Sequence[ThresholdRow], path: str | os.PathLike) -> Path:
@@ -219,3 +211,74 @@ def write_plots(records: Sequence[CaseRecord], rows: Sequence[ThresholdRow],
             paths.append(plot_comparison(records, out / f"comparison_{methods[0]}_vs_{b}.png",
                                          methods[0], b, t))
     return paths
+
+
+#: Contour colours of the overlays: the reference label and the prediction.
+OVERLAY_COLORS = {"label": ("#2ecc40", "green"), "prediction": ("#ff4136", "red")}
+_OTHER_COLOR = ("#ffdc00", "yellow")
+
+
+def organ_slices(masks: Sequence[np.ndarray], shape: Sequence[int]) -> tuple[int, int, int]:
+    """Per canonical axis, the slice with the most voxels of the first
+    non-empty mask (give the label before the prediction: the slices go
+    through the organ); the middle slices where all are empty."""
+    first = next((np.asarray(m, bool) for m in masks if np.asarray(m).any()), None)
+    if first is None:
+        return tuple(int(s) // 2 for s in shape)
+    return tuple(int(np.argmax(first.sum(axis=tuple(a for a in range(3) if a != ax))))
+                 for ax in range(3))
+
+
+def _view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """A slice of a canonical PLS volume as a radiologist views it: axial
+    (axis 2) anterior up, the patient's right on the left; coronal (axis 0)
+    and sagittal (axis 1) superior up."""
+    sl = np.take(volume, index, axis=axis)
+    return sl if axis == 2 else np.flipud(sl.T)
+
+
+def plot_overlay(image: np.ndarray, masks: Mapping[str, np.ndarray],
+                 spacing: Sequence[float], path: str | os.PathLike, *, title: str,
+                 window: tuple[float, float] = (0.0, 1.0)) -> Path:
+    """Three slices through the organ (coronal, sagittal, axial; `organ_slices`
+    of the masks in their order) of a canonical volume, in grey over `window`, with each mask's outline
+    (`OVERLAY_COLORS` by name: "label", "prediction"). All masks empty: the
+    middle slices, "empty mask" written over them."""
+    image = np.asarray(image, np.float32)
+    idx = organ_slices(list(masks.values()), image.shape)
+    sp = [float(s) for s in spacing]
+    aspects = {0: sp[2] / sp[1], 1: sp[2] / sp[0], 2: sp[0] / sp[1]}  # rows / columns, mm
+    fig = Figure(figsize=(12, 4.6), layout="constrained")
+    for ax, (axis, name) in zip(fig.subplots(1, 3), ((0, "coronal"), (1, "sagittal"),
+                                                      (2, "axial"))):
+        ax.imshow(_view(image, axis, idx[axis]), cmap="gray", vmin=window[0], vmax=window[1],
+                  aspect=aspects[axis], interpolation="nearest")
+        for key, mask in masks.items():
+            view = _view(np.asarray(mask, np.float32), axis, idx[axis])
+            if view.any():
+                ax.contour(view, levels=[0.5], colors=OVERLAY_COLORS.get(key, _OTHER_COLOR)[0],
+                           linewidths=1.2)
+        ax.set_title(f"{name}, slice {idx[axis]}", fontsize=9)
+        ax.set_axis_off()
+        if not any(np.asarray(m).any() for m in masks.values()):
+            ax.text(0.5, 0.5, "empty mask", transform=ax.transAxes, ha="center", va="center",
+                    color="#ffdc00", fontsize=16, weight="bold")
+    keys = ", ".join(f"{k} {OVERLAY_COLORS.get(k, _OTHER_COLOR)[1]}" for k in masks)
+    fig.suptitle(f"{title}\n(outlines: {keys})", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_case_overlay(record: CaseRecord, image: np.ndarray, label: np.ndarray,
+                      prediction: np.ndarray, spacing: Sequence[float],
+                      path: str | os.PathLike, *, t: float = MAIN_THRESHOLD) -> Path:
+    """`plot_overlay` of an evaluated case on the model grid (windowed image,
+    label, the reported mask; `spacing` that grid's, which differs from the
+    record's source spacing with data.spacing), its per-round DSC and the
+    result at t in the title."""
+    res = result_at_threshold(record, t)
+    rounds = " ".join(f"{100 * d:.1f}" for d in record.dsc_rounds)
+    title = (f"{method_name(record.method)} fold {record.fold} case {record.case_id}: DSC at "
+             f"t = {threshold_key(t)} {100 * res.dsc:.1f} % (round {res.round})\n"
+             f"DSC per round 0..{len(record.dsc_rounds) - 1} (%): {rounds}")
+    return plot_overlay(image, {"label": label, "prediction": prediction}, spacing, path,
+                        title=title)

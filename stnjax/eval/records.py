@@ -40,7 +40,7 @@ REPORT_THRESHOLDS = (0.90, 0.95, 0.98, 0.99)
 #: process (they vary with the device and process count). Every other field
 #: is the same bits for a case on any device of any process (cohort
 #: inference, tests/test_experiment.py).
-RUN_FIELDS = ("time_coarse_s", "time_rounds_s", "device", "process")
+RUN_FIELDS = ("time_coarse_s", "time_rounds_s", "time_loop_s", "device", "process")
 CASES_JSON, CASES_CSV = "cases.json", "cases.csv"
 _FORMAT, _VERSION = "stnjax.cases", 1
 
@@ -118,8 +118,10 @@ class CaseRecord:
       inter_dsc: R+1 values; [0] is None (unused), [r] = DSC(mask_{r-1},
         mask_r), 1 when both are empty.
       rounds_run: rounds actually computed (R unless stopped early).
-      time_coarse_s, time_rounds_s: seconds, the coarse stage and per round
-        (as measured; an even split of a single jitted loop is fine).
+      time_coarse_s, time_rounds_s: seconds, the coarse stage and each round,
+        measured one by one (`infer.per_round_timing`); empty when the
+        rounds ran as one jitted loop, whose total is then time_loop_s.
+      time_loop_s: the rounds' total when they ran as one loop (0 otherwise).
       metrics_at: threshold key ("0.99") -> {"dsc", "jaccard", "hd95_mm",
         "surface_dice", "round"} where full metrics were computed.
       oracle: optional {"strong", "weak", "gt_crop"} -> DSC. extra: any
@@ -142,6 +144,7 @@ class CaseRecord:
     rounds_run: int
     time_coarse_s: float
     time_rounds_s: list[float]
+    time_loop_s: float = 0.0
     metrics_at: dict[str, dict[str, float]] = field(default_factory=dict)
     oracle: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -179,6 +182,7 @@ class CaseRecord:
         self.time_coarse_s = _num(self.time_coarse_s, f"{w}.time_coarse_s", 0)
         self.time_rounds_s = [_num(v, f"{w}.time_rounds_s", 0)
                               for v in _plain(list(self.time_rounds_s))]
+        self.time_loop_s = _num(self.time_loop_s, f"{w}.time_loop_s", 0)
         ma = {}
         for k, m in dict(self.metrics_at or {}).items():
             key = threshold_key(check_threshold(k, f"{w}.metrics_at key"))
@@ -197,6 +201,20 @@ class CaseRecord:
             json.dumps(self.extra, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise InputError(f"{w}.extra: not JSON-serialisable ({e})") from None
+
+    @property
+    def time_total_s(self) -> float:
+        """Seconds of the coarse stage and all rounds run."""
+        return self.time_coarse_s + sum(self.time_rounds_s) + self.time_loop_s
+
+    def time_until(self, k: int) -> float | None:
+        """Seconds of the coarse stage and rounds 1..k; None when not
+        measured (the rounds ran as one loop that went on past round k)."""
+        if len(self.time_rounds_s) >= k:
+            return self.time_coarse_s + sum(self.time_rounds_s[:k])
+        if self.time_loop_s and k == self.rounds_run:
+            return self.time_coarse_s + self.time_loop_s
+        return None
 
     @property
     def num_rounds(self) -> int:
@@ -219,7 +237,8 @@ class CaseRecord:
             raise InputError(f"{where}: expected an object, got {type(d).__name__}")
         if set(d) - names:
             raise InputError(f"{where}: unknown fields {sorted(set(d) - names)}")
-        required = names - {"metrics_at", "oracle", "extra", "device", "process"}
+        required = names - {"metrics_at", "oracle", "extra", "device", "process",
+                            "time_loop_s"}
         if required - set(d):
             raise InputError(f"{where}: missing fields {sorted(required - set(d))}")
         return cls(**d)
@@ -228,7 +247,8 @@ class CaseRecord:
 def without_run_fields(record: CaseRecord) -> CaseRecord:
     """The record with its `RUN_FIELDS` blanked: what two runs of the same
     case must agree on."""
-    return replace(record, time_coarse_s=0.0, time_rounds_s=[], device="", process=0)
+    return replace(record, time_coarse_s=0.0, time_rounds_s=[], time_loop_s=0.0, device="",
+                   process=0)
 
 
 def _enc(v: Any) -> Any:
@@ -303,7 +323,7 @@ def _base_columns(recs: Sequence[CaseRecord]) -> list[str]:
     R = max(r.num_rounds for r in recs)
     nt = max(len(r.time_rounds_s) for r in recs)
     cols = ["case_id", "fold", "method", "gt_voxels", "spacing_0", "spacing_1", "spacing_2",
-            "rounds_run", "time_coarse_s", "time_total_s", "device", "process"]
+            "rounds_run", "time_coarse_s", "time_loop_s", "time_total_s", "device", "process"]
     cols += [f"dsc_r{r}" for r in range(R + 1)] + [f"inter_r{r}" for r in range(1, R + 1)]
     cols += [f"time_r{r}" for r in range(1, nt + 1)]
     return cols
@@ -330,8 +350,8 @@ def records_csv_text(records: Sequence[CaseRecord],
     for r in recs:
         row: dict[str, Any] = {"case_id": r.case_id, "fold": r.fold, "method": r.method,
                                "gt_voxels": r.gt_voxels, "rounds_run": r.rounds_run,
-                               "time_coarse_s": r.time_coarse_s,
-                               "time_total_s": r.time_coarse_s + sum(r.time_rounds_s),
+                               "time_coarse_s": r.time_coarse_s, "time_loop_s": r.time_loop_s,
+                               "time_total_s": r.time_total_s,
                                "device": r.device, "process": r.process}
         row.update({f"spacing_{a}": s for a, s in enumerate(r.spacing)})
         row.update({f"dsc_r{i}": v for i, v in enumerate(r.dsc_rounds)})
@@ -399,6 +419,7 @@ def records_from_csv(path: str | os.PathLike) -> list[CaseRecord]:
                 inter_dsc=[None] + [float(cells[f"inter_r{i}"]) for i in range(1, R + 1)],
                 rounds_run=int(cells["rounds_run"]), time_coarse_s=float(cells["time_coarse_s"]),
                 time_rounds_s=[float(cells[f"time_r{i}"]) for i in range(1, nt + 1)],
+                time_loop_s=float(cells.get("time_loop_s", 0.0)),
                 metrics_at=ma,
                 oracle=oracle or None, extra=extra, device=cells.get("device", ""),
                 process=int(cells.get("process", 0))))

@@ -27,6 +27,7 @@ from stnjax.eval import plots, summaries
 from stnjax.eval import segment as seg_lib
 from stnjax.eval import report as text_report
 from stnjax.eval.hosts import Hosts, part_file, part_files
+from stnjax.eval.progress import case_progress
 from stnjax.eval.records import (CASES_CSV, CASES_JSON, CaseRecord, read_records,
                                  records_json_text, threshold_key, write_records)
 from stnjax.eval.spec import EvalSpec
@@ -119,6 +120,7 @@ def case_record(res: CaseResult, case_id: str, label: np.ndarray,
         case_id=case_id, fold=int(fold), method=method, gt_voxels=int(np.count_nonzero(ref)),
         spacing=sp, dsc_rounds=dsc, inter_dsc=inter, rounds_run=int(res.rounds),
         time_coarse_s=res.time_coarse_s, time_rounds_s=list(res.time_rounds_s),
+        time_loop_s=res.time_loop_s,
         metrics_at={threshold_key(t): full}, oracle=res.oracles or None,
         extra={"plane_dsc": res.plane_dsc, "bucket": list(res.bucket),
                "overflow": res.overflow, "rounds": round_diagnostics(res, label, spacing)})
@@ -160,7 +162,8 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
     order (on process 0 all of them; on the others the resumed ones and their
     own), also written to `<out>/cases.{json,csv}`, rewritten atomically
     after every case; predictions to `<out>/predictions/<case>.nii.gz` in the
-    source geometry, by the process that ran the case. With `resume`, cases
+    source geometry, by the process that ran the case, each with a picture of
+    three slices through the organ, `<out>/overlays/<case>.png`. With `resume`, cases
     already recorded in `<out>` by an interrupted run with the same models
     and inference settings (its config.json) are taken from there, not run
     again; other settings mean a fresh evaluation.
@@ -187,11 +190,12 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
                  len(done), len(test_ids), out)
     job = _FoldJob(spec, store, fold, test_ids, out, preds, hosts, done)
     todo = hosts.share([c for c in test_ids if c not in done])
+    job.progress = case_progress(f"fold {fold}", len(todo), segs)
     run = cohort.run_cases(todo, segs, load=job.load, infer=job.infer, finish=job.finish,
                            stop=lambda: hosts.stopped(out))
     records = _end_records(job, run)
-    log.info("fold %d: %d compilations %s; %d cases in %.1f s, idle per device %s", fold,
-             len(segs[0].compile_seconds), sorted(segs[0].compile_seconds), len(run.finished),
+    log.info("fold %d: %s %s; %d cases in %.1f s, idle per device %s", fold,
+             segs[0].compile_summary(), segs[0].compiled_buckets(), len(run.finished),
              run.wall_s, {d: round(f, 2) for d, f in run.idle_fraction().items()})
     return records
 
@@ -234,21 +238,25 @@ class _FoldJob:
         self.spec, self.store, self.fold, self.test_ids = spec, store, fold, test_ids
         self.out, self.preds, self.hosts, self.done = out, preds, hosts, done
         self.new: dict[str, CaseRecord] = {}
+        self.progress = None  # a CaseProgress, set before the cases run
 
     def load(self, cid: str):
         if not self.store.has_label(cid):
             raise InputError(f"case {cid!r}: has no label in {self.store.manifest.path}; "
                              "evaluation needs one (use launch.segment for unlabelled volumes)")
-        return np.asarray(self.store.image(cid)), np.asarray(self.store.label(cid))
+        return np.asarray(self.store.image(cid)), np.asarray(self.store.label(cid)), cid
 
     def infer(self, seg: Segmenter, loaded) -> CaseResult:
-        image, label = loaded
+        image, label, cid = loaded
+        self.progress.start(cid)
+        self.progress.hook(seg, cid)
         s = self.spec
         return seg.segment_image(image, label=label, t=s.threshold,
                                  run_all_rounds=s.run_all_rounds, oracles=s.oracles)
 
     def finish(self, cid: str, loaded, res: CaseResult, device: str) -> None:
         rec = _case_outputs(self.spec, self.store, cid, loaded[1], res, self.fold, self.preds)
+        self.progress.done(cid)
         rec = dataclasses.replace(rec, device=device, process=self.hosts.index)
         self.new[cid] = rec
         # After every case: an interrupted run resumes here.
@@ -261,8 +269,7 @@ class _FoldJob:
         log.info("fold %d case %d/%d %s on %s: DSC round 0 %.2f %%, at t=%s %.2f %% "
                  "(round %d), %.1f s", self.fold, len(self.done) + len(self.new),
                  len(self.test_ids), cid, device, 100 * rec.dsc_rounds[0], t,
-                 100 * rec.metrics_at[t]["dsc"], rec.metrics_at[t]["round"],
-                 rec.time_coarse_s + sum(rec.time_rounds_s))
+                 100 * rec.metrics_at[t]["dsc"], rec.metrics_at[t]["round"], rec.time_total_s)
 
     def records(self) -> list[CaseRecord]:
         """The resumed and new records known here, in test-case order."""
@@ -317,6 +324,9 @@ def _case_outputs(spec: EvalSpec, store: CaseStore, cid: str, label: np.ndarray,
                       t=spec.threshold, native=native)
     if preds is not None:
         volume_io.save_mask(mask, store.geometry(cid), preds / f"{cid}.nii.gz")
+        # The picture beside the predictions: <out>/overlays/<case>.png (model grid).
+        plots.plot_case_overlay(rec, store.image(cid), label, res.mask, store.spacing(cid),
+                                preds.parent / "overlays" / f"{cid}.png", t=spec.threshold)
     return rec
 
 
@@ -435,22 +445,25 @@ def mask_names(inputs_: Sequence[str], out: Path, *, overwrite: bool = False) ->
 
 def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[str], *,
                   out_dir: str | os.PathLike, fold: int = 0, overwrite: bool = False,
-                  probabilities: bool = False, devices: int = 0) -> list[Path]:
+                  probabilities: bool = False, preview: bool = False, devices: int = 0
+                  ) -> list[Path]:
     """Segments NIfTI files or DICOM folders without labels (`stnjax.eval.segment`).
 
     Every input is checked (readable, a 3D volume, a mask name of its own,
     no existing output unless `overwrite`) before anything is written;
     masks (and with `probabilities` the fused probability maps) are
     written to `<out>/<name>_mask.nii.gz` (`_prob.nii.gz`) in the source
-    geometry, and `<out>/segment.json` after every input. Inputs run one
-    per local device at a time (`devices`: how many, 0 = all), over every
-    process of `jax.distributed` when there are several (a share each).
-    Returns the mask (and probability) paths this process wrote.
+    geometry, with `preview` a picture `<out>/<name>_preview.png`, and
+    `<out>/segment.json` after every input. Inputs run one per local device
+    at a time (`devices`: how many, 0 = all), over every process of
+    `jax.distributed` when there are several (a share each). Returns the
+    mask, probability and picture paths this process wrote.
     """
     if not inputs_:
         raise InputError("inputs: give at least one NIfTI file or DICOM folder")
     out = check_writable(out_dir)
-    outs = seg_lib.output_names(inputs_, out, overwrite=overwrite, probabilities=probabilities)
+    outs = seg_lib.output_names(inputs_, out, overwrite=overwrite, probabilities=probabilities,
+                                preview=preview)
     volumes = [(Path(p), volume_io.load_image(p)) for p in inputs_]  # fail before writing
     target = spec.train.data.spacing
     grids = seg_lib.check_inputs(volumes, spec.inference.planes, target)
@@ -467,4 +480,4 @@ def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[
                 "spacing_mm": None if target is None else list(target)}
     return seg_lib.run_all(segs, volumes, grids, outs, out=out, target=target,
                            t=spec.threshold, reference=reference, reference_what=what,
-                           settings=settings, hosts=hosts)
+                           settings=settings, hosts=hosts, preview=preview)

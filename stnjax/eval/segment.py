@@ -7,11 +7,14 @@ before anything is written. Per input, `<out>/<name>_mask.nii.gz` (and with
 the mask comes from, float32) are written on the input's own grid, so they
 overlay it, and `<out>/segment.json` is rewritten after every input (what
 each input gave: paths, shape, spacing, organ volume in mL, mean HU inside
-the mask, rounds, inference seconds, the device and process that ran it,
-warnings), so an interrupted call keeps the record of the finished ones.
-Inputs run one per device at a time (`stnjax.infer.cohort`), and over
-several processes with `--multihost` (`stnjax.eval.hosts`: each process
-segments its share and writes its outputs; process 0 writes segment.json).
+the mask, rounds, seconds with the compiling or loading of programs apart,
+the device and process that ran it, warnings), so an interrupted call keeps
+the record of the finished ones. With `preview`, `<out>/<name>_preview.png`
+too: three slices through the mask over the image ("empty mask" written on
+it when there is none). Inputs run one per device at a time
+(`stnjax.infer.cohort`), and over several processes with `--multihost`
+(`stnjax.eval.hosts`: each process segments its share and writes its
+outputs; process 0 writes segment.json).
 
 Warnings (logged and in segment.json): an empty mask, and a voxel spacing
 the models did not see in training: an axis more than 1.5 times coarser or
@@ -32,8 +35,10 @@ import numpy as np
 
 from stnjax.checks import InputError
 from stnjax.data import resample, volume_io
-from stnjax.data.preprocess import PLANE_AXIS
+from stnjax.data.preprocess import PLANE_AXIS, window_hu
+from stnjax.eval import plots
 from stnjax.eval.hosts import Hosts, part_file, part_files
+from stnjax.eval.progress import case_progress
 from stnjax.fileio import atomic_write_text
 from stnjax.infer import cohort
 
@@ -43,11 +48,18 @@ log = logging.getLogger("stnjax.eval")
 SPACING_FACTOR = 1.5
 
 
+def preview_name(mask_path: Path) -> Path:
+    """The preview picture beside a mask: `<out>/<name>_preview.png`."""
+    return mask_path.with_name(mask_path.name.removesuffix("_mask.nii.gz") + "_preview.png")
+
+
 def output_names(inputs_: Sequence[str], out: Path, *, overwrite: bool = False,
-                 probabilities: bool = False) -> list[tuple[Path, Path | None]]:
+                 probabilities: bool = False, preview: bool = False
+                 ) -> list[tuple[Path, Path | None]]:
     """(mask, probability map or None) files of each input: `<out>/<name>_mask
     .nii.gz` and `<out>/<name>_prob.nii.gz` (name: the file without .nii /
-    .nii.gz, or the DICOM folder's name). InputError, before anything runs,
+    .nii.gz, or the DICOM folder's name; with `preview` the `preview_name`
+    picture is checked too). InputError, before anything runs,
     when two inputs would write the same file or an output exists and
     `overwrite` is False."""
     outs, seen = [], {}
@@ -55,7 +67,8 @@ def output_names(inputs_: Sequence[str], out: Path, *, overwrite: bool = False,
         name = Path(p).name.removesuffix(".gz").removesuffix(".nii") or "volume"
         pair = (out / f"{name}_mask.nii.gz",
                 out / f"{name}_prob.nii.gz" if probabilities else None)
-        for dest in (d for d in pair if d is not None):
+        pictures = (preview_name(pair[0]),) if preview else ()
+        for dest in (d for d in pair + pictures if d is not None):
             if dest in seen:
                 raise InputError(f"inputs: {seen[dest]} and {p} would both write {dest}; "
                                  "segment them into separate --out folders (or rename one)")
@@ -158,33 +171,29 @@ def on_input_grid(res: Any, vol: Any, target) -> tuple[np.ndarray, np.ndarray]:
     return mask, prob
 
 
-def segment_one(seg: Any, vol: Any, grid: tuple[int, int, int], target, t: float
-                ) -> tuple[np.ndarray, np.ndarray, Any]:
-    """(mask bool, probability float32, CaseResult) of one volume on its own
-    grid: the models run on `grid` (the target spacing's when `target`)."""
-    res = seg.segment(model_image(vol, grid, target), t=t, run_all_rounds=False)
-    return (*on_input_grid(res, vol, target), res)
-
-
 def run_all(segs: Sequence[Any], volumes, grids, outs, *, out: Path, target, t: float,
-            reference, reference_what: str, settings: dict, hosts: Hosts | None = None
-            ) -> list[Path]:
+            reference, reference_what: str, settings: dict, hosts: Hosts | None = None,
+            preview: bool = False) -> list[Path]:
     """Segments every checked volume, one per device of `segs` at a time
     (`stnjax.infer.cohort`; with several `hosts` each process its share),
-    writes its outputs and segment.json after each (process 0; the others
-    their part files, merged at the end); returns the paths this process
-    wrote. A failure raises after the finished inputs are recorded."""
+    writes its outputs (with `preview` a picture of three slices through the
+    mask, `preview_name`) and segment.json after each (process 0; the others
+    their part files, merged at the end); returns the mask, probability and
+    picture paths this process wrote. A failure raises after the finished
+    inputs are recorded."""
     hosts = hosts or Hosts()
     job = _SegmentJob(volumes, grids, outs, out, target, t, reference, reference_what,
-                      settings, hosts)
+                      settings, hosts, preview)
     if hosts.primary:  # nothing of an earlier failed run; the others wait in `agree`
         hosts.clear_stop(out)
         for p in part_files(out, "segment"):
             p.unlink()
     hosts.agree("segment", [str(p) for p, _ in volumes], settings)
     keys = hosts.share([str(i) for i in range(len(volumes))])
+    job.progress = case_progress("segment", len(keys), segs)
     run = cohort.run_cases(keys, segs, load=job.load, infer=job.infer, finish=job.finish,
                            stop=lambda: hosts.stopped(out))
+    log.info("%s", segs[0].compile_summary())
     failure = run.failed and (f"input {volumes[int(run.failed[0])][0]}", *run.failed[1:])
     _, statuses = hosts.outcome(out, failure)
 
@@ -205,8 +214,9 @@ class _SegmentJob:
     infer (a device thread), finish (files, segment.json)."""
 
     def __init__(self, volumes, grids, outs, out, target, t, reference, reference_what,
-                 settings, hosts):
+                 settings, hosts, preview):
         self.volumes, self.grids, self.outs, self.out = volumes, grids, outs, out
+        self.preview, self.progress = preview, None
         self.target, self.t, self.settings, self.hosts = target, t, settings, hosts
         self.reference, self.reference_what = reference, reference_what
         self.entries: dict[int, dict] = {}
@@ -217,6 +227,9 @@ class _SegmentJob:
         return i, model_image(self.volumes[i][1], self.grids[i], self.target)
 
     def infer(self, seg: Any, loaded) -> Any:
+        name = str(self.volumes[loaded[0]][0])
+        self.progress.start(name)
+        self.progress.hook(seg, name)
         return seg.segment(loaded[1], t=self.t, run_all_rounds=False)
 
     def finish(self, key: str, loaded, res: Any, device: str) -> None:
@@ -234,13 +247,19 @@ class _SegmentJob:
             spacing_warning(spacing, self.reference, self.reference_what)) if w]
         for w in warnings:
             log.warning("%s: %s", path, w)
-        seconds = float(res.time_coarse_s) + float(sum(res.time_rounds_s))
+        seconds, compiling = self.progress.done(str(path))  # compilation apart
+        stats = case_summary(mask, vol.data, spacing)
+        if self.preview:
+            picture = preview_name(mask_path)
+            _preview(vol, mask, stats, picture, path, warnings)
+            self.files[i].append(picture)
         self.entries[i] = {
             "input": str(path), "mask": str(mask_path),
             "probabilities": None if prob_path is None else str(prob_path),
             "shape": list(vol.data.shape), "spacing_mm": spacing,
-            "model_grid": list(self.grids[i]), **case_summary(mask, vol.data, spacing),
+            "model_grid": list(self.grids[i]), **stats,
             "rounds": int(res.rounds), "seconds": round(seconds, 3),
+            "seconds_compiling": round(compiling, 3),
             "seconds_coarse": round(float(res.time_coarse_s), 3),
             "device": device, "process": self.hosts.index, "warnings": warnings}
         if self.hosts.primary:
@@ -249,9 +268,9 @@ class _SegmentJob:
             atomic_write_text(part_file(self.out, "segment", self.hosts.index),
                               json.dumps({str(k): v for k, v in self.entries.items()}))
         e = self.entries[i]
-        log.info("%d/%d %s on %s: %d voxels (%.1f mL), %d rounds, %.1f s (coarse %.1f s)",
-                 len(self.entries), len(self.volumes), path, device, e["voxels"],
-                 e["volume_ml"], res.rounds, seconds, res.time_coarse_s)
+        log.info("%d/%d %s on %s: %d voxels (%.1f mL), %d rounds, %.1f s (coarse %.1f s; "
+                 "compiling %.1f s apart)", len(self.entries), len(self.volumes), path, device,
+                 e["voxels"], e["volume_ml"], res.rounds, seconds, res.time_coarse_s, compiling)
 
     def ordered(self) -> list[dict]:
         return [self.entries[k] for k in sorted(self.entries)]
@@ -259,6 +278,17 @@ class _SegmentJob:
     def written(self) -> list[Path]:
         """The files this process wrote, in input order."""
         return [f for k in sorted(self.files) for f in self.files[k]]
+
+
+def _preview(vol: Any, mask: np.ndarray, stats: dict, picture: Path, path: Path,
+             warnings: Sequence[str]) -> Path:
+    """The input (HU window) with the mask's outline, three slices through
+    it; `stats`: its `case_summary`."""
+    title = f"{path.name}: {stats['voxels']} voxels, {stats['volume_ml']:.1f} mL"
+    if warnings:
+        title += "\nwarning: " + "; ".join(warnings)
+    return plots.plot_overlay(window_hu(vol.data), {"prediction": mask}, vol.geometry.spacing,
+                              picture, title=title)
 
 
 def reference_spacing(train_data: Any, workdir: str | os.PathLike
@@ -272,6 +302,7 @@ def reference_spacing(train_data: Any, workdir: str | os.PathLike
     return training_spacing_range(cached_case_records(cache)), "the training cases' spacing"
 
 
-__all__ = ["output_names", "segment_one", "model_image", "on_input_grid", "run_all", "check_inputs", "reference_spacing",
+__all__ = ["output_names", "preview_name", "model_image", "on_input_grid", "run_all",
+           "check_inputs", "reference_spacing",
            "spacing_warning", "case_summary", "training_spacing_range", "cached_case_records",
            "write_summary", "SPACING_FACTOR"]

@@ -121,8 +121,8 @@ def _threshold_row(recs: list[CaseRecord], t: float) -> ThresholdRow:
     v, rounds, conv = read_at(d, i, t)
     run = np.array([r.rounds_run for r in recs])
     exact = (run == d.shape[1] - 1) | (rounds <= run)
-    times = [r.time_coarse_s + sum(r.time_rounds_s[:k])
-             for r, k in zip(recs, rounds) if len(r.time_rounds_s) >= k]
+    times = [r.time_until(int(k)) for r, k in zip(recs, rounds)]
+    times = [x for x in times if x is not None]
     s = Stats.of(v)
     return ThresholdRow(recs[0].method, t, s.n, s.mean, s.std, s.min, s.max,
                         int(conv.sum()), float(rounds.mean()), int((~exact).sum()),
@@ -207,11 +207,11 @@ def _group(recs: list[CaseRecord], fold: int | None, ts: tuple[float, ...],
                         for m in names}
     oracle = {k: Stats.of([r.oracle[k] for r in recs if r.oracle and k in r.oracle])
               for k in sorted({k for r in recs for k in (r.oracle or {})})}
-    t_round = sum(sum(r.time_rounds_s) for r in recs)
+    t_round = sum(r.time_total_s - r.time_coarse_s for r in recs)
     n_round = sum(r.rounds_run for r in recs)
     time = {"coarse_s": float(np.mean([r.time_coarse_s for r in recs])),
             "rounds_s": t_round / len(recs),
-            "total_s": float(np.mean([r.time_coarse_s + sum(r.time_rounds_s) for r in recs])),
+            "total_s": float(np.mean([r.time_total_s for r in recs])),
             "per_round_s": t_round / n_round if n_round else math.nan}
     return GroupSummary(
         method=recs[0].method, fold=fold, folds=tuple(sorted({r.fold for r in recs})),

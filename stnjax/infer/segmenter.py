@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stnjax.infer import compile_log
 from stnjax.infer import rounds as infer
 from stnjax.infer.devices import load_on_device
 from stnjax import metrics
@@ -40,11 +41,13 @@ class CaseResult:
     mask}, round_at: {t_k: round} for the report thresholds; plane_dsc:
     {plane: DSC of that plane's coarse mask} (with label); oracles: {name:
     DSC} (with label and oracles=True); times in seconds (compilation
-    excluded); bucket: the padded shape; overflow: crops cut to the largest
-    canvas (0 by default); main_round: the round whose mask is `mask` (the
-    first with inter-DSC >= t, else the last run); voxels, hits (T+1,) and
-    boxes (T+1, P, 2): the per-round diagnostics of `C2FResult`, P the
-    planes in `planes` order.
+    excluded): time_rounds_s per round when timed one by one
+    (`per_round_timing`), else empty and time_loop_s the loop's total;
+    bucket: the padded shape; overflow: crops cut to the largest canvas (0
+    by default); main_round: the round whose mask is `mask` (the first with
+    inter-DSC >= t, else the last run); voxels, hits (T+1,) and boxes
+    (T+1, P, 2): the per-round diagnostics of `C2FResult`, P the planes in
+    `planes` order.
     """
     mask: np.ndarray
     score: np.ndarray
@@ -65,6 +68,7 @@ class CaseResult:
     hits: np.ndarray | None = None
     boxes: np.ndarray | None = None
     planes: tuple[str, ...] = ()
+    time_loop_s: float = 0.0
 
 
 class Segmenter:
@@ -105,6 +109,12 @@ class Segmenter:
         #: None: jit's default device; else the device every array is put on.
         self.device = None
         self._family = _Family()
+        #: the (function name, bucket) keys the persistent cache served
+        self.cache_loaded: set[tuple] = set()
+        #: called with (stage, seconds) as a case runs: "coarse stage", then
+        #: "round <r>" per round, or "rounds 1-<n>" for the jitted loop
+        #: (progress lines, `stnjax.eval.progress`); None: no calls
+        self.on_stage: Callable[[str, float], None] | None = None
         r, s = rstn, spec
         self._fns = {
             "coarse": lambda p, im, ex: _coarse_with_check(r, p, im, ex, spec=s),
@@ -127,6 +137,14 @@ class Segmenter:
     def compile_count(self) -> int:
         """Number of executables compiled so far (one per function and bucket)."""
         return len(self._compiled)
+
+    def compile_summary(self) -> str:
+        """One line: how many programs were compiled and how many the
+        persistent compilation cache served (`compile_log`)."""
+        n, loaded = len(self._compiled), len(self.cache_loaded)
+        if n and loaded == n:
+            return f"compiled nothing: all {n} programs loaded from the compilation cache"
+        return f"compiled {n - loaded} programs ({loaded} loaded from the compilation cache)"
 
     def compiled_buckets(self) -> list[tuple]:
         """(function name, padded shape) of every compilation."""
@@ -157,13 +175,17 @@ class Segmenter:
                 except Exception as e:  # noqa: BLE001 - an unsupported JAX: compile instead
                     self._family.warn_once(e)
             t0 = time.perf_counter()
-            compiled = jax.jit(self._fns[name]).lower(*args).compile()
+            with compile_log.watch() as seen:
+                compiled = jax.jit(self._fns[name]).lower(*args).compile()
             self._compiled[key] = compiled
             if first is None:
                 self._family.first[key] = compiled
                 self.compile_seconds[key] = time.perf_counter() - t0
-                log.info("compiled %s for bucket %s in %.1f s", name,
-                         "x".join(map(str, bucket)), self.compile_seconds[key])
+                if seen.loaded:
+                    self.cache_loaded.add(key)
+                log.info("%s %s for bucket %s in %.1f s",
+                         "loaded from the compilation cache:" if seen.loaded else "compiled",
+                         name, "x".join(map(str, bucket)), self.compile_seconds[key])
 
     def _put(self, x):
         """An array on this segmenter's device (jit's default without one)."""
@@ -233,10 +255,12 @@ class Segmenter:
         probs, score0, mask0, finite = self._call("coarse", bucket, self.params, image, extent)
         finite = bool(finite)
         time_coarse = time.perf_counter() - t0
+        self._stage_done("coarse stage", time_coarse)
         if not finite:
             raise InputError("coarse probabilities contain NaN or infinite values: the "
                              "parameters (checkpoint) are broken")
         t_arr = self._put(np.float32(t_loop))
+        time_loop = 0.0
         if self.per_round_timing:
             res, times = self._stepwise(bucket, image, extent, score0, mask0, t_arr, lab)
         else:
@@ -246,8 +270,9 @@ class Segmenter:
             self._compile(name, bucket, *args)  # not timed
             t0 = time.perf_counter()
             res = jax.block_until_ready(self._call(name, bucket, *args))
-            total = time.perf_counter() - t0
-            times = [total / max(int(res.rounds), 1)] * int(res.rounds)
+            # One loop: its total, not a made-up split over the rounds.
+            times, time_loop = [], time.perf_counter() - t0
+            self._stage_done(f"rounds 1-{int(res.rounds)} (one loop)", time_loop)
         rounds = int(res.rounds)
         inter, dsc = np.asarray(res.inter), np.asarray(res.dsc)
         thresholds = self.spec.report_thresholds
@@ -267,7 +292,8 @@ class Segmenter:
             mask=main, score=crop(res.score), coarse_mask=crop(mask0), rounds=rounds,
             inter=inter, dsc=None if label is None else dsc, masks_at=masks_at,
             round_at=round_at, plane_dsc=plane_dsc, oracles=orc,
-            time_coarse_s=time_coarse, time_rounds_s=times, bucket=bucket,
+            time_coarse_s=time_coarse, time_rounds_s=times, time_loop_s=time_loop,
+            bucket=bucket,
             overflow=int(res.overflow), main_round=round_at[t_key],
             voxels=np.asarray(res.voxels), hits=np.asarray(res.hits),
             boxes=np.asarray(res.boxes), planes=tuple(self.spec.planes))
@@ -282,7 +308,12 @@ class Segmenter:
             st = jax.block_until_ready(
                 self._call("step", bucket, self.params, image, extent, st, lab, score0))
             times.append(time.perf_counter() - t0)
+            self._stage_done(f"round {len(times)}", times[-1])
         return infer.finish(st), times
+
+    def _stage_done(self, stage: str, seconds: float) -> None:
+        if self.on_stage is not None:
+            self.on_stage(stage, seconds)
 
     def _oracles(self, bucket, image, extent, probs, score0, mask0, lab, crop,
                  lab_np) -> dict[str, float]:

@@ -58,6 +58,8 @@ from stnjax.models.rstn import RSTN
 from stnjax.data.sampler import prefetch
 from stnjax.train import inputs
 from stnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from stnjax.train.progress import FILE_NAME as PROGRESS_FILE
+from stnjax.train.progress import ProgressPicture
 from stnjax.train.guard import ConvergenceGuard
 from stnjax.train.lock import RunLock
 from stnjax.train.reporting import Pending, StepReporter, fmt_duration
@@ -131,6 +133,7 @@ class _Run:
     step_fns: dict
     ck: Checkpointer
     writer: MetricsWriter | None  # None on hosts other than the first
+    picture: ProgressPicture | None  # progress.png, drawn from the writer's records
     fresh_state: Callable[[int], Any]
     make_batches: Callable[[int, int], Any]  # (first step, attempt) -> prefetched batches
     per_host: int
@@ -168,10 +171,14 @@ def _open_run(spec: TrainSpec, workdir: str | os.PathLike, fold: int, plane: str
         sampler = inputs.make_sampler(data, pdata, sampler_seed(seed, attempt))
         return prefetch(sampler, range(step0, total), shard=pid, num_shards=nproc)
 
+    writer = MetricsWriter(rdir / "metrics.jsonl") if pid == 0 else None
+    picture = (ProgressPicture(rdir / PROGRESS_FILE, writer.records,
+                               title=f"{lp.method} fold {fold} plane {plane}")
+               if writer else None)
     run = _Run(tag=tag, fold=int(fold), plane=plane, rdir=rdir, chash=spec.config_hash,
                stages=stages, total=total, method=lp.method, place=place, step_fns=step_fns,
                ck=Checkpointer(rdir / CHECKPOINT_DIR, keep=lp.keep_checkpoints),
-               writer=MetricsWriter(rdir / "metrics.jsonl") if pid == 0 else None,
+               writer=writer, picture=picture,
                fresh_state=fresh_state, make_batches=make_batches,
                per_host=data.batch_size // nproc, pid=pid,
                checkpoint_every=lp.checkpoint_every, log_every=lp.log_every)
@@ -292,6 +299,8 @@ def _train_steps(run: _Run, prog: _Progress, guard: ConvergenceGuard, state: Any
                 continue
             if ckpt_due:
                 _save(run, prog, guard, state)
+                if run.picture:  # at most once a minute: never slows training
+                    run.picture.update()
         run.ck.wait()
     finally:
         batches.close()
@@ -376,6 +385,8 @@ def _finish(run: _Run, prog: _Progress, guard: ConvergenceGuard, reporter: StepR
                complete=True, wall_s=round(wall, 2), loss=rec.get("loss"),
                loss_coarse=rec.get("loss_coarse"), loss_fine=rec.get("loss_fine"),
                config_hash=run.chash, compile_s=compile_s)
+    if run.picture:
+        run.picture.update(force=True)
     if run.writer:
         atomic_write_text(run.rdir / "run.json", json.dumps(out, indent=2, default=str) + "\n")
     log.info("%s: done in %s (%d steps, %d restarts); final loss %.4f", run.tag,
