@@ -35,6 +35,7 @@ def _rstn():
     c.model.canvases = ()  # the full slice only
     c.model.margin = K
     c.model.prob_fixed_margin = 1.0  # margins K on all sides: boxes predictable
+    c.model.remat_full_canvas = False  # the same values, a smaller program
     return RSTN.from_config(c.model)
 
 
@@ -134,77 +135,81 @@ def test_second_round_reads_the_first_rounds_map(setup, shift):
         assert np.abs(np.asarray(r2.fine_prob) - np.asarray(r1.fine_prob)).max() > 1e-3
 
 
-def _sgd_step(rstn, rounds):
-    return jax.jit(steps.make_step(rstn, "J", optax.sgd(1.0), lam=LAM, axis_name=None,
-                                   bce_weight=BCE, unroll_rounds=rounds))
+def _valid(batch):
+    return ((np.arange(H)[None, :, None] < batch["hw"][:, :1, None])
+            & (np.arange(W)[None, None, :] < batch["hw"][:, 1:, None]))
 
 
-def _state(params):
-    return {"params": params, "opt_state": optax.sgd(1.0).init(params),
-            "rng": st.init_key(0), "step": jnp.int32(7)}
-
-
-def test_one_round_is_todays_step(setup):
-    """unroll_rounds = 1: the step is today's J step (forward_j, joint_loss,
-    the gradient), bit for bit: same loss, metrics and update (SGD at rate 1:
-    the update is the gradient)."""
-    rstn, _, batch, _ = setup
-    params = _params(rstn, seed=1)
-    new, metrics = _sgd_step(rstn, 1)(_state(params), batch)
-    key = jax.random.fold_in(st.init_key(0), 7)
-
-    @jax.jit
-    def today(p):
-        def objective(p):
-            out = rstn.forward_j(p, batch, key)
-            valid = jnp.asarray(np.arange(H)[None, :, None] < batch["hw"][:, :1, None]) & \
-                jnp.asarray(np.arange(W)[None, None, :] < batch["hw"][:, 1:, None])
-            return joint_loss(out.coarse_prob, out.fine_prob, batch["label"], valid=valid,
-                              weight=batch["weight"], lam=LAM, bce_weight=BCE,
-                              fine_region=out.fine_region)
-        (_, m), g = jax.value_and_grad(objective, has_aux=True)(p)
-        return m, jax.tree.map(lambda a, b: a - b, p, g)
-
-    m_ref, p_ref = today(params)
-    assert not any(k.startswith("loss_fine_r") or k.endswith("_r2") for k in metrics)
-    for k, v in m_ref.items():
-        np.testing.assert_array_equal(metrics[k], v, err_msg=k)
-    for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(p_ref)):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_round_two_inputs_carry_no_gradient(setup):
-    """The unrolled objective's gradient equals the hand-built loss with round
-    2's saliency input and box as constants: lam L_c + (1 - lam) (L_f1 +
-    L_f2) / 2 (cross-entropy terms alike). With round 2's input left
-    differentiable the coarse gradient differs, so the check has power."""
-    rstn, fwd, batch, key = setup
+@pytest.fixture(scope="module")
+def gradients(setup):
+    """One jitted program (its round-1 work is shared, which keeps the
+    compilation short) computing, at the same params and step key:
+    the unroll_rounds = 1 step (SGD at rate 1: the update is the gradient)
+    and today's J step written out by hand (forward_j, joint_loss, grad);
+    the unrolled R = 2 objective and the hand-built loss with round 2's
+    saliency input and box as constants (`prev`, `boxes` from a forward
+    run first)."""
+    rstn, fwd, batch, _ = setup
     params = _params(rstn, seed=2)
-    r1, r2 = fwd(params, batch, key)
-    prev = np.asarray(r1.fine_prob)  # a constant
+    state = {"params": params, "opt_state": optax.sgd(1.0).init(params),
+             "rng": st.init_key(0), "step": jnp.int32(7)}
+    # Round 1's map at the step's key (step 7).
+    prev = np.asarray(fwd(params, batch, jax.random.fold_in(st.init_key(0), 7))[0].fine_prob)
     boxes = np.asarray([_np_box(prev[b], batch["hw"][b]) or
                         _np_box(batch["label"][b], batch["hw"][b]) for b in range(B)])
-    step_key = jax.random.fold_in(st.init_key(0), 7)
-    valid = (np.arange(H)[None, :, None] < batch["hw"][:, :1, None]) & \
-        (np.arange(W)[None, None, :] < batch["hw"][:, 1:, None])
-    kw = dict(valid=valid, weight=batch["weight"], lam=LAM, bce_weight=BCE)
+    region2 = np.stack([_region(b) for b in boxes])
+    kw = dict(valid=_valid(batch), weight=batch["weight"], lam=LAM, bce_weight=BCE)
+    step1 = steps.make_step(rstn, "J", optax.sgd(1.0), lam=LAM, axis_name=None,
+                            bce_weight=BCE, unroll_rounds=1)
+    unrolled = steps.make_objective(rstn, "J", 2, lam=LAM, axis_name=None, bce_weight=BCE)
 
-    def hand(p, stop):
-        out1 = rstn.forward_j(p, batch, step_key)
-        sal_in = prev if stop else out1.fine_prob
-        f2 = _hand_round(rstn, p, batch, sal_in, boxes)
-        region2 = jnp.asarray(np.stack([_region(b) for b in boxes]))
+    def today(p, key):
+        out = rstn.forward_j(p, batch, key)
+        return joint_loss(out.coarse_prob, out.fine_prob, batch["label"],
+                          fine_region=out.fine_region, **kw)
+
+    def hand(p, key, prev, boxes, region2):
+        out1 = rstn.forward_j(p, batch, key)
+        f2 = _hand_round(rstn, p, batch, prev, boxes)
         l1, m1 = joint_loss(out1.coarse_prob, out1.fine_prob, batch["label"],
                             fine_region=out1.fine_region, **kw)
         l2, m2 = joint_loss(out1.coarse_prob, f2, batch["label"], fine_region=region2, **kw)
         return (l1 + l2) / 2, (m1["loss_fine"][0], m2["loss_fine"][0])
 
-    objective = steps.make_objective(rstn, "J", 2, lam=LAM, axis_name=None, bce_weight=BCE)
-    (loss, (metrics, stats)), g = jax.jit(jax.value_and_grad(objective, has_aux=True))(
-        params, batch, step_key)
-    (loss_h, (lf1, lf2)), g_h = jax.jit(jax.value_and_grad(
-        lambda p: hand(p, True), has_aux=True))(params)
-    g_free = jax.jit(jax.grad(lambda p: hand(p, False)[0]))(params)
+    @jax.jit
+    def run(state, prev, boxes, region2):
+        p = state["params"]
+        # The step's own key, computed alike in every part (so XLA can share
+        # the identical round-1 forwards).
+        key = jax.random.fold_in(state["rng"], state["step"])
+        return (step1(state, batch), jax.value_and_grad(today, has_aux=True)(p, key),
+                jax.value_and_grad(unrolled, has_aux=True)(p, batch, key),
+                jax.value_and_grad(hand, has_aux=True)(p, key, prev, boxes, region2))
+
+    return params, jax.tree.map(np.asarray, run(state, prev, boxes, region2))
+
+
+def test_one_round_is_todays_step(gradients):
+    """unroll_rounds = 1: the step is today's J step, bit for bit: the same
+    loss metrics and the same update (the gradient)."""
+    params, ((new, metrics), ((_, m_ref), g_ref), _, _) = gradients
+    assert not any(k.startswith("loss_fine_r") or k.endswith("_r2") for k in metrics)
+    for k, v in m_ref.items():
+        np.testing.assert_array_equal(metrics[k], v, err_msg=k)
+    for p0, p1, g in zip(jax.tree.leaves(params), jax.tree.leaves(new["params"]),
+                         jax.tree.leaves(g_ref)):
+        np.testing.assert_array_equal(p1, p0 - g)
+
+
+def test_round_two_inputs_carry_no_gradient(gradients):
+    """The unrolled objective and its gradient equal the hand-built loss
+    lam L_c + (1 - lam) (L_f1 + L_f2) / 2 (cross-entropy terms alike) with
+    round 2's saliency input and box held constant: no gradient reaches any
+    network through round 2's inputs. (Without the stop_gradient, round 2's
+    input depends on the coarse net through round 1's saliency and the
+    gradients differ by ~2e-3 relative, 20x the tolerance: checked once by
+    mutation.)"""
+    _, (_, _, ((loss, (metrics, stats)), g), ((loss_h, (lf1, lf2)), g_h)) = gradients
     np.testing.assert_allclose(loss, loss_h, rtol=1e-6)
     np.testing.assert_allclose(metrics["loss_fine_r1"][0], lf1, rtol=1e-6)
     np.testing.assert_allclose(metrics["loss_fine_r2"][0], lf2, rtol=1e-6)
@@ -213,9 +218,6 @@ def test_round_two_inputs_carry_no_gradient(setup):
     for net in ("coarse", "saliency", "fine"):
         for a, b in zip(jax.tree.leaves(g[net]), jax.tree.leaves(g_h[net])):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=net)
-    diff = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
-               for a, b in zip(jax.tree.leaves(g_free["coarse"]), jax.tree.leaves(g["coarse"])))
-    assert diff > 1e-3
 
 
 def _record(**train):
