@@ -145,7 +145,7 @@ def check_official_name(path: str | Path, plane: str, fold: int) -> str | None:
 
 def official_spec(width: float, data_dir: str | None) -> "TrainSpec":
     """The TrainSpec of imported official models (launch/configs/official_rstn.py)."""
-    from launch.configs import official_rstn
+    from .configs import official_rstn
     from stnjax.train.spec import TrainSpec
 
     config = official_rstn.get_config()

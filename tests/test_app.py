@@ -159,7 +159,7 @@ def test_builtin_config_by_name_and_unknown_name(tmp_path):
     r = run("--config=phantm", f"--workdir={tmp_path / 'w'}")
     assert r.returncode != 0
     assert "--config phantm: not a file and not a built-in config" in r.stderr
-    assert "nih_pancreas, phantom, realct, smoke, stagewise" in r.stderr
+    assert "nih_pancreas, official_rstn, phantom, realct, smoke, stagewise" in r.stderr
     assert not (tmp_path / "w").exists()
 
 

@@ -108,6 +108,8 @@ def test_full_size_joint_step_shapes():
     ("train", "coarse_weight", 1.5, "train.coarse_weight"),
     ("train", "guard_coarse_loss", 2.0, "train.guard_coarse_loss"),
     ("train", "stages", "S:0", "train.stages"),
+    ("train", "unroll_rounds", 0, "train.unroll_rounds"),
+    ("train", "unroll_rounds", -2, "train.unroll_rounds"),
     ("model", "prob_fixed_margin", 7.0, "model.prob_fixed_margin"),
     ("model", "margin", -2, "model.margin"),
     ("model", "dropout_rate", 1.0, "model.dropout_rate"),
@@ -134,21 +136,24 @@ def test_out_of_range_values_fail_when_the_config_is_read(section, field, value,
 
 
 def test_fields_added_later_keep_old_workdirs_identity():
-    """A config record from before data.spacing, data.organ_ids and
-    model.remat_full_canvas and model.upsampling existed hashes like today's
-    at their defaults (its checkpoints stay usable); setting spacing,
-    several organ ids or the stored upsampling makes another identity."""
+    """A config record from before data.spacing, data.organ_ids,
+    model.remat_full_canvas, model.upsampling and train.unroll_rounds existed
+    hashes like today's at their defaults (its checkpoints stay usable);
+    setting spacing, several organ ids, the stored upsampling or 2 unrolled
+    rounds makes another identity."""
     rec = json.loads(_config("phantom").to_json())
     old = json.loads(json.dumps(rec))
     for section, field in (("data", "spacing"), ("data", "organ_ids"),
-                           ("model", "remat_full_canvas"), ("model", "upsampling")):
+                           ("model", "remat_full_canvas"), ("model", "upsampling"),
+                           ("train", "unroll_rounds")):
         del old[section][field]
     assert workdir.config_hash(old) == workdir.config_hash(rec)
     rec["model"]["remat_full_canvas"] = False  # speed only: same models
     assert workdir.config_hash(old) == workdir.config_hash(rec)
     for section, field, value in (("data", "spacing", [3.0, 3.0, 3.0]),
                                   ("data", "organ_ids", [1, 2]),
-                                  ("model", "upsampling", "stored")):
+                                  ("model", "upsampling", "stored"),
+                                  ("train", "unroll_rounds", 2)):
         changed = json.loads(json.dumps(rec))
         changed[section][field] = value
         assert workdir.config_hash(changed) != workdir.config_hash(old), field

@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.j_halving_every = 10000  # J halves the rate every this many steps
     c.train.coarse_weight = 1.0 / 3.0  # lambda
     c.train.bce_weight = 0.0      # cross-entropy beside the Dice terms (0: reference)
+    # Fine rounds per J step (1: the reference). R > 1: round r also trains on the
+    # saliency and crop of round r-1's own fine map (stop-gradient), as at test time.
+    c.train.unroll_rounds = 1
     c.train.log_every = 20
     c.train.checkpoint_every = 2000
     c.train.keep_checkpoints = 3
@@ -146,4 +149,5 @@ def stagewise_baseline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     b.train.stages = f"CF:{steps}"
     b.train.coarse_weight = 0.5
     b.train.guard_max_restarts = 0
+    b.train.unroll_rounds = 1  # J only: the baseline has no J stage
     return b

@@ -13,7 +13,7 @@ PyTorch's random initialisation off it, never trained), not Caffe's
 per-channel bilinear.
 """
 
-from launch.configs import nih_pancreas
+from stnjax.launch.configs import nih_pancreas
 
 
 def get_config():

@@ -15,6 +15,10 @@ fine probabilities for the joint loss:
 | I    | image x g(coarse prob)  | label (random margins)      | trained  |
 | J    | image x g(coarse prob)  | coarse prob >= 0.5, else label | trained |
 
+Beyond the reference, `forward_j_rounds` unrolls mode J over R fine rounds
+(train.unroll_rounds): round r > 1 takes its saliency input and crop box
+from round r-1's fine map, under stop_gradient, as test-time rounds do.
+
 The stage-wise baseline (Zhou et al. 2016) trains with the S forward for its
 whole schedule: two independent networks, raw-image crops by the label box.
 
@@ -246,7 +250,14 @@ class RSTN:
         return boxes, nonempty & (batch["weight"] > 0)
 
     def _train_forward(self, params: Params, batch: Mapping[str, jax.Array],
-                       key: jax.Array, mode: str) -> Outputs:
+                       key: jax.Array, mode: str, rounds: int = 1) -> tuple[Outputs, ...]:
+        """The training forward of `mode`: one Outputs per fine round.
+
+        Round 1 is the reference's (module doc table). With rounds > 1 (mode J
+        only, `forward_j_rounds`) round r > 1 reads its saliency input and its
+        crop box (p >= 0.5, the same margins, the label's box when the map is
+        empty) from round r-1's fine map under stop_gradient.
+        """
         _check_batch(batch)
         image = batch["image"]
         k_coarse, k_fine, k_margin = self._sample_keys(key, batch["index"])
@@ -254,22 +265,52 @@ class RSTN:
                                                      valid_hw=batch["hw"]))
         margins = jax.vmap(lambda k: crop.random_margins(
             k, margin=self.margin, prob_fixed=self.prob_fixed))(k_margin)
-        fallback = jnp.zeros(image.shape[0], bool)
         if mode == "J":
             # The box is not differentiable (reference 2.4): stop_gradient
             # makes that explicit for the coarse map it is read from.
-            ref = jax.lax.stop_gradient(coarse_prob)
-            boxes, source = jax.vmap(crop.box_with_fallback)(
-                ref, batch["label"], margins, batch["hw"])
-            active = (source != crop.SOURCE_NONE) & (batch["weight"] > 0)
-            fallback = (source == crop.SOURCE_LABEL) & active
+            boxes, active, fallback = self._predicted_boxes(
+                jax.lax.stop_gradient(coarse_prob), batch, margins)
         else:
             boxes, active = self._label_boxes(batch, margins)
-        if mode == "S":
+            fallback = jnp.zeros(image.shape[0], bool)
+        sal_in = None if mode == "S" else coarse_prob
+        outs = [Outputs(coarse_prob, *self._fine_pass(params, batch, sal_in, boxes, active,
+                                                      fallback, k_fine))]
+        for r in range(2, rounds + 1):
+            # What test-time round r reads from round r-1: its map (0 outside
+            # its box) drives the saliency and gives the box; no gradient
+            # flows back through these inputs.
+            prev = jax.lax.stop_gradient(outs[-1].fine_prob)
+            boxes, active, fallback = self._predicted_boxes(prev, batch, margins)
+            k_r = jax.vmap(lambda k: jax.random.fold_in(k, r))(k_fine)
+            outs.append(Outputs(coarse_prob, *self._fine_pass(params, batch, prev, boxes,
+                                                              active, fallback, k_r)))
+        return tuple(outs)
+
+    def _predicted_boxes(self, ref: jax.Array, batch: Mapping[str, jax.Array],
+                         margins: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """J boxes from ref (B, H, W, 3) >= 0.5, else the label's: int32
+        (B, 4) boxes, bool (B,) active (a box and weight > 0), bool (B,)
+        fallback (the label's box was used)."""
+        boxes, source = jax.vmap(crop.box_with_fallback)(ref, batch["label"], margins,
+                                                         batch["hw"])
+        active = (source != crop.SOURCE_NONE) & (batch["weight"] > 0)
+        return boxes, active, (source == crop.SOURCE_LABEL) & active
+
+    def _fine_pass(self, params: Params, batch: Mapping[str, jax.Array],
+                   sal_in: jax.Array | None, boxes: jax.Array, active: jax.Array,
+                   fallback: jax.Array, keys: jax.Array
+                   ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+        """The fine branch of a training round: image x g(sal_in) (raw image
+        when sal_in is None) cropped by boxes int32 (B, 4). Returns the fine
+        probability (B, H, W, 3) float32, the stats and the box region (B,
+        H, W) bool of `Outputs`."""
+        image = batch["image"]
+        if sal_in is None:
             fine_in = image.astype(jnp.float32)
         else:
-            fine_in = image * self.saliency_weights(params, coarse_prob, batch["hw"])
-        logits, info = self.fine_logits(params, fine_in, boxes, active, k_fine)
+            fine_in = image * self.saliency_weights(params, sal_in, batch["hw"])
+        logits, info = self.fine_logits(params, fine_in, boxes, active, keys)
         area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
         stats = {"skipped": (~active & (batch["weight"] > 0)).astype(jnp.float32),
                  "fallback": fallback.astype(jnp.float32),
@@ -280,7 +321,7 @@ class RSTN:
         b = boxes[:, :, None, None]
         region = ((rows >= b[:, 0]) & (rows < b[:, 1]) & (cols >= b[:, 2]) & (cols < b[:, 3])
                   & active[:, None, None])
-        return Outputs(coarse_prob, jax.nn.sigmoid(logits), stats, region)
+        return jax.nn.sigmoid(logits), stats, region
 
     def forward_s(self, params: Params, batch: Mapping[str, jax.Array],
                   key: jax.Array) -> Outputs:
@@ -290,19 +331,32 @@ class RSTN:
         batch: image (B,H,W,3) f32, label (B,H,W,3) f32, hw (B,2) int32 (real size),
         weight (B,) f32, index (B,) int32 (position in the global batch).
         """
-        return self._train_forward(params, batch, key, "S")
+        return self._train_forward(params, batch, key, "S")[0]
 
     def forward_i(self, params: Params, batch: Mapping[str, jax.Array],
                   key: jax.Array) -> Outputs:
         """Mode I: image x g(coarse prob), cropped by the label box; the fine
         loss reaches the coarse net through the saliency map."""
-        return self._train_forward(params, batch, key, "I")
+        return self._train_forward(params, batch, key, "I")[0]
 
     def forward_j(self, params: Params, batch: Mapping[str, jax.Array],
                   key: jax.Array) -> Outputs:
         """Mode J: image x g(coarse prob), cropped by the coarse prediction's
         box (the label's when the prediction is empty)."""
-        return self._train_forward(params, batch, key, "J")
+        return self._train_forward(params, batch, key, "J")[0]
+
+    def forward_j_rounds(self, params: Params, batch: Mapping[str, jax.Array],
+                         key: jax.Array, rounds: int) -> tuple[Outputs, ...]:
+        """Mode J unrolled over `rounds` fine rounds (train.unroll_rounds;
+        not in the reference): round 1 is `forward_j`; round r > 1 crops by
+        the box of round r-1's fine map (p >= 0.5, the same margins; the
+        label's box when that map is empty, as round 1 falls back) and feeds
+        that map (0 outside its box, as test-time rounds feed the previous
+        fused map) to the saliency, both under stop_gradient. Returns one
+        Outputs per round (coarse_prob shared); rounds = 1 is (forward_j,).
+        """
+        return self._train_forward(params, batch, key, "J",
+                                   check_int(rounds, "train.unroll_rounds", 1))
 
     # The stage-wise baseline uses the S forward throughout (see module doc).
     forward_stagewise = forward_s

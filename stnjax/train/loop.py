@@ -66,6 +66,7 @@ from stnjax.train.reporting import Pending, StepReporter, fmt_duration
 from stnjax.train.schedule import stage_at, total_steps
 from stnjax.train.spec import TrainSpec
 from stnjax.train.placement import placement_for
+from stnjax.train.steps import fine_rounds
 from stnjax.train.state import init_key, init_train_state, sampler_seed, tree_all_finite
 from stnjax.train.workdir import MetricsWriter, check_workdir, run_dir, write_workdir_files
 
@@ -160,7 +161,8 @@ def _open_run(spec: TrainSpec, workdir: str | os.PathLike, fold: int, plane: str
     # several), jit on a single one (placement.py says why).
     place = placement_for(devices, process_count=nproc)
     modes = list(dict.fromkeys(st.mode for st in stages))
-    step_fns = {m: place.step(rstn, m, spec.optimizer, lp.coarse_weight, lp.bce_weight)
+    step_fns = {m: place.step(rstn, m, spec.optimizer, lp.coarse_weight, lp.bce_weight,
+                              fine_rounds(m, lp.unroll_rounds))
                 for m in modes}
 
     def fresh_state(attempt: int):

@@ -29,7 +29,7 @@ Example under pmap (axis name "batch")::
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -158,6 +158,41 @@ def joint_loss(
     }
     if bce_weight:
         metrics["loss_bce"] = (jnp.sum(w * bce), count)
+    return loss, metrics
+
+
+def rounds_joint_loss(
+    coarse_prob: jax.Array,
+    fine_probs: Sequence[jax.Array],
+    label: jax.Array,
+    *,
+    fine_regions: Sequence[jax.Array | None],
+    **kwargs,
+) -> tuple[jax.Array, Metrics]:
+    """The joint loss of a step with R fine rounds (train.unroll_rounds):
+    `lam * L_coarse + (1 - lam) * mean_r L_fine,r` (cross-entropy terms
+    likewise), i.e. the mean over rounds of `joint_loss(coarse, fine_r)`,
+    so the coarse : fine weighting is the reference's.
+
+    Args:
+      coarse_prob, label: (B, H, W, C); fine_probs: R maps (B, H, W, C);
+      fine_regions: R boxes (B, H, W) bool (or None without bce_weight);
+      kwargs: the other arguments of `joint_loss`.
+
+    Returns:
+      loss (float32 scalar) and the metrics of `joint_loss` averaged over
+      the rounds, plus 'loss_fine_r<r>' (r = 1..R), each round's Dice term.
+    """
+    if not fine_probs or len(fine_probs) != len(fine_regions):
+        raise InputError(f"fine_probs: expected R >= 1 maps with as many regions, got "
+                         f"{len(fine_probs)} maps and {len(fine_regions)} regions")
+    per = [joint_loss(coarse_prob, fp, label, fine_region=fr, **kwargs)
+           for fp, fr in zip(fine_probs, fine_regions)]
+    n = float(len(per))
+    loss = sum(lo for lo, _ in per) / n
+    metrics = {k: (sum(m[k][0] for _, m in per) / n, per[0][1][k][1]) for k in per[0][1]}
+    for r, (_, m) in enumerate(per, start=1):
+        metrics[f"loss_fine_r{r}"] = m["loss_fine"]
     return loss, metrics
 
 

@@ -47,8 +47,9 @@ class Pmapped:
     pmap_devices: tuple
 
     def step(self, rstn: Any, mode: str, spec: OptimizerSpec, lam: float,
-             bce_weight: float = 0.0) -> Callable:
-        return pmapped_step(rstn, mode, spec, lam, self.pmap_devices, bce_weight)
+             bce_weight: float = 0.0, unroll_rounds: int = 1) -> Callable:
+        return pmapped_step(rstn, mode, spec, lam, self.pmap_devices, bce_weight,
+                            unroll_rounds)
 
     def put_state(self, host_state: Any) -> Any:
         return replicate(host_state, self.devices)
@@ -70,8 +71,8 @@ class OneDevice:
     device: Any
 
     def step(self, rstn: Any, mode: str, spec: OptimizerSpec, lam: float,
-             bce_weight: float = 0.0) -> Callable:
-        return jitted_step(rstn, mode, spec, lam, self.device, bce_weight)
+             bce_weight: float = 0.0, unroll_rounds: int = 1) -> Callable:
+        return jitted_step(rstn, mode, spec, lam, self.device, bce_weight, unroll_rounds)
 
     def put_state(self, host_state: Any) -> Any:
         return jax.device_put(_on_host(host_state), self.device)

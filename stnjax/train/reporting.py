@@ -133,11 +133,12 @@ class StepReporter:
                "examples_per_s": examples / dt, "steps_per_s": n / dt, "steps": n,
                "examples": examples, "compiled": compiled,
                "time_s": round(now - self.t_start, 3)}
-        if "loss_bce" in sums:
-            rec["loss_bce"] = _mean(sums, counts, "loss_bce")
         for k in sums:
+            if k == "loss_bce" or k.startswith("loss_fine_r"):  # the latter: unroll_rounds > 1
+                rec[k] = _mean(sums, counts, k)
             if k.startswith("stat_"):
                 name = k[5:]
-                rec[f"mean_{name}" if name == "box_area" else f"count_{name}"] = (
-                    _mean(sums, counts, k) if name == "box_area" else sums[k])
+                area = name.startswith("box_area")  # box_area, box_area_r2, ...
+                rec[f"mean_{name}" if area else f"count_{name}"] = (
+                    _mean(sums, counts, k) if area else sums[k])
         return rec

@@ -17,11 +17,11 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
-from stnjax.checks import InputError, check_range
+from stnjax.checks import InputError, check_int, check_range
 from stnjax.data.spec import DataSpec
 from stnjax.models.rstn import RSTN
 from stnjax.train.schedule import Stage, parse_stages
-from stnjax.train.steps import OptimizerSpec
+from stnjax.train.steps import UNROLLED_MODES, OptimizerSpec
 from stnjax.train import workdir as wd
 
 
@@ -41,6 +41,7 @@ class LoopSpec:
     guard_max_restarts: int = 3
     multihost: bool = False
     devices: int = 0
+    unroll_rounds: int = 1
 
     def __post_init__(self):
         parse_stages(self.stages, self.method)  # InputError naming train.stages / method
@@ -55,6 +56,12 @@ class LoopSpec:
                              f"got {self.guard_max_restarts}")
         if self.devices < 0:
             raise InputError(f"train.devices: must be >= 0, got {self.devices}")
+        check_int(self.unroll_rounds, "train.unroll_rounds", 1)
+        if self.unroll_rounds > 1 and not any(st.mode in UNROLLED_MODES
+                                              for st in self.stage_list):
+            raise InputError(f"train.unroll_rounds: {self.unroll_rounds} rounds need a stage "
+                             f"of mode {'/'.join(UNROLLED_MODES)} in train.stages "
+                             f"({self.stages!r}); use 1")
 
     @property
     def stage_list(self) -> tuple[Stage, ...]:
@@ -73,8 +80,10 @@ class LoopSpec:
         ints = ("log_every", "checkpoint_every", "keep_checkpoints", "guard_window",
                 "guard_max_restarts", "devices")
         floats = ("coarse_weight", "bce_weight", "guard_coarse_loss")
+        # Absent from configs written before the field existed: 1 (the
+        # reference). Checked, not coerced: 2.5 or "2" is an error.
         return cls(method=str(t["method"]), stages=str(t["stages"]),
-                   multihost=bool(t["multihost"]),
+                   multihost=bool(t["multihost"]), unroll_rounds=t.get("unroll_rounds", 1),
                    **{k: int(t[k]) for k in ints}, **{k: float(t[k]) for k in floats})
 
 

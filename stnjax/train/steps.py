@@ -45,7 +45,7 @@ from jax import lax
 
 from stnjax.checks import InputError, check_int, check_range
 from stnjax.models.crop import extent_mask
-from stnjax.train.losses import joint_loss, psum_metrics
+from stnjax.train.losses import joint_loss, psum_metrics, rounds_joint_loss
 from stnjax.train.optim import OPTIMIZERS, caffe_sgd, grouped_adam
 from stnjax.train.schedule import Stage, make_lr_schedule, parse_stages
 
@@ -61,8 +61,24 @@ MODE_TRAINABLE: dict[str, tuple[str, ...] | None] = {
 BATCH_KEYS = ("image", "label", "hw", "weight")
 
 
+# Modes whose step can unroll the fine network over several rounds
+# (train.unroll_rounds): J alone crops by the network's own prediction, as
+# test-time rounds do; S and I crop by the label box, where a second round
+# would see the same box (and, in S, the same raw image).
+UNROLLED_MODES = ("J",)
+
+
+def fine_rounds(mode: str, unroll_rounds: int) -> int:
+    """Fine rounds per step of `mode`: train.unroll_rounds in UNROLLED_MODES,
+    else 1. Raises InputError naming train.unroll_rounds for a value that is
+    not an int >= 1."""
+    r = check_int(unroll_rounds, "train.unroll_rounds", 1)
+    return r if mode in UNROLLED_MODES else 1
+
+
 def make_step(rstn: Any, mode: str, tx: optax.GradientTransformation, *,
-              lam: float, axis_name: str | None = AXIS, bce_weight: float = 0.0) -> Callable:
+              lam: float, axis_name: str | None = AXIS, bce_weight: float = 0.0,
+              unroll_rounds: int = 1) -> Callable:
     """The pure training step of one mode (not yet pmapped).
 
     Args:
@@ -76,33 +92,27 @@ def make_step(rstn: Any, mode: str, tx: optax.GradientTransformation, *,
         collectives).
       bce_weight: weight of the cross-entropy terms (train.bce_weight, 0 =
         the reference; see losses.joint_loss).
+      unroll_rounds: fine rounds per step in mode J (train.unroll_rounds;
+        1 = the reference; other modes always run one, see `fine_rounds`).
 
     Returns:
       step(state, batch) -> (new_state, metrics). batch holds image
       (b, H, W, 3) f32, label (b, H, W, 3) f32, hw (b, 2) int32 (real sizes),
       weight (b,) f32 and index (b,) int32 (global batch positions); metrics
       maps 'loss', 'loss_coarse', 'loss_fine' and every model counter
-      ('stat_<name>') to global (sum, count) float32 pairs.
+      ('stat_<name>') to global (sum, count) float32 pairs; with R > 1
+      rounds also 'loss_fine_r<r>' and round r > 1's counters
+      ('stat_<name>_r<r>'), 'loss_fine' being the mean over rounds.
     """
     if mode not in MODE_FORWARD:
         raise InputError(f"mode: expected one of {sorted(MODE_FORWARD)}, got {mode!r}")
-    forward = getattr(rstn, MODE_FORWARD[mode])
+    objective = make_objective(rstn, mode, fine_rounds(mode, unroll_rounds), lam=lam,
+                           axis_name=axis_name, bce_weight=bce_weight)
 
     def step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
-
-        def objective(params):
-            out = forward(params, batch, key)
-            # The loss is the one reduction that needs a pixel mask.
-            valid = extent_mask(batch["hw"], batch["label"].shape[1:3])
-            loss, metrics = joint_loss(
-                out.coarse_prob, out.fine_prob, batch["label"], valid=valid,
-                weight=batch["weight"], lam=lam, axis_name=axis_name,
-                bce_weight=bce_weight, fine_region=out.fine_region)
-            return loss, (metrics, out.stats)
-
         (_, (metrics, stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state["params"])
+            state["params"], batch, key)
         w = batch["weight"].astype(jnp.float32)
         count = jnp.sum(w)
         for name, per_sample in sorted(stats.items()):
@@ -121,9 +131,43 @@ def make_step(rstn: Any, mode: str, tx: optax.GradientTransformation, *,
     return step
 
 
+def make_objective(rstn: Any, mode: str, rounds: int, *, lam: float, axis_name: str | None,
+               bce_weight: float) -> Callable:
+    """objective(params, batch, key) -> (loss, (metrics, stats)) of a step:
+    the joint loss of the mode's forward, or with rounds > 1 (mode J) the
+    mean over rounds of the fine term (`losses.rounds_joint_loss`)."""
+    def loss_args(batch):
+        # The loss is the one reduction that needs a pixel mask.
+        valid = extent_mask(batch["hw"], batch["label"].shape[1:3])
+        return dict(valid=valid, weight=batch["weight"], lam=lam, axis_name=axis_name,
+                    bce_weight=bce_weight)
+
+    if rounds == 1:
+        forward = getattr(rstn, MODE_FORWARD[mode])
+
+        def objective(params, batch, key):
+            out = forward(params, batch, key)
+            loss, metrics = joint_loss(out.coarse_prob, out.fine_prob, batch["label"],
+                                       fine_region=out.fine_region, **loss_args(batch))
+            return loss, (metrics, out.stats)
+        return objective
+
+    def unrolled(params, batch, key):
+        outs = rstn.forward_j_rounds(params, batch, key, rounds)
+        loss, metrics = rounds_joint_loss(
+            outs[0].coarse_prob, [o.fine_prob for o in outs], batch["label"],
+            fine_regions=[o.fine_region for o in outs], **loss_args(batch))
+        stats = dict(outs[0].stats)
+        for r, out in enumerate(outs[1:], start=2):
+            stats.update({f"{name}_r{r}": v for name, v in out.stats.items()})
+        return loss, (metrics, stats)
+    return unrolled
+
+
 def make_pmapped_steps(rstn: Any, modes: Sequence[str], make_tx: Callable[[str], Any], *,
                        lam: float, devices: Sequence[Any] | None = None,
-                       donate: bool = True, bce_weight: float = 0.0) -> dict[str, Callable]:
+                       donate: bool = True, bce_weight: float = 0.0,
+                       unroll_rounds: int = 1) -> dict[str, Callable]:
     """`jax.pmap`ped steps for the given modes, over `devices` (default: local).
 
     make_tx(mode) -> the optax transformation of that mode. The state is
@@ -134,7 +178,7 @@ def make_pmapped_steps(rstn: Any, modes: Sequence[str], make_tx: Callable[[str],
     for mode in modes:
         out[mode] = jax.pmap(
             make_step(rstn, mode, make_tx(mode), lam=lam, axis_name=AXIS,
-                      bce_weight=bce_weight),
+                      bce_weight=bce_weight, unroll_rounds=unroll_rounds),
             axis_name=AXIS, devices=devices, donate_argnums=(0,) if donate else ())
     return out
 
@@ -186,7 +230,7 @@ class OptimizerSpec(NamedTuple):
 
 @functools.lru_cache(maxsize=32)
 def pmapped_step(rstn: Any, mode: str, spec: OptimizerSpec, lam: float,
-                 devices: tuple, bce_weight: float = 0.0) -> Callable:
+                 devices: tuple, bce_weight: float = 0.0, unroll_rounds: int = 1) -> Callable:
     """The pmapped step of one mode over `devices`, cached.
 
     Runs with the same model, optimiser, loss weight and devices (other
@@ -196,19 +240,20 @@ def pmapped_step(rstn: Any, mode: str, spec: OptimizerSpec, lam: float,
     """
     return make_pmapped_steps(rstn, [mode], lambda m: spec.optimizer(MODE_TRAINABLE[m]),
                               lam=float(lam), devices=list(devices),
-                              bce_weight=float(bce_weight))[mode]
+                              bce_weight=float(bce_weight),
+                              unroll_rounds=unroll_rounds)[mode]
 
 
 @functools.lru_cache(maxsize=32)
 def jitted_step(rstn: Any, mode: str, spec: OptimizerSpec, lam: float, device: Any,
-                bce_weight: float = 0.0) -> Callable:
+                bce_weight: float = 0.0, unroll_rounds: int = 1) -> Callable:
     """The step of one mode on one device: `jax.jit` of `make_step` without
     collectives, the state donated; cached like `pmapped_step`.
 
     Takes and returns arrays without a device axis (placement.OneDevice);
     a one-device pmap is slower on CPU (see placement.py)."""
     fn = make_step(rstn, mode, spec.optimizer(MODE_TRAINABLE[mode]), lam=float(lam),
-                   axis_name=None, bce_weight=float(bce_weight))
+                   axis_name=None, bce_weight=float(bce_weight), unroll_rounds=unroll_rounds)
     sharding = jax.sharding.SingleDeviceSharding(device)
     return jax.jit(fn, donate_argnums=(0,), out_shardings=sharding)
 
