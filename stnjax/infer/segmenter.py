@@ -178,8 +178,14 @@ class Segmenter:
             with compile_log.watch() as seen:
                 compiled = jax.jit(self._fns[name]).lower(*args).compile()
             self._compiled[key] = compiled
-            if first is None:
-                self._family.first[key] = compiled
+            if not seen.loaded:
+                # Only a freshly compiled binary is loaded onto other devices:
+                # XLA:CPU's executable read back from the persistent cache
+                # loses kernels when serialized again ("Function
+                # multiply_concatenate_fusion not found" when run on the
+                # other device); those devices then read the cache themselves.
+                self._family.first.setdefault(key, compiled)
+            if key not in self.compile_seconds:  # the family's first compilation
                 self.compile_seconds[key] = time.perf_counter() - t0
                 if seen.loaded:
                     self.cache_loaded.add(key)
