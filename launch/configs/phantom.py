@@ -34,14 +34,6 @@ on these small networks (measured 2026-11-26, main job, 6 test cases: coarse
 rounds 1-2 51.7 %, round 10 39.5 %. A crop of a few FCN cells leaves the
 fine network too little context at its edges. The canvases (32, 64, 96)
 hold every box of a 96-pixel slice, so no crop is cut.
-
-Two fine rounds per J step (train.unroll_rounds = 2, recurrent fine-stage
-training; the reference trains one): round 2 takes its saliency input and
-crop from round 1's fine map, as the test-time rounds do. With one round the
-reference inference's rounds degraded (main job, seed 0, AMD EPYC,
-2026-12-07: coarse 43.3 %, round 1 54.5 %, round 10 = t = 0.99 47.2 %);
-with two they hold (45.1 / 55.2 / 55.6 / 55.6 %). bench/RESULTS.md has the
-measurement and the check with another seed.
 """
 
 from stnjax.launch.configs.common import base_config, from_scratch_cpu
@@ -61,5 +53,4 @@ def get_config():
     c.model.canvases = (32, 64, 96)
     c.train.stages = "S:600,I:600,J:600"
     c.train.j_halving_every = 300
-    c.train.unroll_rounds = 2
     return c
