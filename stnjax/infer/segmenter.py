@@ -168,7 +168,13 @@ class Segmenter:
             return
         with self._family.lock(key):
             first = self._family.first.get(key)
-            if first is not None and self.device is not None:
+            # With the persistent compilation cache on, the other devices read
+            # the program from it instead: an XLA:CPU executable that came from
+            # that cache loses kernels when serialized again ("Function
+            # multiply_concatenate_fusion not found" when run on the other
+            # device), and which compilations the cache served cannot be told
+            # reliably while device threads compile at once.
+            if first is not None and self.device is not None and not _persistent_cache_on():
                 try:
                     self._compiled[key] = load_on_device(first, self.device)
                     return
@@ -178,13 +184,7 @@ class Segmenter:
             with compile_log.watch() as seen:
                 compiled = jax.jit(self._fns[name]).lower(*args).compile()
             self._compiled[key] = compiled
-            if not seen.loaded:
-                # Only a freshly compiled binary is loaded onto other devices:
-                # XLA:CPU's executable read back from the persistent cache
-                # loses kernels when serialized again ("Function
-                # multiply_concatenate_fusion not found" when run on the
-                # other device); those devices then read the cache themselves.
-                self._family.first.setdefault(key, compiled)
+            self._family.first.setdefault(key, compiled)
             if key not in self.compile_seconds:  # the family's first compilation
                 self.compile_seconds[key] = time.perf_counter() - t0
                 if seen.loaded:
@@ -328,6 +328,11 @@ class Segmenter:
         gtc = self._call("gt_crop", bucket, self.params, image, extent, lab, probs)
         return {name: metrics.dsc(crop(m), lab_np)
                 for name, m in (("strong", strong), ("weak", weak), ("gt_crop", gtc))}
+
+
+def _persistent_cache_on() -> bool:
+    """Whether JAX's persistent compilation cache is in use (a cache folder set)."""
+    return bool(jax.config.jax_compilation_cache_dir)
 
 
 class _Family:
