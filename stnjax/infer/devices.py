@@ -13,6 +13,10 @@ the same bits.
 This uses `jax.experimental.serialize_executable` and the unpickler behind
 it, which are not a stable API: when loading fails, the caller compiles for
 the device instead (`Segmenter` does, and logs it once).
+The Segmenter does not use it while the persistent compilation cache is
+on: an XLA:CPU executable read back from that cache loses kernels when
+serialized again ("Function ... not found" when run), so each device then
+reads the program from the cache itself.
 """
 
 from __future__ import annotations
