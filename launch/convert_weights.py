@@ -3,18 +3,22 @@
   python -m launch.convert_weights --input fcn8s_from_caffe.pth \
       --output weights/fcn8s_pascal.npz [--style auto|pytorch-fcn|torchvision-vgg16]
   python -m launch.convert_weights --official_rstn='FD0:XJ3_1_20180822_204202.pkl' \
-      --plane=X --fold=0 --workdir=runs/official --data_dir=/data/nih-pancreas
+      --plane=X --fold=0 --workdir=runs/official --data_dir=/data/nih-pancreas \
+      [--orientation=official|canonical]
 
 The first writes the pretrained body (.npz) training starts from. The
 second imports one plane's snapshot of the official PyTorch RSTN
 (`torch.save(RSTN_model.state_dict())`, with or without DataParallel's
 `module.` prefix) as the finished run fold<F>/<plane> of a workdir with the
 config `launch/configs/official_rstn.py` (full width, reference variant,
-`model.upsampling="stored"`: the snapshot's own upsampling kernels), so
-`launch.evaluate --workdir=...` and `launch.segment` use it like a trained
-run; `provenance.json` beside the checkpoint records the file, its sha256,
-the keys mapped and the params' checksum. `--data_dir` is the dataset
-folder `evaluate` reads (part of the models' identity, as for training).
+`model.upsampling="stored"`: the snapshot's own upsampling kernels, and
+`data.orientation="official"`: every volume fed in the official pipeline's
+storage order), so `launch.evaluate --workdir=...` and `launch.segment` use
+it like a trained run; `provenance.json` beside the checkpoint records the
+file, its sha256, the keys mapped and the params' checksum. `--data_dir` is
+the dataset folder `evaluate` reads and `--orientation` the voxel order the
+models see (both part of the models' identity, as for training; to change
+one later, convert again with `--overwrite`).
 A file of another architecture (the missing / unexpected keys and shape
 mismatches listed), a file whose official name (`FD<f>:<plane>...`) names
 another plane or fold, and a workdir that holds another model are refused
@@ -63,6 +67,9 @@ flags.DEFINE_string("data_dir", None, "The dataset folder evaluate reads (--offi
                     "default: the official_rstn config's).")
 flags.DEFINE_bool("overwrite", False, "Replace a model the workdir already holds "
                   "(--official_rstn).")
+flags.DEFINE_enum("orientation", None, ["canonical", "official"], "The voxel order the "
+                  "imported models see (--official_rstn; data.orientation, default: the "
+                  "official_rstn config's 'official': DICOM rows, columns, InstanceNumber).")
 
 
 def _unwrap(obj: Any) -> Any:
@@ -143,8 +150,11 @@ def check_official_name(path: str | Path, plane: str, fold: int) -> str | None:
     return m.group(3)
 
 
-def official_spec(width: float, data_dir: str | None) -> "TrainSpec":
-    """The TrainSpec of imported official models (launch/configs/official_rstn.py)."""
+def official_spec(width: float, data_dir: str | None, orientation: str | None = None
+                  ) -> "TrainSpec":
+    """The TrainSpec of imported official models (launch/configs/official_rstn.py),
+    with `data_dir` and `orientation` (data.orientation) when given; InputError
+    naming data.orientation for a bad value."""
     from .configs import official_rstn
     from stnjax.train.spec import TrainSpec
 
@@ -152,15 +162,20 @@ def official_spec(width: float, data_dir: str | None) -> "TrainSpec":
     config.model.width = float(width)
     if data_dir is not None:
         config.data.dir = str(data_dir)
+    if orientation is not None:
+        config.data.orientation = orientation
     return TrainSpec.from_config(config)
 
 
 def convert_official(path: str | Path, workdir: str | Path, plane: str, fold: int = 0, *,
-                     data_dir: str | None = None, overwrite: bool = False) -> dict:
+                     data_dir: str | None = None, overwrite: bool = False,
+                     orientation: str | None = None) -> dict:
     """Imports an official RSTN snapshot as the finished run (fold, plane) of
     `workdir` (see the module doc); returns the provenance record, with
-    'written' False when the run already held this file. InputError (nothing
-    written) for a bad file, name, plane or workdir."""
+    'written' False when the run already held this file. `orientation`:
+    data.orientation of the workdir's config (None: the official_rstn
+    config's "official"). InputError (nothing written) for a bad file, name,
+    plane, orientation or workdir."""
     from stnjax.train import imported
 
     if plane not in ("X", "Y", "Z"):
@@ -169,7 +184,7 @@ def convert_official(path: str | Path, workdir: str | Path, plane: str, fold: in
     sd = read_state_dict(path, "--official_rstn")
     width = weights.official_width(sd)
     params = weights.convert_official_rstn(sd, width=width, where=f"convert_weights: {path}")
-    spec = official_spec(width, data_dir)
+    spec = official_spec(width, data_dir, orientation)
     flat = {"/".join(str(getattr(k, "key", k)) for k in p): a
             for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
     prov = {"format": "stnjax-imported-rstn-v1", "source": Path(path).name,
@@ -180,6 +195,7 @@ def convert_official(path: str | Path, workdir: str | Path, plane: str, fold: in
             "keys_mapped": len(sd), "params_sha256": weights.content_sha256(flat),
             "num_values": int(sum(a.size for a in flat.values())), "width": width,
             "fold": int(fold), "plane": plane, "config": spec.name,
+            "orientation": spec.data.orientation,
             "converted_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if stage in ("S", "I"):
         logging.warning("%s is a stage-%s snapshot; the official testing uses the J one",
@@ -198,7 +214,8 @@ def main(argv: list[str]) -> None:
         with app.exit_on_error():
             prov = convert_official(FLAGS.official_rstn, FLAGS.workdir, FLAGS.plane,
                                     FLAGS.fold, data_dir=FLAGS.data_dir,
-                                    overwrite=FLAGS.overwrite)
+                                    overwrite=FLAGS.overwrite,
+                                    orientation=FLAGS.orientation)
         state = "written" if prov["written"] else "already there, unchanged"
         print(f"{FLAGS.workdir}: fold {FLAGS.fold} plane {FLAGS.plane} from "
               f"{prov['source']} (sha256 {prov['source_sha256']}): {state}")

@@ -99,10 +99,14 @@ def test_convert_records_provenance_and_config(converted):
     config = json.loads((w / "config.json").read_text())
     assert config["model"]["upsampling"] == "stored" and config["model"]["variant"] == "reference"
     assert config["data"]["planes"] == "Z" and config["data"]["dir"].endswith("data")
+    # The official storage order is the workdir's: evaluate / segment read it there.
+    assert config["data"]["orientation"] == "official" and prov["orientation"] == "official"
+    assert json.loads((w / "train_config.json").read_text())["fields"][
+        "data.orientation"] == "official"
     # What launch.evaluate / launch.segment make of the workdir: the models' spec,
     # and the same params load_models gave the fixture (a complete run of this config).
     spec = EvalSpec.from_config(stored.get_config(str(w)))
-    assert spec.inference.planes == ("Z",)
+    assert spec.inference.planes == ("Z",) and spec.train.data.orientation == "official"
     assert spec.train.config_hash == converted["spec"].config_hash
     # The upsampling kernels are the snapshot's, off-diagonal values included.
     up8 = converted["params"]["fine"]["upscore8"]["kernel"]
@@ -254,6 +258,10 @@ def test_workdir_plane_and_name_refusals(converted, tmp_path):
         cw.convert_official(other, w, "A", 0, data_dir=data)
     with pytest.raises(InputError, match="holds checkpoints of another config"):
         cw.convert_official(other, w, "X", 0, data_dir=str(tmp_path / "elsewhere"))
+    with pytest.raises(InputError, match="another config.*data.orientation: 'official' -> "):
+        cw.convert_official(other, w, "X", 0, data_dir=data, orientation="canonical")
+    with pytest.raises(InputError, match="data.orientation: expected one of .* 'PLS'"):
+        cw.convert_official(other, w, "X", 0, data_dir=data, orientation="PLS")
     assert _listing(w) == before  # every refusal before anything was written
     # A second plane joins the workdir; --overwrite replaces a plane's model.
     w2 = tmp_path / "w2"
@@ -265,6 +273,13 @@ def test_workdir_plane_and_name_refusals(converted, tmp_path):
     assert cw.convert_official(third, w2, "Z", 0, data_dir=data, overwrite=True)["written"]
     prov = json.loads((w2 / "fold0" / "Z" / "provenance.json").read_text())
     assert prov["source"] == "third.npz"
+    # The orientation is overridden at conversion (--orientation), into the config.
+    w3 = tmp_path / "w3"
+    assert cw.convert_official(path, w3, "Z", 0, data_dir=data, orientation="canonical")[
+        "orientation"] == "canonical"
+    spec = EvalSpec.from_config(stored.get_config(str(w3)))
+    assert spec.train.data.orientation == "canonical"
+    assert set(runs.load_models(spec.train, w3, 0, ("Z",))) == {"Z"}
 
 
 class _Payload:
@@ -317,6 +332,7 @@ def test_command_line_refusal_and_import(tmp_path):
     r = run(tmp_path / "good.npz")
     assert r.returncode == 0 and "plane Y from good.npz" in r.stdout, r.stderr
     spec = TrainSpec.from_config(stored.get_config(str(tmp_path / "w")))
+    assert spec.data.orientation == "official"  # the default of --official_rstn
     params = runs.load_models(spec, tmp_path / "w", 0, "Y")["Y"]
     np.testing.assert_array_equal(params["saliency"]["saliency2"]["kernel"],
                                   sd["saliency2.weight"].transpose(2, 3, 1, 0))

@@ -137,13 +137,14 @@ def test_out_of_range_values_fail_when_the_config_is_read(section, field, value,
 
 def test_fields_added_later_keep_old_workdirs_identity():
     """A config record from before data.spacing, data.organ_ids,
-    model.remat_full_canvas, model.upsampling and train.unroll_rounds existed
-    hashes like today's at their defaults (its checkpoints stay usable);
-    setting spacing, several organ ids, the stored upsampling or 2 unrolled
-    rounds makes another identity."""
+    data.orientation, model.remat_full_canvas, model.upsampling and
+    train.unroll_rounds existed hashes like today's at their defaults (its
+    checkpoints stay usable); setting spacing, several organ ids, the
+    official orientation, the stored upsampling or 2 unrolled rounds makes
+    another identity."""
     rec = json.loads(_config("phantom").to_json())
     old = json.loads(json.dumps(rec))
-    for section, field in (("data", "spacing"), ("data", "organ_ids"),
+    for section, field in (("data", "spacing"), ("data", "organ_ids"), ("data", "orientation"),
                            ("model", "remat_full_canvas"), ("model", "upsampling"),
                            ("train", "unroll_rounds")):
         del old[section][field]
@@ -152,6 +153,7 @@ def test_fields_added_later_keep_old_workdirs_identity():
     assert workdir.config_hash(old) == workdir.config_hash(rec)
     for section, field, value in (("data", "spacing", [3.0, 3.0, 3.0]),
                                   ("data", "organ_ids", [1, 2]),
+                                  ("data", "orientation", "official"),
                                   ("model", "upsampling", "stored"),
                                   ("train", "unroll_rounds", 2)):
         changed = json.loads(json.dumps(rec))

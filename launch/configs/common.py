@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.organ_id = -1          # -1: take it from dataset.json
     c.data.organ_ids = ()         # several ids merged into one organ, e.g. (1, 2); () = organ_id
     c.data.spacing = ()           # resample to (x, y, z) mm; () = the native grid (reference)
+    c.data.orientation = "canonical"  # voxel order: "canonical" (PLS) or "official" (storage)
     c.data.hu_window = (-100.0, 240.0)
     c.data.planes = "XYZ"         # any subset, e.g. "Z" (axial only)
     c.data.folds = "0"            # "0", "0,2" or "all"

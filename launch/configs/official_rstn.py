@@ -10,7 +10,11 @@ two-layer 3 x 3 / 5 x 5 saliency, margin 20) with the official upsampling:
 `model.upsampling = "stored"`, the three transposed convolutions of each
 FCN-8s taken from the snapshot (the bilinear filter on the channel diagonal,
 PyTorch's random initialisation off it, never trained), not Caffe's
-per-channel bilinear.
+per-channel bilinear, and the official voxel order:
+`data.orientation = "official"`, every volume fed as the official pipeline
+stored it (reference 1.1 - 1.2: a DICOM series as [row, column, slice by
+InstanceNumber], a NIfTI's stored array transposed (1, 0, 2)), not
+stnjax's canonical PLS. `--orientation=canonical` at conversion overrides it.
 """
 
 from stnjax.launch.configs import nih_pancreas
@@ -20,4 +24,5 @@ def get_config():
     c = nih_pancreas.get_config()
     c.name = "official_rstn"
     c.model.upsampling = "stored"
+    c.data.orientation = "official"
     return c

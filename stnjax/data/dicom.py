@@ -7,7 +7,9 @@ pixel data is decoded, so a bad series fails fast and names the files.
 The array comes back in the series' own voxel order, `[row, column, slice]`
 (the DICOM `pixel_array` layout, slices sorted by position along the slice
 normal), with a NIfTI-style affine (voxel index -> RAS mm). DICOM patient
-coordinates are LPS, so x and y change sign on the way to RAS.
+coordinates are LPS, so x and y change sign on the way to RAS. Each
+slice's InstanceNumber is kept: `official_ornt` turns the position order
+into the official RSTN pipeline's (slices by InstanceNumber, reference 1.1).
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ class DicomSeries:
       affine: (4, 4) float64, voxel index -> RAS mm.
       series_uid: the SeriesInstanceUID ('' when the files carry none).
       files: the slice files in the order of the slice axis.
+      instance_numbers: each slice's InstanceNumber in that order (None
+        where a file carries none or an unreadable one).
     """
     data: np.ndarray
     affine: np.ndarray
     series_uid: str
     files: tuple[str, ...]
+    instance_numbers: tuple[int | None, ...] = ()
 
 
 def _short(files: list[str], limit: int = 4) -> str:
@@ -325,4 +330,51 @@ def read_series(folder: str | os.PathLike, *,
         raise VolumeError(f"DICOM folder {folder}: {bad} NaN or infinite "
                           "voxels after rescale")
     return DicomSeries(data=data, affine=affine, series_uid=uid,
-                       files=tuple(f for f, _ in members))
+                       files=tuple(f for f, _ in members),
+                       instance_numbers=tuple(_instance_number(ds) for _, ds in members))
+
+
+def _instance_number(ds: pydicom.Dataset) -> int | None:
+    """A slice's InstanceNumber, or None when absent or not an integer."""
+    value = ds.get("InstanceNumber")
+    try:
+        return None if value is None or str(value).strip() == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def official_ornt(series: DicomSeries, folder: str | os.PathLike) -> np.ndarray:
+    """(3, 2) orientation transform from the series' array (`read_series`:
+    [row, column, slice by position]) to the official RSTN pipeline's
+    layout (dicom2npy: [row, column, InstanceNumber - 1]): the identity when
+    InstanceNumber rises with the slice position, the slice axis flipped
+    when it falls.
+
+    Raises:
+      VolumeError naming the folder (and `data.orientation`) when a slice has
+      no InstanceNumber, or the numbers do not rise or fall strictly along
+      the positions (duplicates, or an order that is no flip of the spatial
+      one: the official array would not be a volume).
+    """
+    nums = series.instance_numbers
+    if len(nums) != len(series.files):
+        raise VolumeError(f"DICOM folder {folder}: the series carries no InstanceNumbers")
+    missing = [f for f, n in zip(series.files, nums) if n is None]
+    if missing:
+        raise VolumeError(
+            f"DICOM folder {folder}: data.orientation='official' orders the slices by "
+            f"InstanceNumber, but {len(missing)} file(s) carry none (or no integer): "
+            f"{_short(missing)}; use data.orientation='canonical'")
+    steps = np.diff(np.asarray(nums, np.int64))
+    if np.all(steps > 0):
+        return np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+    if np.all(steps < 0):
+        return np.array([[0.0, 1.0], [1.0, 1.0], [2.0, -1.0]])
+    # The first step against the direction of the first one (or a repeat).
+    i = int(np.flatnonzero(steps <= 0 if steps[0] > 0 else steps >= 0)[0])
+    names = [os.path.basename(f) for f in series.files[i:i + 2]]
+    raise VolumeError(
+        f"DICOM folder {folder}: data.orientation='official' orders the slices by "
+        f"InstanceNumber, but the numbers do not run strictly one way along the slice "
+        f"positions ({names[0]}: {nums[i]}, next in position {names[1]}: {nums[i + 1]}), "
+        "so that order is not a volume; use data.orientation='canonical'")

@@ -12,7 +12,8 @@ The image a network sees is `model_input(hu)`: the HU window mapped to
 the form the case store caches for training; inference windows the same
 way, so training and test see the same numbers for the same volume.
 
-Volumes are canonical PLS `(X, Y, Z)` arrays (DESIGN.md). A plane view moves
+Volumes are `(X, Y, Z)` arrays in the model layout (canonical PLS, or the
+official storage order with `data.orientation="official"`; DESIGN.md). A plane view moves
 the slicing axis first: `(S, H, W)`. A window stacks slices j-1, j, j+1 as
 channels (edges replicated, `window_index`), which is what the FCN sees and
 predicts; the inverse (`add_windows`, `window_counts`) averages each slice

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from stnjax.checks import InputError, check_range
+from stnjax.data.orientation import check_orientation
 from stnjax.data.preprocess import HU_WINDOW, PLANES
 from stnjax.data.resample import check_spacing
 from stnjax.data.volume_io import organ_ids
@@ -69,6 +70,11 @@ class DataSpec:
       spacing: (3,) mm per canonical axis that every case is resampled to
         (images linearly, labels by nearest neighbour; `data.resample`), or
         None for the native grid (the reference).
+      orientation: the voxel order the models see (`stnjax.data.orientation`):
+        "canonical" (PLS) or "official" (the official RSTN pipeline's storage
+        order: DICOM rows, columns, InstanceNumber; a NIfTI's stored array
+        transposed (1, 0, 2)); "official" takes neither `spacing` nor the
+        built-in phantoms.
       hu_window: (low, high) HU window.
       planes, folds: resolved, e.g. ("X", "Y", "Z") and (0,).
       n_folds, fold_rule: the fold table made when folds.json is absent.
@@ -82,6 +88,7 @@ class DataSpec:
     organ_id: int = -1
     organ_ids: tuple[int, ...] = ()
     spacing: tuple[float, float, float] | None = None
+    orientation: str = "canonical"
     hu_window: tuple[float, float] = HU_WINDOW
     planes: tuple[str, ...] = PLANES
     folds: tuple[int, ...] = (0,)
@@ -101,6 +108,7 @@ class DataSpec:
         check_range(self.slice_threshold, "data.slice_threshold", 0.0, lo_open=True)
         if self.spacing is not None:
             check_spacing(self.spacing)
+        self._check_orientation()
         if self.n_folds < 2:
             raise InputError(f"data.n_folds: expected >= 2, got {self.n_folds}")
         if not self.dir and self.phantom.num_cases < self.n_folds:
@@ -122,6 +130,24 @@ class DataSpec:
             raise InputError(f"data.planes: expected ordered planes from {PLANES}, "
                              f"got {self.planes}")
 
+    def _check_orientation(self) -> None:
+        """InputError naming data.orientation: an unknown value, or "official"
+        with a resampled grid or the built-in phantoms."""
+        check_orientation(self.orientation, "data.orientation")
+        if self.orientation != "official":
+            return
+        if self.spacing is not None:
+            raise InputError(
+                f"data.orientation: 'official' feeds each volume in its own storage order, "
+                f"never resampled (as the official pipeline), but data.spacing is "
+                f"{list(self.spacing)} (mm per canonical axis); set data.spacing=() or "
+                "data.orientation='canonical'")
+        if not self.dir:
+            raise InputError(
+                "data.orientation: 'official' is the storage order of the official "
+                "pipeline's DICOM / NIfTI inputs; the built-in phantoms (data.dir='') "
+                "have none: use data.orientation='canonical' or give data.dir")
+
     @classmethod
     def from_config(cls, data: Any) -> "DataSpec":
         """The spec of a config's `data` section (a ConfigDict or a mapping)."""
@@ -141,6 +167,9 @@ class DataSpec:
         return cls(dir=str(d["dir"] or ""), organ_id=-1 if organ is None else int(organ),
                    organ_ids=organ_ids(ids, "data.organ_ids") if ids else (),
                    spacing=check_spacing(d.get("spacing")),
+                   # Absent from configs written before the field existed.
+                   orientation=check_orientation(d.get("orientation", "canonical"),
+                                                 "data.orientation"),
                    hu_window=tuple(float(v) for v in d["hu_window"]),
                    planes=resolve_planes(d["planes"]), folds=resolve_folds(d["folds"], n_folds),
                    n_folds=n_folds, fold_rule=str(d["fold_rule"]),

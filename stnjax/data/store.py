@@ -65,11 +65,16 @@ class CaseStore:
     before windowing, the label by nearest neighbour), keyed by the spacing;
     the label is also kept on the native grid, and `to_native` maps a
     result back, for scoring and for predictions that overlay the input.
+
+    `orientation` is the voxel order of every served array (`data.orientation`,
+    `stnjax.data.orientation`): "canonical" (PLS) or "official" (each case's
+    storage order, as the official RSTN pipeline; keyed by it, never with
+    `spacing`). Shapes, spacings and affines below are of that layout.
     """
 
     def __init__(self, manifest: Manifest, cache_dir: str | os.PathLike, *,
                  hu_window: tuple[float, float] = preprocess.HU_WINDOW,
-                 spacing: Sequence[float] | None = None):
+                 spacing: Sequence[float] | None = None, orientation: str = "canonical"):
         if not isinstance(manifest, Manifest):
             raise InputError(f"manifest: expected a Manifest, got {type(manifest).__name__}")
         lo, hi = (float(v) for v in hu_window)
@@ -77,6 +82,10 @@ class CaseStore:
             raise InputError(f"hu_window: expected finite low < high, got {hu_window}")
         self.manifest, self.hu_window = manifest, (lo, hi)
         self.target_spacing = resample.check_spacing(spacing, "spacing")
+        self.orientation = volume_io.check_orientation(orientation)
+        if self.orientation != "canonical" and self.target_spacing is not None:
+            raise InputError(f"orientation: {orientation!r} takes no resampling, but spacing "
+                             f"is {list(self.target_spacing)}")
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._entries = {c.id: c for c in manifest.cases}
@@ -102,6 +111,8 @@ class CaseStore:
                self.hu_window, _source_stamp(e.image), _source_stamp(e.label)]
         if self.target_spacing is not None:  # native-grid keys stay as they were
             key.append(["spacing", list(self.target_spacing)])
+        if self.orientation != "canonical":  # canonical keys stay as they were
+            key.append(["orientation", self.orientation])
         key = json.dumps(key)
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", case_id)[:60]
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -126,7 +137,7 @@ class CaseStore:
 
     def _build(self, case_id: str, base: Path) -> None:
         e = self._entry(case_id)
-        case = volume_io.load_case(e.image, e.label, organ_id=self.manifest.organ_id, case_id=case_id)
+        case = self.load_case(case_id)
         geo = case.geometry
         image, label = case.image, case.label
         shape, affine = tuple(image.shape), np.asarray(geo.affine)
@@ -149,6 +160,8 @@ class CaseStore:
                 "resampled": self.target_spacing is not None,
                 "source_affine": np.asarray(geo.source_affine).tolist(),
                 "source_shape": list(geo.source_shape),
+                "orientation": geo.orientation,
+                "source_ornt": np.asarray(geo.source_ornt).tolist(),
                 "source": geo.source,
                 "has_label": case.label is not None,
                 "organ_ids_present": list(case.organ_ids_present),
@@ -163,23 +176,26 @@ class CaseStore:
             self._meta_of(cid)
 
     def shape(self, case_id: str) -> tuple[int, int, int]:
-        """Canonical (X, Y, Z) shape."""
+        """(X, Y, Z) shape of the model grid."""
         return tuple(self._meta_of(case_id)["shape"])
 
     def spacing(self, case_id: str) -> np.ndarray:
-        """(3,) float64 mm per canonical axis."""
+        """(3,) float64 mm per model-grid axis."""
         return np.asarray(self._meta_of(case_id)["spacing"], np.float64)
 
     def affine(self, case_id: str) -> np.ndarray:
-        """(4, 4) float64 canonical voxel -> RAS mm."""
+        """(4, 4) float64 model-grid voxel -> RAS mm."""
         return np.asarray(self._meta_of(case_id)["affine"], np.float64)
 
     def geometry(self, case_id: str) -> volume_io.Geometry:
-        """The case's Geometry (canonical and source layout, for writing
-        predictions that overlay the input), without reading the source."""
+        """The case's Geometry (native model layout and source layout, for
+        writing predictions that overlay the input), without reading the source."""
         m = self._meta_of(case_id)
+        orientation = m.get("orientation", "canonical")  # records before the field
+        ornt = None if orientation == "canonical" else np.asarray(m["source_ornt"])
         return volume_io.Geometry.from_affine(np.asarray(m["source_affine"], np.float64),
-                                         m["source_shape"], m["source"])
+                                              m["source_shape"], m["source"], ornt=ornt,
+                                              orientation=orientation)
 
     def has_label(self, case_id: str) -> bool:
         return bool(self._meta_of(case_id)["has_label"])
@@ -189,12 +205,12 @@ class CaseStore:
         return bool(self._meta_of(case_id).get("resampled", False))
 
     def native_shape(self, case_id: str) -> tuple[int, int, int]:
-        """Canonical (X, Y, Z) shape of the source grid (= `shape` unless resampled)."""
+        """(X, Y, Z) shape of the native grid (= `shape` unless resampled)."""
         m = self._meta_of(case_id)
         return tuple(m.get("native_shape", m["shape"]))
 
     def native_spacing(self, case_id: str) -> np.ndarray:
-        """(3,) float64 mm per canonical axis of the source grid."""
+        """(3,) float64 mm per axis of the native grid."""
         m = self._meta_of(case_id)
         return np.asarray(m.get("native_spacing", m["spacing"]), np.float64)
 
@@ -234,10 +250,11 @@ class CaseStore:
                              f"the {len(cases)} labelled cases of {self.manifest.path}")
 
     def load_case(self, case_id: str) -> volume_io.Case:
-        """The case read afresh from its source (for its Geometry, e.g. to
-        write predictions that overlay the input)."""
+        """The case read afresh from its source, in the store's orientation
+        (for its Geometry, e.g. to write predictions that overlay the input)."""
         e = self._entry(case_id)
-        return volume_io.load_case(e.image, e.label, organ_id=self.manifest.organ_id, case_id=case_id)
+        return volume_io.load_case(e.image, e.label, organ_id=self.manifest.organ_id,
+                                   case_id=case_id, orientation=self.orientation)
 
     def plane(self, case_id: str, plane: str, kind: str = "image") -> np.ndarray:
         """Read-only memory map (S, H, W) of the plane view, slicing axis first

@@ -1,15 +1,20 @@
 """CT volume I/O: NIfTI files and DICOM series in, NIfTI predictions out.
 
-Every array that leaves this module is in the canonical orientation **PLS**
-(see DESIGN.md): axis 0 anterior -> posterior, axis 1 right -> left, axis 2
-inferior -> superior. Reorientation permutes and flips axes only (never
-resamples), and the affine is kept exactly, so an oblique scan stays
-oblique. `Geometry` remembers the file's own voxel order and affine, so
-that a prediction is written back in the source layout and overlays the
-input in 3D Slicer or ITK-SNAP.
+Every array that leaves this module is in the model layout its `orientation`
+argument names (`data.orientation`; `stnjax.data.orientation`): by default
+the canonical orientation **PLS** (see DESIGN.md: axis 0 anterior ->
+posterior, axis 1 right -> left, axis 2 inferior -> superior), or with
+"official" the official RSTN pipeline's storage order (DICOM rows, DICOM
+columns, slices by InstanceNumber; a NIfTI's stored array transposed
+(1, 0, 2)). Reorientation permutes and flips axes only (never resamples),
+and the affine is kept exactly, so an oblique scan stays oblique.
+`Geometry` remembers the file's own voxel order and affine, so that a
+prediction is written back in the source layout and overlays the input in
+3D Slicer or ITK-SNAP.
 
 Image and label are matched in world coordinates: the label is reoriented
-to canonical on its own and its affine is compared with the image's.
+to canonical on its own, its affine is compared with the image's canonical
+one, and it is then put into the image's model layout.
 """
 
 from __future__ import annotations
@@ -23,102 +28,25 @@ from typing import Any, Iterable, Sequence
 
 import nibabel as nib
 import numpy as np
-from nibabel import orientations as ornt_lib
 
 from stnjax import fileio
 from stnjax.checks import GeometryError, InputError, VolumeError
+from stnjax.data.orientation import (  # noqa: F401 - Geometry & co. are used as volume_io.*
+    CANONICAL_AXCODES, OFFICIAL_NIFTI_ORNT, ORIENTATIONS, Geometry, check_orientation)
 
-CANONICAL_AXCODES = ("P", "L", "S")
-_CANONICAL_ORNT = ornt_lib.axcodes2ornt(CANONICAL_AXCODES)
 # Default world-space tolerance for image/label grids, in mm: the largest
 # distance allowed between the same grid corner under the two affines.
 DEFAULT_TOLERANCE_MM = 0.1
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
-    a = np.array(a, dtype=np.float64)
-    a.setflags(write=False)
-    return a
-
-
-def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
-    """The orientation transform that undoes `ornt` (apply_orientation's)."""
-    inv = np.zeros_like(ornt)
-    for src_axis, (dst_axis, flip) in enumerate(ornt):
-        inv[int(dst_axis)] = (src_axis, flip)
-    return inv
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Geometry:
-    """Where a canonical voxel grid lies in the world, and its source layout.
-
-    Attributes:
-      affine: (4, 4) float64, canonical voxel index -> RAS mm.
-      shape: the canonical grid shape (3 ints).
-      source_affine: (4, 4) float64 affine of the file's own voxel order.
-      source_shape: the grid shape in the file's own voxel order.
-      source_ornt: (3, 2) nibabel orientation transform, source axes ->
-        canonical axes (for `apply_orientation`).
-      source: the file or DICOM folder this grid came from.
-    """
-    affine: np.ndarray
-    shape: tuple[int, int, int]
-    source_affine: np.ndarray
-    source_shape: tuple[int, int, int]
-    source_ornt: np.ndarray
-    source: str
-
-    @classmethod
-    def from_affine(cls, source_affine: np.ndarray, source_shape, source: str
-                    ) -> "Geometry":
-        """Builds the geometry of a file whose voxel grid has this affine."""
-        source_affine = np.asarray(source_affine, np.float64)
-        source_shape = tuple(int(n) for n in source_shape)
-        if (source_affine.shape != (4, 4)
-                or not np.all(np.isfinite(source_affine))
-                or abs(np.linalg.det(source_affine[:3, :3])) < 1e-12):
-            raise VolumeError(f"{source}: invalid (singular or non-finite) "
-                              f"affine:\n{source_affine}")
-        ornt = ornt_lib.ornt_transform(ornt_lib.io_orientation(source_affine),
-                                       _CANONICAL_ORNT)
-        affine = source_affine @ ornt_lib.inv_ornt_aff(ornt, source_shape)
-        shape = tuple(int(source_shape[int(a)]) for a in
-                      _inverse_ornt(ornt)[:, 0])
-        return cls(_readonly(affine), shape, _readonly(source_affine),
-                   source_shape, _readonly(ornt), str(source))
-
-    @property
-    def spacing(self) -> np.ndarray:
-        """(3,) float64 voxel size in mm along each canonical axis."""
-        return np.linalg.norm(self.affine[:3, :3], axis=0)
-
-    def from_source(self, array: Any) -> np.ndarray:
-        """Source voxel order -> canonical (first 3 axes; any dtype)."""
-        array = np.asarray(array)
-        if tuple(array.shape[:3]) != self.source_shape:
-            raise InputError(f"array: expected source shape {self.source_shape}"
-                             f" of {self.source}, got {tuple(array.shape)}")
-        return np.ascontiguousarray(
-            ornt_lib.apply_orientation(array, self.source_ornt))
-
-    def to_source(self, array: Any) -> np.ndarray:
-        """Canonical -> the source file's voxel order (first 3 axes)."""
-        array = np.asarray(array)
-        if tuple(array.shape[:3]) != self.shape:
-            raise InputError(f"array: expected canonical shape {self.shape} "
-                             f"of {self.source}, got {tuple(array.shape)}")
-        return np.ascontiguousarray(ornt_lib.apply_orientation(
-            array, _inverse_ornt(self.source_ornt)))
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Volume:
-    """An image in the canonical orientation.
+    """An image in its model layout.
 
     Attributes:
-      data: float32 (X, Y, Z) Hounsfield units, canonical PLS axes.
+      data: float32 (X, Y, Z) Hounsfield units, axes of the model layout
+        (`geometry.orientation`: canonical PLS by default).
       geometry: its Geometry (data.shape == geometry.shape).
     """
     data: np.ndarray
@@ -127,7 +55,7 @@ class Volume:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Case:
-    """One CT exam with an optional binary organ mask, canonical axes.
+    """One CT exam with an optional binary organ mask, in its model layout.
 
     Attributes:
       case_id: a name for the case (defaults to the image file stem).
@@ -195,19 +123,23 @@ def _shape3(img, path: Path, what: str) -> tuple[int, int, int]:
     return shape
 
 
-def _read_array(img, path: Path, what: str) -> tuple[np.ndarray, Geometry]:
-    """The voxel array (file order, scaling applied) and its Geometry."""
+def _read_array(img, path: Path, what: str, orientation: str = "canonical"
+                ) -> tuple[np.ndarray, Geometry]:
+    """The voxel array (file order, scaling applied) and its Geometry in the
+    `orientation` layout (official: the stored axes 0 and 1 swapped)."""
     shape = _shape3(img, path, what)
     try:
         data = np.asanyarray(img.dataobj).reshape(shape)
     except Exception as e:
         raise VolumeError(f"{what} {path}: cannot read voxel data "
                           f"({type(e).__name__}: {e})") from e
-    return data, Geometry.from_affine(img.affine, shape, str(path))
+    ornt = OFFICIAL_NIFTI_ORNT if orientation == "official" else None
+    return data, Geometry.from_affine(img.affine, shape, str(path), ornt=ornt,
+                                      orientation=orientation)
 
 
-def _load_nifti(path: Path) -> Volume:
-    data, geom = _read_array(_open_nifti(path, "image"), path, "image")
+def _load_nifti(path: Path, orientation: str) -> Volume:
+    data, geom = _read_array(_open_nifti(path, "image"), path, "image", orientation)
     data = data.astype(np.float32, copy=False)
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
@@ -215,36 +147,50 @@ def _load_nifti(path: Path) -> Volume:
     return Volume(geom.from_source(data), geom)
 
 
-def load_image(path: str | os.PathLike, *, series_uid: str | None = None
-               ) -> Volume:
-    """Loads a CT image in HU, canonical PLS orientation.
+def _load_dicom(path: Path, series_uid: str | None, orientation: str) -> Volume:
+    from stnjax.data import dicom  # lazy: pydicom loads only for DICOM input
+    series = dicom.read_series(path, series_uid=series_uid)
+    ornt = dicom.official_ornt(series, path) if orientation == "official" else None
+    geom = Geometry.from_affine(series.affine, series.data.shape, str(path), ornt=ornt,
+                                orientation=orientation)
+    return Volume(geom.from_source(series.data), geom)
+
+
+def load_image(path: str | os.PathLike, *, series_uid: str | None = None,
+               orientation: str = "canonical") -> Volume:
+    """Loads a CT image in HU, in the model layout `orientation` names.
 
     Args:
       path: a NIfTI file (.nii / .nii.gz; scl_slope/inter applied) or a
         folder holding one DICOM series (rescale slope/intercept applied,
         compressed transfer syntaxes decoded).
       series_uid: for a DICOM folder with several series, the one to load.
+      orientation: "canonical" (PLS, from the affine) or "official" (the
+        official RSTN pipeline's storage order: a DICOM series as [row,
+        column, slice by InstanceNumber], a NIfTI's stored array transposed
+        (1, 0, 2)); see `stnjax.data.orientation`.
 
     Returns:
-      Volume with float32 (X, Y, Z) HU data and its Geometry.
+      Volume with float32 (X, Y, Z) HU data in that layout and its Geometry
+      (model-layout affine, and the file's own voxel order for writing).
 
     Raises:
       VolumeError naming the file: missing, neither NIfTI nor DICOM, not 3D,
-      NaN / infinite voxels, or an inconsistent DICOM series.
+      NaN / infinite voxels, an inconsistent DICOM series, or (official) a
+      series whose InstanceNumbers do not run along the slice positions.
+      InputError for a bad `orientation`.
     """
     path = Path(path)
+    orientation = check_orientation(orientation)
     if not path.exists():
         raise VolumeError(f"image {path}: {_missing_reason(path)}")
     if path.is_dir():
-        from stnjax.data import dicom  # lazy: pydicom loads only for DICOM input
-        series = dicom.read_series(path, series_uid=series_uid)
-        geom = Geometry.from_affine(series.affine, series.data.shape, str(path))
-        vol = Volume(geom.from_source(series.data), geom)
+        vol = _load_dicom(path, series_uid, orientation)
     elif series_uid is not None:
         raise InputError(f"series_uid: only for DICOM folders, but {path} is "
                          "a file")
     else:
-        vol = _load_nifti(path)
+        vol = _load_nifti(path, orientation)
     warn_implausible_hu(vol.data, path)
     return vol
 
@@ -336,11 +282,14 @@ def _geometry_mismatch(label: Geometry, ref: Geometry,
 
 def load_label_map(path: str | os.PathLike, reference: Geometry, *,
                    tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> np.ndarray:
-    """Loads an integer label map onto the reference image's canonical grid.
+    """Loads an integer label map onto the reference image's grid, in its model layout.
 
     The label is reoriented to canonical from its own affine (so a label
     stored in another voxel order, e.g. LAS against a PLS image, comes out
-    aligned) and its grid must then match the reference in world space.
+    aligned), its grid must then match the reference's canonical grid in
+    world space, and it is put into the reference's model layout (for
+    "official": the image's storage order; for a label stored as the
+    image is, as the official nii2npy's transpose (1, 0, 2) gives it).
 
     Args:
       path: a NIfTI label file (integer ids, or floats with integral values).
@@ -349,7 +298,7 @@ def load_label_map(path: str | os.PathLike, reference: Geometry, *,
         corner under the two affines.
 
     Returns:
-      An integer array of shape reference.shape (canonical PLS axes).
+      An integer array of shape reference.shape (the reference's model layout).
 
     Raises:
       VolumeError for a bad file, GeometryError (naming both files and the
@@ -358,11 +307,11 @@ def load_label_map(path: str | os.PathLike, reference: Geometry, *,
     path = Path(path)
     data, geom = _read_array(_open_nifti(path, "label"), path, "label")
     data = _integer_labels(data, path)
-    problem = _geometry_mismatch(geom, reference, float(tolerance_mm))
+    problem = _geometry_mismatch(geom, reference.canonical, float(tolerance_mm))
     if problem is not None:
         raise GeometryError(f"label {path} does not match image "
                             f"{reference.source} in world space: {problem}")
-    return geom.from_source(data)
+    return reference.from_canonical(geom.from_source(data))
 
 
 def organ_ids(organ_id: Any, name: str = "organ_id") -> tuple[int, ...]:
@@ -437,15 +386,19 @@ def _case_id_from(path: Path) -> str:
 def load_case(image_path: str | os.PathLike,
               label_path: str | os.PathLike | None = None, *,
               organ_id: int | Sequence[int] = 1, case_id: str | None = None,
-              tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> Case:
+              tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+              orientation: str = "canonical") -> Case:
     """Loads an image and (optionally) its organ mask, aligned in world space.
+
+    `orientation` is the model layout (`load_image`): "canonical" (PLS) or
+    "official" (the official RSTN pipeline's storage order).
 
     Returns:
       Case with float32 HU image and bool label (None without label_path),
-      both canonical PLS of the same shape.
+      both in that layout, of the same shape.
     """
     image_path = Path(image_path)
-    volume = load_image(image_path)
+    volume = load_image(image_path, orientation=orientation)
     label, present = None, ()
     if label_path is not None:
         label_map = load_label_map(label_path, volume.geometry,
@@ -503,10 +456,11 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path,
 
 def save_volume(array: Any, geometry: Geometry, path: str | os.PathLike, *,
                 dtype: Any = np.float32) -> None:
-    """Writes a canonical array as NIfTI in the source voxel order and affine.
+    """Writes a model-layout array as NIfTI in the source voxel order and affine.
 
     Args:
-      array: (X, Y, Z) array of shape geometry.shape (canonical axes).
+      array: (X, Y, Z) array of shape geometry.shape (the model layout:
+        canonical PLS, or the official storage order).
       geometry: the Geometry of the image it belongs to.
       path: output .nii or .nii.gz; its folder must exist and be writable.
       dtype: the voxel type on disk.
@@ -527,8 +481,9 @@ def save_volume(array: Any, geometry: Geometry, path: str | os.PathLike, *,
 
 
 def save_mask(mask: Any, geometry: Geometry, path: str | os.PathLike) -> None:
-    """Writes a bool (or 0/1) canonical mask as a uint8 NIfTI label that
-    overlays the source image (source voxel order and affine)."""
+    """Writes a bool (or 0/1) model-layout mask (shape geometry.shape) as a
+    uint8 NIfTI label that overlays the source image (source voxel order and
+    affine)."""
     mask = np.asarray(mask)
     if mask.dtype.kind not in "biu":
         raise InputError(f"mask: expected bool or integer values, got "

@@ -323,9 +323,13 @@ def _case_outputs(spec: EvalSpec, store: CaseStore, cid: str, label: np.ndarray,
     rec = case_record(res, cid, label, store.spacing(cid), fold=fold, method=spec.method,
                       t=spec.threshold, native=native)
     if preds is not None:
-        volume_io.save_mask(mask, store.geometry(cid), preds / f"{cid}.nii.gz")
-        # The picture beside the predictions: <out>/overlays/<case>.png (model grid).
-        plots.plot_case_overlay(rec, store.image(cid), label, res.mask, store.spacing(cid),
+        geo = store.geometry(cid)
+        volume_io.save_mask(mask, geo, preds / f"{cid}.nii.gz")
+        # The picture beside the predictions: <out>/overlays/<case>.png (model
+        # grid, drawn in canonical PLS whatever data.orientation is).
+        view = geo.to_canonical
+        plots.plot_case_overlay(rec, view(store.image(cid)), view(label), view(res.mask),
+                                geo.spacing_to_canonical(store.spacing(cid)),
                                 preds.parent / "overlays" / f"{cid}.png", t=spec.threshold)
     return rec
 
@@ -449,8 +453,9 @@ def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[
                   ) -> list[Path]:
     """Segments NIfTI files or DICOM folders without labels (`stnjax.eval.segment`).
 
-    Every input is checked (readable, a 3D volume, a mask name of its own,
-    no existing output unless `overwrite`) before anything is written;
+    Every input is read in the models' voxel order (`data.orientation`) and
+    checked (readable, a 3D volume, a mask name of its own, no existing
+    output unless `overwrite`) before anything is written;
     masks (and with `probabilities` the fused probability maps) are
     written to `<out>/<name>_mask.nii.gz` (`_prob.nii.gz`) in the source
     geometry, with `preview` a picture `<out>/<name>_preview.png`, and
@@ -464,7 +469,9 @@ def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[
     out = check_writable(out_dir)
     outs = seg_lib.output_names(inputs_, out, overwrite=overwrite, probabilities=probabilities,
                                 preview=preview)
-    volumes = [(Path(p), volume_io.load_image(p)) for p in inputs_]  # fail before writing
+    orientation = spec.train.data.orientation  # the models' voxel order (data.orientation)
+    volumes = [(Path(p), volume_io.load_image(p, orientation=orientation))
+               for p in inputs_]  # fail before writing
     target = spec.train.data.spacing
     grids = seg_lib.check_inputs(volumes, spec.inference.planes, target)
     reference, what = seg_lib.reference_spacing(spec.train.data, workdir)
@@ -477,7 +484,8 @@ def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[
                 "planes": "".join(spec.inference.planes),
                 "max_rounds": spec.inference.max_rounds,
                 "saliency_input": spec.inference.saliency_input,
-                "spacing_mm": None if target is None else list(target)}
+                "spacing_mm": None if target is None else list(target),
+                "orientation": orientation}
     return seg_lib.run_all(segs, volumes, grids, outs, out=out, target=target,
                            t=spec.threshold, reference=reference, reference_what=what,
                            settings=settings, hosts=hosts, preview=preview)

@@ -20,7 +20,10 @@ Warnings (logged and in segment.json): an empty mask, and a voxel spacing
 the models did not see in training: an axis more than 1.5 times coarser or
 finer than the training cases' range (with `data.spacing` the models see
 the target grid; the warning then compares the input's own spacing with
-that target, since an input much coarser than it is upsampled).
+that target, since an input much coarser than it is upsampled). Spacings
+are compared per canonical PLS axis whatever `data.orientation` is (files
+stored in different orders have different model axes); `shape` and
+`spacing_mm` in segment.json are those of the model layout.
 """
 
 from __future__ import annotations
@@ -80,10 +83,19 @@ def output_names(inputs_: Sequence[str], out: Path, *, overwrite: bool = False,
     return outs
 
 
+def _canonical_native_spacing(record: dict) -> Sequence[float] | None:
+    """A case-cache record's native spacing per canonical PLS axis (records
+    of another orientation hold it per axis of their model layout)."""
+    if record.get("orientation", "canonical") != "canonical" and "source_affine" in record:
+        return volume_io.Geometry.from_affine(np.asarray(record["source_affine"], np.float64),
+                                              record["source_shape"], "").spacing
+    return record.get("native_spacing", record.get("spacing"))
+
+
 def training_spacing_range(store_records: Sequence[dict]) -> tuple[np.ndarray, np.ndarray] | None:
     """(min, max) (3,) mm per canonical axis over case-cache records (their
     native spacing), or None without records."""
-    sp = [r.get("native_spacing", r.get("spacing")) for r in store_records]
+    sp = [_canonical_native_spacing(r) for r in store_records]
     sp = np.asarray([s for s in sp if s is not None], np.float64)
     if sp.size == 0:
         return None
@@ -244,7 +256,8 @@ class _SegmentJob:
         spacing = [float(s) for s in vol.geometry.spacing]
         warnings = [w for w in (
             "empty mask: no organ found" if not mask.any() else None,
-            spacing_warning(spacing, self.reference, self.reference_what)) if w]
+            spacing_warning(vol.geometry.canonical.spacing, self.reference,
+                            self.reference_what)) if w]
         for w in warnings:
             log.warning("%s: %s", path, w)
         seconds, compiling = self.progress.done(str(path))  # compilation apart
@@ -283,11 +296,14 @@ class _SegmentJob:
 def _preview(vol: Any, mask: np.ndarray, stats: dict, picture: Path, path: Path,
              warnings: Sequence[str]) -> Path:
     """The input (HU window) with the mask's outline, three slices through
-    it; `stats`: its `case_summary`."""
+    it, drawn in canonical PLS whatever the model layout; `stats`: its
+    `case_summary`."""
     title = f"{path.name}: {stats['voxels']} voxels, {stats['volume_ml']:.1f} mL"
     if warnings:
         title += "\nwarning: " + "; ".join(warnings)
-    return plots.plot_overlay(window_hu(vol.data), {"prediction": mask}, vol.geometry.spacing,
+    geo = vol.geometry
+    return plots.plot_overlay(window_hu(geo.to_canonical(vol.data)),
+                              {"prediction": geo.to_canonical(mask)}, geo.canonical.spacing,
                               picture, title=title)
 
 

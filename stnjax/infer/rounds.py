@@ -1,6 +1,7 @@
 """Coarse-to-fine inference as pure, jit-able functions (reference section 4).
 
-A volume (canonical PLS axes, normalised to [0, 1]) is padded to a volume
+A volume (model-layout axes, canonical PLS unless `data.orientation` says
+"official"; normalised to [0, 1]) is padded to a volume
 bucket; `extent` (int32 (3,), traced) holds its real size, so every volume
 of a bucket shares one compilation. One RSTN per plane: `params` maps a
 plane name to that plane's parameter tree.

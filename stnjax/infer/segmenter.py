@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class CaseResult:
-    """Inference result of one volume (arrays in its canonical grid).
+    """Inference result of one volume (arrays on its model grid and layout).
 
     mask: (X, Y, Z) bool, the mask at the main threshold t; score: float32
     fused probability of the last round run; coarse_mask: round 0; rounds:
@@ -233,7 +233,8 @@ class Segmenter:
         """Segments one volume of Hounsfield units.
 
         Args:
-          hu: (X, Y, Z) Hounsfield units in the canonical orientation; windowed
+          hu: (X, Y, Z) Hounsfield units in the models' voxel order (canonical
+            PLS, or the official storage order: `data.orientation`); windowed
             with the training's HU window and precision (`preprocess.model_input`).
           label: optional (X, Y, Z) bool organ mask (per-round DSC, oracles).
           t: the main stopping threshold.

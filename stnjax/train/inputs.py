@@ -72,14 +72,15 @@ class PlaneData:
 
 def open_store(data: DataSpec, ds_dir: Path, workdir: str | os.PathLike) -> CaseStore:
     """The CaseStore of the dataset (organ id(s) per `data.organ`, grid per
-    data.spacing), cached in data.cache_dir or <workdir>/cache: training and
-    evaluation read it."""
+    data.spacing, voxel order per data.orientation), cached in
+    data.cache_dir or <workdir>/cache: training and evaluation read it."""
     man = manifest.load_manifest(ds_dir)
     organ = data.organ(man.organ_id)
     if organ != man.organ_id:
         man = dataclasses.replace(man, organ_id=organ)
     cache = Path(data.cache_dir) if data.cache_dir else Path(workdir) / "cache"
-    return CaseStore(man, cache, hu_window=data.hu_window, spacing=data.spacing)
+    return CaseStore(man, cache, hu_window=data.hu_window, spacing=data.spacing,
+                     orientation=data.orientation)
 
 
 def fold_split(data: DataSpec, ds_dir: Path, store: CaseStore, fold: int

@@ -46,8 +46,8 @@ _IGNORED = {
 _IGNORED_SECTIONS = ("infer",)
 # Fields added after runs existed: at these values they mean what a config
 # without them meant, so they stay out of the identity (old workdirs resume).
-_ABSENT_AT = {"data.organ_ids": [], "data.spacing": [], "model.upsampling": "bilinear",
-              "train.unroll_rounds": 1}
+_ABSENT_AT = {"data.organ_ids": [], "data.spacing": [], "data.orientation": "canonical",
+              "model.upsampling": "bilinear", "train.unroll_rounds": 1}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
