@@ -57,13 +57,14 @@ def _short(files: list[str], limit: int = 4) -> str:
     return ", ".join(names) + more
 
 
-def _dcmread(p: Path) -> pydicom.Dataset:
-    """pydicom.dcmread, but a file pydicom stops reading early (it returns
-    what it parsed, empty when the cut is inside a sequence, and only warns)
-    is a VolumeError naming the file; other warnings pass through."""
+def _dcmread(p: Path, pixels: bool = True) -> pydicom.Dataset:
+    """pydicom.dcmread (`pixels` False: up to the pixel data only), but a
+    file pydicom stops reading early (it returns what it parsed, empty when
+    the cut is inside a sequence, and only warns) is a VolumeError naming
+    the file; other warnings pass through."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = pydicom.dcmread(p)
+        ds = pydicom.dcmread(p, stop_before_pixels=not pixels)
     ended = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
     if ended or (len(ds) == 0 and p.stat().st_size > 132):
         why = ended[0] if ended else "no data elements"
@@ -74,8 +75,9 @@ def _dcmread(p: Path) -> pydicom.Dataset:
     return ds
 
 
-def _read_headers(folder: Path) -> list[tuple[str, pydicom.Dataset]]:
-    """Reads every DICOM file in `folder` (pixel data kept, not decoded).
+def _read_headers(folder: Path, pixels: bool = True) -> list[tuple[str, pydicom.Dataset]]:
+    """Reads every DICOM file in `folder` (pixel data kept, not decoded;
+    `pixels` False: not read at all).
 
     Non-DICOM files and DICOMDIR index files are skipped with one warning.
     Raises VolumeError when nothing readable is left.
@@ -90,7 +92,7 @@ def _read_headers(folder: Path) -> list[tuple[str, pydicom.Dataset]]:
     out, skipped = [], []
     for p in files:
         try:
-            ds = _dcmread(p)
+            ds = _dcmread(p, pixels)
         except InvalidDicomError:
             skipped.append(str(p))
             continue
@@ -173,10 +175,11 @@ def _no_pixels_reason(f: str, ds: pydicom.Dataset) -> str:
             "download); copy it again")
 
 
-def _check_pixels(folder: Path, members: list) -> None:
-    """Every file one single-sample frame, all of one size."""
+def _check_pixels(folder: Path, members: list, pixels: bool = True) -> None:
+    """Every file one single-sample frame, all of one size (`pixels` False:
+    read without pixel data, so only its size is checked)."""
     for f, ds in members:
-        if "PixelData" not in ds:
+        if "PixelData" not in ds if pixels else not (ds.get("Rows") and ds.get("Columns")):
             raise VolumeError(_no_pixels_reason(f, ds))
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise VolumeError(f"DICOM file {f}: multi-frame images are not "
@@ -240,12 +243,13 @@ def _check_steps(folder: Path, names: list[str], depth: np.ndarray) -> float:
     return median
 
 
-def _check_slices(folder: Path, members: list) -> tuple[list, np.ndarray]:
+def _check_slices(folder: Path, members: list, pixels: bool = True
+                  ) -> tuple[list, np.ndarray]:
     """Checks one series' headers, sorts its slices and builds the affine.
 
     Returns the (file, dataset) pairs in slice order and the RAS affine.
     """
-    _check_pixels(folder, members)
+    _check_pixels(folder, members, pixels)
     iop0, ps0, positions = _check_planes(folder, members)
     first_f = members[0][0]
     row_cos, col_cos = iop0[:3], iop0[3:]   # along a row / along a column
@@ -292,6 +296,20 @@ def _decode(f: str, ds: pydicom.Dataset) -> np.ndarray:
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return pixels.astype(np.float64) * slope + intercept
+
+
+def read_series_geometry(folder: str | os.PathLike, *, series_uid: str | None = None
+                         ) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(RAS affine (4, 4), shape (rows, columns, slices)) of the series
+    `read_series` would read, from the slice headers alone (no pixel data is
+    read): the same checks and VolumeErrors, except that pixel data that is
+    missing or cannot be decoded is found only by `read_series`."""
+    folder = Path(folder)
+    items = _read_headers(folder, pixels=False)
+    _, members = _pick_series(folder, items, series_uid)
+    members, affine = _check_slices(folder, members, pixels=False)
+    first = members[0][1]
+    return affine, (int(first.Rows), int(first.Columns), len(members))
 
 
 def read_series(folder: str | os.PathLike, *,

@@ -249,6 +249,25 @@ def load_image(path: str | os.PathLike, *, series_uid: str | None = None
     return vol
 
 
+def read_geometry(path: str | os.PathLike, *, series_uid: str | None = None) -> Geometry:
+    """The Geometry `load_image(path).geometry` has, from the headers alone
+    (a NIfTI header; DICOM slice headers without pixel data): the shape and
+    spacing of many inputs can be checked before any is decoded. Raises the
+    VolumeError of `load_image` for a missing, unreadable or non-3D input;
+    damaged voxel data is found only when it is loaded."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"image {path}: {_missing_reason(path)}")
+    if path.is_dir():
+        from stnjax.data import dicom
+        affine, shape = dicom.read_series_geometry(path, series_uid=series_uid)
+        return Geometry.from_affine(affine, shape, str(path))
+    if series_uid is not None:
+        raise InputError(f"series_uid: only for DICOM folders, but {path} is a file")
+    img = _open_nifti(path, "image")
+    return Geometry.from_affine(img.affine, _shape3(img, path, "image"), str(path))
+
+
 #: HU outside this range (after rescale) is not CT of a body: a wrong
 #: rescale slope/intercept, or not a CT image at all.
 PLAUSIBLE_HU = (-2000.0, 5000.0)
