@@ -14,7 +14,8 @@ A launcher is then its flags and a `main` of a few lines:
 (`launch/hugepages.py`), then absl's flag parsing, where a bad flag or
 --config.FIELD override exits with one clear line. `exit_on_error` turns
 the library's errors about the user's input and runs (`stnjax.checks`:
-`InputError` and its kinds, `CheckpointError`, `TrainingDivergedError`)
+`InputError` and its kinds, `CheckpointError`, `TrainingDivergedError`,
+`HostLostError`)
 into "error: <message>" and exit status 1, logged to the command's log file
 too; an operating-system error (a read-only or full disk, a path that is a
 file) into "error: <file>: <reason>; <what to do>", its traceback into the
@@ -316,22 +317,38 @@ class HostFlags:
                                                   "Multi-host: number of processes.")
         self.process_id = flags.DEFINE_integer("process_id", None,
                                                "Multi-host: this process's index.")
+        self.host_timeout = flags.DEFINE_integer(
+            "host_timeout", None, "Multi-host: seconds without a sign of life after which a "
+            "process counts as lost. evaluate and segment (default 60) then stop on every "
+            "other host with an error naming it; train (default: jax.distributed's heartbeat "
+            "timeout, 100) ends on every host.", lower_bound=1)
 
-    def start(self, config_multihost: bool = False) -> None:
+    def start(self, config_multihost: bool = False, *, recoverable: bool = False) -> None:
         """jax.distributed.initialize() when --multihost, --coordinator or
         `config_multihost` asks for it (TPU pods, SLURM, Open MPI detected);
-        before anything touches the devices."""
+        before anything touches the devices. `recoverable` (evaluate,
+        segment): a lost process does not end the others through jax; they
+        notice it themselves (`stnjax.eval.hostlink`) and stop cleanly."""
+        from stnjax.eval import hostlink
         from stnjax.train.loop import initialize_distributed
-        initialize_distributed(config_multihost or self.multihost.value
-                               or bool(self.coordinator.value),
-                               coordinator=self.coordinator.value,
+        multihost = config_multihost or self.multihost.value or bool(self.coordinator.value)
+        timeout = self.host_timeout.value
+        if recoverable:
+            timeout = timeout or hostlink.DEFAULT_TIMEOUT_S
+        initialize_distributed(multihost, coordinator=self.coordinator.value,
                                num_processes=self.num_processes.value,
-                               process_id=self.process_id.value)
+                               process_id=self.process_id.value,
+                               heartbeat_timeout_s=(hostlink.jax_heartbeat_timeout(timeout)
+                                                    if recoverable else timeout),
+                               recoverable=recoverable)
+        if multihost and recoverable:
+            hostlink.start(timeout)
 
 
 def define_host_flags() -> HostFlags:
-    """--multihost, --coordinator, --num_processes and --process_id, the same
-    on train, evaluate and segment; `.start()` sets up jax.distributed."""
+    """--multihost, --coordinator, --num_processes, --process_id and
+    --host_timeout, the same on train, evaluate and segment; `.start()` sets
+    up jax.distributed."""
     return HostFlags()
 
 
@@ -354,11 +371,11 @@ def setup(log_file: Path | None, *, cache_base: str | Path | None = None,
 @contextlib.contextmanager
 def exit_on_error(log: logging.Logger | None = None) -> Iterator[None]:
     """The library's input and run errors as "error: <message>", exit status 1."""
-    from stnjax.checks import CheckpointError, InputError, TrainingDivergedError
+    from stnjax.checks import CheckpointError, HostLostError, InputError, TrainingDivergedError
 
     try:
         yield
-    except (InputError, CheckpointError, TrainingDivergedError) as e:
+    except (InputError, CheckpointError, TrainingDivergedError, HostLostError) as e:
         if log is not None:
             log.error("%s", e)  # into the log file as well
         raise SystemExit(f"error: {e}") from None

@@ -27,6 +27,9 @@ or --coordinator=host:port --num_processes=N --process_id=I): each process
 runs its share, writes the predictions of its cases, and process 0 merges
 the records and writes the summary. The records are the same whatever the
 device and process count (each names the device and process that ran it).
+A host lost mid-run (no sign of life for --host_timeout seconds) stops the
+others with an error naming it; the finished cases of every host are kept
+and rerunning the same command resumes.
 All logic lives in stnjax.eval.runs.
 """
 
@@ -65,7 +68,7 @@ def main(argv):
         if _LABEL.value is not None:
             spec = spec.with_inference(label=_LABEL.value)
         runs.check_writable(out)
-    _HOSTS.start()
+    _HOSTS.start(recoverable=True)
     # The cache in the output folder: evaluate leaves the training workdir alone.
     log = app.setup(out / "evaluate.log", cache_base=out, primary=app.is_primary())
     with app.exit_on_error(log):

@@ -12,13 +12,17 @@ source geometry (they overlay the input in 3D Slicer / ITK-SNAP), with
 <out>/segment.json holds per input the shape, spacing, organ volume (mL),
 mean HU inside, rounds, seconds and warnings (an empty mask; a spacing far
 from the training data's). Every
-input is read and checked before anything is written: two inputs with the
-same name (p1/ct.nii.gz, p2/ct.nii.gz) are an error, and so is an existing
-mask unless --overwrite. Runs on CPU too. Inputs run one per local device
-at a time (--devices=N: the first N only), and over several hosts with
---multihost (as launch.train): each process segments its share and writes
-its masks; process 0 writes segment.json, which names the device and process
-of every input.
+input is checked from its headers before anything is written (readable, 3D,
+thick enough): two inputs with the same name (p1/ct.nii.gz, p2/ct.nii.gz)
+are an error, and so is an existing mask unless --overwrite; the voxels are
+decoded when the input's turn comes, a few ahead of the devices, so any
+number of inputs fits in memory. Runs on CPU too. Inputs run one per local
+device at a time (--devices=N: the first N only), and over several hosts
+with --multihost (as launch.train): each process segments its share and
+writes its masks; process 0 writes segment.json, which names the device and
+process of every input. A lost host (no sign of life for --host_timeout
+seconds) stops the others with an error naming it; the finished inputs are
+kept.
 """
 
 
@@ -44,7 +48,7 @@ def main(argv):
     from stnjax.eval import runs  # imports jax: after flag parsing
     from stnjax.eval.spec import EvalSpec
 
-    _HOSTS.start()
+    _HOSTS.start(recoverable=True)
     # No log file (nothing is written before the checks); the trained
     # workdir's compilation cache, shared with evaluate.
     log = app.setup(None, cache_base=_WORKDIR.value, primary=app.is_primary())

@@ -43,6 +43,11 @@ class TrainingDivergedError(RuntimeError):
     and the last good checkpoint."""
 
 
+class HostLostError(RuntimeError):
+    """A process of a multi-host run was lost (killed, crashed, its host
+    gone); the message names it and what the others kept."""
+
+
 def is_concrete(x: Any) -> bool:
     """True when `x` holds values we can read on the host (not a tracer)."""
     return not isinstance(x, jax.core.Tracer)

@@ -5,7 +5,8 @@ import logging
 import pytest
 
 from launch import app
-from stnjax.checks import CheckpointError, GeometryError, InputError, TrainingDivergedError
+from stnjax.checks import (CheckpointError, GeometryError, HostLostError, InputError,
+                           TrainingDivergedError)
 
 
 def _exit_code(raised, caplog):
@@ -21,7 +22,8 @@ def _exit_code(raised, caplog):
 @pytest.mark.parametrize("error", [InputError("config.data.dir: no such folder /x"),
                                    GeometryError("a.nii.gz and b.nii.gz disagree"),
                                    CheckpointError("save failed in /w"),
-                                   TrainingDivergedError("loss is nan at step 7")])
+                                   TrainingDivergedError("loss is nan at step 7"),
+                                   HostLostError("process 1 on host h was lost")])
 def test_library_errors_exit_with_one_line_and_are_logged(error, caplog):
     assert _exit_code(error, caplog) == f"error: {error}"  # printed to stderr, exit status 1
     assert [r.getMessage() for r in caplog.records] == [str(error)]

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import jax
@@ -580,147 +581,239 @@ def test_four_devices_give_the_one_device_records_and_resume_after_a_kill(
 
 def test_segment_six_inputs_on_four_devices_like_one(cohort, monkeypatch, tmp_path):
     """segment of 6 inputs on 4 devices, and on 2 processes x 2 devices
-    (simulated in threads), writes the one-device run's masks and entries."""
+    (simulated in threads), writes the one-device run's masks and entries;
+    on one device at most 2 inputs are decoded at a time (one running, one
+    ahead), not all 6 up front."""
     spec, work, _ = cohort
     _one_compilation(monkeypatch)
     images = sorted(inputs.dataset_dir(spec.train.data, work).glob("images/*.nii.gz"))
     for k in (0, 1):  # 6 inputs from the 4 phantoms
         shutil.copy(images[k], tmp_path / f"again{k}.nii.gz")
         images.append(tmp_path / f"again{k}.nii.gz")
+    decoded, alive, most = [], weakref.WeakSet(), {}
+    load_image = volume_io.load_image
+
+    def counted(path, *a, **kw):  # every volume decoded, and how many are alive at once
+        vol = load_image(path, *a, **kw)
+        decoded.append(path)
+        alive.add(vol)
+        most[n] = max(most.get(n, 0), len(alive))
+        return vol
+    monkeypatch.setattr(volume_io, "load_image", counted)
     outs = {}
     for n in (1, 4):
         written = runs.segment_files(spec, work, [str(p) for p in images],
                                      out_dir=tmp_path / f"d{n}", devices=n)
         outs[n] = json.loads((tmp_path / f"d{n}" / "segment.json").read_text())["inputs"]
         assert len(written) == 6 and len({e["device"] for e in outs[n]}) >= min(n, 2)
-    # Two processes of one run, as two threads: the all-gather of
-    # stnjax.eval.hosts becomes a barrier between them.
-    from stnjax.eval import hosts as H
-    me, rows, gate = threading.local(), {}, threading.Barrier(2, timeout=120)
-
-    def allgather(row):
-        rows[me.k] = row
-        gate.wait()
-        out = np.stack([rows[0], rows[1]])
-        gate.wait()
-        return out
+    assert len(decoded) == 12 and most[1] == 2 and most[4] <= 6, most
+    # Two processes of one run, as two threads over one in-memory store.
+    from stnjax.eval import hostlink
+    from stnjax.eval.hosts import Hosts
+    kv, me = hostlink.LocalKV(), threading.local()
+    links = [hostlink.HostLink(kv, k, 2, "h", timeout=60) for k in (0, 1)]
 
     def process(k):
         me.k = k
         runs.segment_files(spec, work, [str(p) for p in images], out_dir=tmp_path / "h2",
                            devices=2)
-    monkeypatch.setattr(H, "_allgather", allgather)
-    monkeypatch.setattr(H.Hosts, "current", classmethod(lambda cls: cls(me.k, 2, "h")))
+    monkeypatch.setattr(Hosts, "current", classmethod(lambda cls: cls(me.k, 2, "h",
+                                                                      links[me.k])))
     threads = [threading.Thread(target=process, args=(k,)) for k in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    for link in links:
+        link.close()
     outs["h2"] = json.loads((tmp_path / "h2" / "segment.json").read_text())["inputs"]
     assert [e["process"] for e in outs["h2"]] == [0, 1, 0, 1, 0, 1]  # every other input
     assert not list((tmp_path / "h2").glob("segment.p*.json"))
-    run_fields = ("seconds", "seconds_compiling", "seconds_coarse", "device", "process", "mask")
     for n in (4, "h2"):
-        assert [{k: v for k, v in e.items() if k not in run_fields} for e in outs[n]] == \
-            [{k: v for k, v in e.items() if k not in run_fields} for e in outs[1]]
+        assert [_segment_result(e) for e in outs[n]] == [_segment_result(e) for e in outs[1]]
         _same_predictions(tmp_path / "d1", tmp_path / ("d4" if n == 4 else n),
                           [Path(e["mask"]).name for e in outs[1]])
 
 
-def test_hosts_share_and_refuse_different_case_lists(monkeypatch):
-    """The deterministic share, and the start-up check (one all-gather of
-    each process's case count and digest, faked here): a process that sees
-    other cases or settings is refused on every process, before any work."""
-    from stnjax.eval import hosts as H
-    h = H.Hosts(1, 3, "h1")
-    assert h.share(list("abcdefg")) == ["b", "e"] and H.Hosts(5, 8).share("abc") == []
-    rows = []
-    monkeypatch.setattr(H, "_allgather", lambda row: np.stack(rows))
-    for k, cases in enumerate((["a", "b"], ["a", "b"], ["a", "b"])):
-        rows.append(np.asarray(H.Hosts(k, 3)._digest_row(cases, {"t": 1})))
-    h.agree("fold 0", ["a", "b"], {"t": 1})  # the same everywhere: fine
-    rows[2] = np.asarray(H.Hosts(2, 3)._digest_row(["a"], {"t": 1}))
-    with pytest.raises(InputError, match=r"fold 0: the processes disagree .*processes \[2\].*"
-                                         r"process 2: 1\)"):
-        h.agree("fold 0", ["a", "b"], {"t": 1})
-    rows[2] = np.asarray(H.Hosts(2, 3)._digest_row(["a", "b"], {"t": 2}))
-    with pytest.raises(InputError, match=r"processes \[2\] differ"):
-        h.agree("fold 0", ["a", "b"], {"t": 1})
+def _segment_result(entry: dict) -> dict:
+    """A segment.json entry without what says how and where it ran."""
+    run_fields = ("seconds", "seconds_compiling", "seconds_coarse", "device", "process", "mask")
+    return {k: v for k, v in entry.items() if k not in run_fields}
 
 
-# launch.evaluate as __main__ (as `python -m` runs it); in process 1, reading
-# case FAIL_CASE raises an I/O error, as a host whose mount of the data failed.
-_EVAL_DRIVER = r"""
-import errno, os, runpy, sys
-fail_case = sys.argv[1]
-sys.argv = ["launch/evaluate.py"] + sys.argv[2:]
-if fail_case and "--process_id=1" in sys.argv:
+# launch.evaluate or launch.segment as __main__ (as `python -m` runs it), on
+# process `me` of a multi-host run. fail "case@k": on process k, reading that
+# case raises an I/O error, as a host whose mount of the data failed. hang
+# "n@k": on process k the n-th case never ends (until the test kills it).
+_DRIVER = r"""
+import errno, os, runpy, sys, time
+module, fail, hang = sys.argv[1:4]
+sys.argv = [module.replace(".", "/") + ".py"] + sys.argv[4:]
+me = next(a.split("=")[1] for a in sys.argv if a.startswith("--process_id="))
+if fail.endswith("@" + me):
+    case = fail.rsplit("@", 1)[0]
     from stnjax.data.store import CaseStore
     image = CaseStore.image
     def broken(self, cid, *a, **k):
-        if cid == fail_case:
+        if cid == case:
             raise OSError(errno.EIO, os.strerror(errno.EIO), f"/mnt/lost/{cid}.nii.gz")
         return image(self, cid, *a, **k)
     CaseStore.image = broken
-runpy.run_module("launch.evaluate", run_name="__main__", alter_sys=True)
+if hang.endswith("@" + me):
+    from stnjax.infer.segmenter import Segmenter
+    segment_image, calls = Segmenter.segment_image, []
+    def hung(self, *a, **k):
+        calls.append(1)
+        if len(calls) == int(hang.split("@")[0]):
+            time.sleep(3600)
+        return segment_image(self, *a, **k)
+    Segmenter.segment_image = hung
+runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
 COHORT_FLAGS = ("--config.infer.max_rounds=3", "--config.infer.volume_buckets=(24, 48)")
+HOST_TIMEOUT = 8  # --host_timeout of the multi-process runs (s; a margin for a busy machine)
 
 
-def _two_hosts(work: Path, out: Path, fail_case: str = "") -> dict:
-    """launch.evaluate as 2 processes x 2 fake CPU devices; {name: (code, output)}."""
-    from multiproc import _env, _free_port, _wait_all
-    multi = (f"--coordinator=localhost:{_free_port()}", "--num_processes=2")
+def _start_two(module: str, log_stem: Path, *args: str, fail: str = "", hang: str = ""):
+    """`module` as 2 processes x 2 fake CPU devices; (processes, log files)."""
+    from multiproc import _env, _free_port
+    multi = (f"--coordinator=localhost:{_free_port()}", "--num_processes=2",
+             f"--host_timeout={HOST_TIMEOUT}")
     procs, logs = {}, {}
     for k in (0, 1):
-        logs[k] = out.parent / f"{out.name}-p{k}.out"
+        logs[k] = log_stem.parent / f"{log_stem.name}-p{k}.out"
         with open(logs[k], "w") as f:
             procs[k] = subprocess.Popen(
-                [sys.executable, "-c", _EVAL_DRIVER, fail_case, f"--workdir={work}",
-                 f"--out={out}", *COHORT_FLAGS, *multi, f"--process_id={k}"],
+                [sys.executable, "-c", _DRIVER, module, fail, hang, *multi,
+                 f"--process_id={k}", *args],
                 cwd=ROOT, env=dict(_env(2), STNJAX_HUGE_PAGES="0"), stdout=f,
                 stderr=subprocess.STDOUT, text=True)
+    return procs, logs
+
+
+def _two_hosts(work: Path, out: Path, *extra: str, fail: str = "") -> dict:
+    """launch.evaluate as 2 processes x 2 fake CPU devices; {process: (code, output)}."""
+    from multiproc import _wait_all
+    procs, logs = _start_two("launch.evaluate", out, f"--workdir={work}", f"--out={out}",
+                             *COHORT_FLAGS, *extra, fail=fail)
     codes = _wait_all(procs, time.monotonic() + 240)
     return {k: (codes[k], logs[k].read_text()) for k in procs}
 
 
-def test_two_hosts_fail_stop_resume_and_match_one_device(cohort):
-    """launch.evaluate over 2 processes x 2 devices. Process 1 cannot read one
-    of its cases: both stop with one error line naming that case and host,
-    keeping the finished cases (merged by process 0). The same command then
-    resumes with the missing cases only and ends with the one-device records
-    (and predictions), the summary written by process 0."""
+def _error_lines(res: dict) -> dict:
+    """{process: its one "error: " line}, after checking there is one and no traceback."""
+    lines = {}
+    for k, (code, text) in res.items():
+        errors = [l for l in text.splitlines() if l.startswith("error: ")]
+        assert code == 1 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+        lines[k] = errors[0]
+    return lines
+
+
+def _kill_process_1_mid_evaluation(work: Path, out: Path) -> tuple[float, str]:
+    """launch.evaluate on 2 processes, one device each; process 1 hangs in its
+    second case and is killed (SIGKILL) once both processes recorded their
+    finished cases. Returns the seconds from the kill until process 0
+    exited, and its output."""
+    procs, logs = _start_two("launch.evaluate", out, f"--workdir={work}", f"--out={out}",
+                             *COHORT_FLAGS, "--devices=1", hang="2@1")
+    deadline = time.monotonic() + 240
+    try:
+        while not ((out / "fold0" / "cases.p1.json").is_file() and (out / "fold0" /
+                   "cases.json").is_file() and len(records.read_records(out / "fold0")) == 2):
+            assert time.monotonic() < deadline and procs[0].poll() is None, \
+                logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+            time.sleep(0.05)
+        procs[1].kill()
+        killed = time.monotonic()
+        code = procs[0].wait(timeout=HOST_TIMEOUT + 60)
+        waited = time.monotonic() - killed
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    text = logs[0].read_text()
+    assert code == 1 and procs[1].wait() == -9, text[-3000:]
+    assert _error_lines({0: (code, text)})
+    return waited, text
+
+
+def test_two_hosts_kill_fail_stop_resume_and_match_one_device(cohort, tmp_path):
+    """launch.evaluate over 2 processes. (1) Process 1 is killed (SIGKILL) in
+    its second case: process 0 notices within --host_timeout, exits with one
+    error line naming the lost process and host, and keeps (merges) the cases
+    both finished. (2) The same command resumes; process 0 cannot read the
+    last case: both stop with one error line naming that case and host. (3)
+    It resumes again and ends with the one-device records (and
+    predictions), the summary written by process 0. launch.segment
+    --multihost on the 4 phantom images then writes the one-device masks,
+    each process its share, process 0 the merged segment.json."""
     from multiproc import _gloo_available
     if not _gloo_available():
         pytest.skip("this jaxlib has no gloo CPU collectives")
     spec, work, one = cohort
-    out, lost = work / "eval-2x2", one[-1].case_id  # the last case: process 1's share
-    res = _two_hosts(work, out, fail_case=lost)
-    for k, (code, text) in res.items():
-        errors = [l for l in text.splitlines() if l.startswith("error: ")]
-        assert code == 1 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
-        assert f"{lost!r} failed on process 1 on host " in errors[0] and "(load)" in errors[0] \
-            and "Input/output error" in errors[0] and "a rerun resumes" in errors[0], errors
-    assert "process 0 on host" in res[0][1] and " stopped; kept the records" in res[0][1]
+    out, ids = work / "eval-2x2", [r.case_id for r in one]
+    waited, text = _kill_process_1_mid_evaluation(work, out)
+    error = next(l for l in text.splitlines() if l.startswith("error: "))
+    assert re.search(rf"process 1 on host \S+ was lost: no sign of life for {HOST_TIMEOUT} s "
+                     r"\(killed, crashed, or its host or network failed\); process 0 on host "
+                     r"\S+ stopped; kept the records \(and predictions\) of 3 finished cases",
+                     error) and "a rerun resumes" in error, error
+    assert waited < HOST_TIMEOUT + 15, waited
+    print(f"\nkilled process 1: process 0 exited {waited:.1f} s later "
+          f"(--host_timeout={HOST_TIMEOUT})")
     kept = records.read_records(out / "fold0")
-    assert kept and lost not in {r.case_id for r in kept}
-    assert all((out / "fold0" / "predictions" / f"{r.case_id}.nii.gz").is_file() for r in kept)
-    assert not list((out / "fold0").glob("cases.p*.json")) and \
-        not (out / "fold0" / ".stop").exists() and not (out / "summary.json").exists()
+    assert [r.case_id for r in kept] == ids[:3] and [r.process for r in kept] == [0, 1, 0]
+    assert all((out / "fold0" / "predictions" / f"{c}.nii.gz").is_file() for c in ids[:3])
+    assert not list((out / "fold0").glob("cases.p*.json")) and not (out / "summary.json").exists()
+
+    res = _two_hosts(work, out, fail=f"{ids[3]}@0")  # the last case: process 0's share now
+    for k, line in _error_lines(res).items():
+        assert f"{ids[3]!r} failed on process 0 on host " in line and "(load)" in line \
+            and "Input/output error" in line and "a rerun resumes" in line, line
+    assert "resuming, 3 of 4 cases already evaluated" in res[0][1]
+    assert " process 1 on host " in res[1][1] and " stopped; kept the records" in res[1][1]
+    assert len(records.read_records(out / "fold0")) == 3
 
     res = _two_hosts(work, out)
     assert [c for c, _ in res.values()] == [0, 0], res[0][1][-3000:] + res[1][1][-3000:]
-    assert f"resuming, {len(kept)} of {len(one)} cases already evaluated" in res[0][1]
     final = records.read_records(out / "fold0")
     assert [records.without_run_fields(r) for r in final] == \
         [records.without_run_fields(r) for r in one]
-    assert len({r.device for r in final}) >= 2 and {r.process for r in final} <= {0, 1}
+    assert {r.process for r in final} == {0, 1}
     _same_predictions(work / "eval-1dev" / "predictions", out / "fold0" / "predictions",
-                      [f"{r.case_id}.nii.gz" for r in one])
+                      [f"{c}.nii.gz" for c in ids])
     assert (out / "summary.json").is_file() and "results in" in res[0][1] and \
         "results in" not in res[1][1]
+    _two_hosts_segment(spec, work, tmp_path)
+
+
+def _two_hosts_segment(spec, work: Path, tmp_path: Path) -> None:
+    """launch.segment --multihost (2 processes x 2 devices) on the 4 phantom
+    images against an in-process one-device run."""
+    from multiproc import _wait_all
+    images = sorted(inputs.dataset_dir(spec.train.data, work).glob("images/*.nii.gz"))
+    with pytest.MonkeyPatch.context() as mp:
+        _one_compilation(mp)
+        runs.segment_files(spec, work, [str(p) for p in images], out_dir=tmp_path / "d1",
+                           devices=1)
+    out = tmp_path / "h2"
+    procs, logs = _start_two("launch.segment", out, f"--workdir={work}", f"--out={out}",
+                             *COHORT_FLAGS, *map(str, images))
+    codes = _wait_all(procs, time.monotonic() + 240)
+    texts = {k: logs[k].read_text() for k in procs}
+    assert [codes[0], codes[1]] == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+    entries = json.loads((out / "segment.json").read_text())["inputs"]
+    ref = json.loads((tmp_path / "d1" / "segment.json").read_text())["inputs"]
+    assert [e["process"] for e in entries] == [0, 1, 0, 1]
+    assert [_segment_result(e) for e in entries] == [_segment_result(e) for e in ref]
+    _same_predictions(tmp_path / "d1", out, [Path(e["mask"]).name for e in ref])
+    for k in (0, 1):  # each process wrote (and printed) its own masks
+        wrote = sorted(l.split("/")[-1] for l in texts[k].splitlines() if l.startswith("wrote "))
+        assert wrote == sorted(Path(e["mask"]).name for e in entries if e["process"] == k)
+    assert not list(out.glob("segment.p*.json"))
 
 
 def test_readme_scripted_studies_run_as_written(trained):

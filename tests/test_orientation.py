@@ -232,3 +232,21 @@ def test_segment_preview_of_an_official_volume_is_drawn_in_pls(tmp_path, monkeyp
     assert seen["image"].shape == seen["mask"].shape == canon.data.shape
     np.testing.assert_array_equal(seen["mask"], vol.geometry.to_canonical(mask))
     np.testing.assert_allclose(seen["spacing"], canon.geometry.spacing)
+
+
+@pytest.mark.parametrize("layout", ["canonical", "official"])
+def test_headers_alone_give_the_geometry_of_the_loaded_volume(tmp_path, layout):
+    """`segment` checks every input from its headers (`read_geometry`) and
+    decodes it later (`load_image`): both must agree in either layout, for a
+    DICOM series numbered superior to inferior and a permuted NIfTI."""
+    _dicom_series(tmp_path / "ct", [4, 3, 2, 1])
+    affine = np.array([[0.0, 0.8, 0, 5], [-0.7, 0, 0, 3], [0, 0, -2.5, 9], [0, 0, 0, 1]])
+    _nifti(tmp_path / "ct.nii.gz", np.arange(5 * 6 * 4, dtype=np.int16).reshape(5, 6, 4), affine)
+    for path in (tmp_path / "ct", tmp_path / "ct.nii.gz"):
+        head = volume_io.read_geometry(path, orientation=layout)
+        full = volume_io.load_image(path, orientation=layout).geometry
+        assert head.shape == full.shape and head.orientation == full.orientation == layout
+        np.testing.assert_array_equal(head.affine, full.affine)
+        np.testing.assert_array_equal(head.source_ornt, full.source_ornt)
+    with pytest.raises(InputError, match="orientation"):
+        volume_io.read_geometry(tmp_path / "ct.nii.gz", orientation="stored")

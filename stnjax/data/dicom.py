@@ -18,6 +18,7 @@ import dataclasses
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pydicom
@@ -62,13 +63,14 @@ def _short(files: list[str], limit: int = 4) -> str:
     return ", ".join(names) + more
 
 
-def _dcmread(p: Path) -> pydicom.Dataset:
-    """pydicom.dcmread, but a file pydicom stops reading early (it returns
-    what it parsed, empty when the cut is inside a sequence, and only warns)
-    is a VolumeError naming the file; other warnings pass through."""
+def _dcmread(p: Path, pixels: bool = True) -> pydicom.Dataset:
+    """pydicom.dcmread (`pixels` False: up to the pixel data only), but a
+    file pydicom stops reading early (it returns what it parsed, empty when
+    the cut is inside a sequence, and only warns) is a VolumeError naming
+    the file; other warnings pass through."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = pydicom.dcmread(p)
+        ds = pydicom.dcmread(p, stop_before_pixels=not pixels)
     ended = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
     if ended or (len(ds) == 0 and p.stat().st_size > 132):
         why = ended[0] if ended else "no data elements"
@@ -79,8 +81,9 @@ def _dcmread(p: Path) -> pydicom.Dataset:
     return ds
 
 
-def _read_headers(folder: Path) -> list[tuple[str, pydicom.Dataset]]:
-    """Reads every DICOM file in `folder` (pixel data kept, not decoded).
+def _read_headers(folder: Path, pixels: bool = True) -> list[tuple[str, pydicom.Dataset]]:
+    """Reads every DICOM file in `folder` (pixel data kept, not decoded;
+    `pixels` False: not read at all).
 
     Non-DICOM files and DICOMDIR index files are skipped with one warning.
     Raises VolumeError when nothing readable is left.
@@ -95,7 +98,7 @@ def _read_headers(folder: Path) -> list[tuple[str, pydicom.Dataset]]:
     out, skipped = [], []
     for p in files:
         try:
-            ds = _dcmread(p)
+            ds = _dcmread(p, pixels)
         except InvalidDicomError:
             skipped.append(str(p))
             continue
@@ -178,10 +181,11 @@ def _no_pixels_reason(f: str, ds: pydicom.Dataset) -> str:
             "download); copy it again")
 
 
-def _check_pixels(folder: Path, members: list) -> None:
-    """Every file one single-sample frame, all of one size."""
+def _check_pixels(folder: Path, members: list, pixels: bool = True) -> None:
+    """Every file one single-sample frame, all of one size (`pixels` False:
+    read without pixel data, so only its size is checked)."""
     for f, ds in members:
-        if "PixelData" not in ds:
+        if "PixelData" not in ds if pixels else not (ds.get("Rows") and ds.get("Columns")):
             raise VolumeError(_no_pixels_reason(f, ds))
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise VolumeError(f"DICOM file {f}: multi-frame images are not "
@@ -245,12 +249,13 @@ def _check_steps(folder: Path, names: list[str], depth: np.ndarray) -> float:
     return median
 
 
-def _check_slices(folder: Path, members: list) -> tuple[list, np.ndarray]:
+def _check_slices(folder: Path, members: list, pixels: bool = True
+                  ) -> tuple[list, np.ndarray]:
     """Checks one series' headers, sorts its slices and builds the affine.
 
     Returns the (file, dataset) pairs in slice order and the RAS affine.
     """
-    _check_pixels(folder, members)
+    _check_pixels(folder, members, pixels)
     iop0, ps0, positions = _check_planes(folder, members)
     first_f = members[0][0]
     row_cos, col_cos = iop0[:3], iop0[3:]   # along a row / along a column
@@ -299,6 +304,30 @@ def _decode(f: str, ds: pydicom.Dataset) -> np.ndarray:
     return pixels.astype(np.float64) * slope + intercept
 
 
+class SeriesHeader(NamedTuple):
+    """What the slice headers of a series say, without its pixel data."""
+    affine: np.ndarray                  # (4, 4) RAS affine of [row, column, slice]
+    shape: tuple[int, int, int]         # (rows, columns, slices)
+    files: tuple[str, ...]              # slice files, in position order
+    instance_numbers: tuple[int | None, ...]  # their InstanceNumbers (None: absent)
+
+
+def read_series_geometry(folder: str | os.PathLike, *, series_uid: str | None = None
+                         ) -> SeriesHeader:
+    """The affine, shape, files and InstanceNumbers of the series
+    `read_series` would read, from the slice headers alone (no pixel data is
+    read): the same checks and VolumeErrors, except that pixel data that is
+    missing or cannot be decoded is found only by `read_series`."""
+    folder = Path(folder)
+    items = _read_headers(folder, pixels=False)
+    _, members = _pick_series(folder, items, series_uid)
+    members, affine = _check_slices(folder, members, pixels=False)
+    first = members[0][1]
+    return SeriesHeader(affine, (int(first.Rows), int(first.Columns), len(members)),
+                        tuple(f for f, _ in members),
+                        tuple(_instance_number(ds) for _, ds in members))
+
+
 def read_series(folder: str | os.PathLike, *,
                 series_uid: str | None = None) -> DicomSeries:
     """Reads one CT series from a folder of DICOM slice files.
@@ -343,9 +372,12 @@ def _instance_number(ds: pydicom.Dataset) -> int | None:
         return None
 
 
-def official_ornt(series: DicomSeries, folder: str | os.PathLike) -> np.ndarray:
-    """(3, 2) orientation transform from the series' array (`read_series`:
-    [row, column, slice by position]) to the official RSTN pipeline's
+def official_ornt(nums: Sequence[int | None], files: Sequence[str],
+                  folder: str | os.PathLike) -> np.ndarray:
+    """(3, 2) orientation transform from a series' array (`read_series`:
+    [row, column, slice by position]; `nums` and `files`: its slices'
+    InstanceNumbers and files in that order, from a `DicomSeries` or a
+    `SeriesHeader`) to the official RSTN pipeline's
     layout (dicom2npy: [row, column, InstanceNumber - 1]): the identity when
     InstanceNumber rises with the slice position, the slice axis flipped
     when it falls.
@@ -356,10 +388,9 @@ def official_ornt(series: DicomSeries, folder: str | os.PathLike) -> np.ndarray:
       the positions (duplicates, or an order that is no flip of the spatial
       one: the official array would not be a volume).
     """
-    nums = series.instance_numbers
-    if len(nums) != len(series.files):
+    if len(nums) != len(files):
         raise VolumeError(f"DICOM folder {folder}: the series carries no InstanceNumbers")
-    missing = [f for f, n in zip(series.files, nums) if n is None]
+    missing = [f for f, n in zip(files, nums) if n is None]
     if missing:
         raise VolumeError(
             f"DICOM folder {folder}: data.orientation='official' orders the slices by "
@@ -372,7 +403,7 @@ def official_ornt(series: DicomSeries, folder: str | os.PathLike) -> np.ndarray:
         return np.array([[0.0, 1.0], [1.0, 1.0], [2.0, -1.0]])
     # The first step against the direction of the first one (or a repeat).
     i = int(np.flatnonzero(steps <= 0 if steps[0] > 0 else steps >= 0)[0])
-    names = [os.path.basename(f) for f in series.files[i:i + 2]]
+    names = [os.path.basename(f) for f in files[i:i + 2]]
     raise VolumeError(
         f"DICOM folder {folder}: data.orientation='official' orders the slices by "
         f"InstanceNumber, but the numbers do not run strictly one way along the slice "

@@ -24,13 +24,15 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
 
 from stnjax import fileio
 from stnjax.checks import GeometryError, InputError, VolumeError
+from stnjax.data.organs import (  # noqa: F401 - used as volume_io.*
+    absent_organ_ids, ids_present, organ_ids, select_organ)
 from stnjax.data.orientation import (  # noqa: F401 - Geometry & co. are used as volume_io.*
     CANONICAL_AXCODES, OFFICIAL_NIFTI_ORNT, ORIENTATIONS, Geometry, check_orientation)
 
@@ -150,7 +152,8 @@ def _load_nifti(path: Path, orientation: str) -> Volume:
 def _load_dicom(path: Path, series_uid: str | None, orientation: str) -> Volume:
     from stnjax.data import dicom  # lazy: pydicom loads only for DICOM input
     series = dicom.read_series(path, series_uid=series_uid)
-    ornt = dicom.official_ornt(series, path) if orientation == "official" else None
+    ornt = (dicom.official_ornt(series.instance_numbers, series.files, path)
+            if orientation == "official" else None)
     geom = Geometry.from_affine(series.affine, series.data.shape, str(path), ornt=ornt,
                                 orientation=orientation)
     return Volume(geom.from_source(series.data), geom)
@@ -193,6 +196,34 @@ def load_image(path: str | os.PathLike, *, series_uid: str | None = None,
         vol = _load_nifti(path, orientation)
     warn_implausible_hu(vol.data, path)
     return vol
+
+
+def read_geometry(path: str | os.PathLike, *, series_uid: str | None = None,
+                  orientation: str = "canonical") -> Geometry:
+    """The Geometry `load_image(path, orientation=...).geometry` has, from
+    the headers alone (a NIfTI header; DICOM slice headers without pixel
+    data): the shape and spacing of many inputs can be checked before any is
+    decoded. Raises the VolumeError of `load_image` for a missing,
+    unreadable or non-3D input (and, with "official", a DICOM series whose
+    InstanceNumbers give no volume); damaged voxel data is found only when
+    it is loaded."""
+    orientation = check_orientation(orientation)
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"image {path}: {_missing_reason(path)}")
+    if path.is_dir():
+        from stnjax.data import dicom
+        head = dicom.read_series_geometry(path, series_uid=series_uid)
+        ornt = (dicom.official_ornt(head.instance_numbers, head.files, path)
+                if orientation == "official" else None)
+        return Geometry.from_affine(head.affine, head.shape, str(path), ornt=ornt,
+                                    orientation=orientation)
+    if series_uid is not None:
+        raise InputError(f"series_uid: only for DICOM folders, but {path} is a file")
+    img = _open_nifti(path, "image")
+    ornt = OFFICIAL_NIFTI_ORNT if orientation == "official" else None
+    return Geometry.from_affine(img.affine, _shape3(img, path, "image"), str(path), ornt=ornt,
+                                orientation=orientation)
 
 
 #: HU outside this range (after rescale) is not CT of a body: a wrong
@@ -312,67 +343,6 @@ def load_label_map(path: str | os.PathLike, reference: Geometry, *,
         raise GeometryError(f"label {path} does not match image "
                             f"{reference.source} in world space: {problem}")
     return reference.from_canonical(geom.from_source(data))
-
-
-def organ_ids(organ_id: Any, name: str = "organ_id") -> tuple[int, ...]:
-    """An organ given as one label id or several (merged into one organ, e.g.
-    MSD Task07's pancreas 1 and tumour 2) -> the sorted unique ids, each an
-    int >= 1. InputError naming `name` otherwise."""
-    vals = [organ_id] if isinstance(organ_id, (int, np.integer)) else organ_id
-    try:
-        vals = list(vals)
-    except TypeError:
-        raise InputError(f"{name}: expected a label id or a list of ids, got {organ_id!r}") from None
-    if (not vals or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
-                        for v in vals)):
-        raise InputError(f"{name}: expected label ids >= 1 (one int or a non-empty list), "
-                         f"got {organ_id!r}")
-    return tuple(sorted({int(v) for v in vals}))
-
-
-def select_organ(label_map: np.ndarray, organ_id: int | Sequence[int], *, source: str
-                 ) -> np.ndarray:
-    """The bool mask of the organ: `label_map == organ_id`, or for several
-    ids their union.
-
-    Args:
-      label_map: integer label array (any shape).
-      organ_id: the organ's label id (e.g. 7 for TotalSegmentator's pancreas,
-        1 for NIH Pancreas-CT), or a list of ids merged into one organ.
-      source: the label file, for messages.
-
-    Raises:
-      VolumeError when the label is empty or holds no voxel of any of the
-      ids (the message lists the ids present).
-    """
-    label_map = np.asarray(label_map)
-    if label_map.dtype.kind not in "iub":
-        raise InputError(f"label_map: expected integer ids, got {label_map.dtype}"
-                         f" ({source})")
-    ids = organ_ids(organ_id)
-    mask = label_map == ids[0] if len(ids) == 1 else np.isin(label_map, ids)
-    if mask.any():
-        return mask
-    present = np.unique(label_map)
-    present = present[present != 0]
-    if present.size == 0:
-        raise VolumeError(f"label {source}: empty label map (all voxels 0)")
-    listed = ", ".join(str(int(i)) for i in present[:30])
-    more = f" ... ({present.size} ids)" if present.size > 30 else ""
-    want = f"organ_id={ids[0]}" if len(ids) == 1 else f"any of organ ids {list(ids)}"
-    raise VolumeError(f"label {source}: no voxel with {want}; ids present: {listed}{more}")
-
-
-def ids_present(label_map: np.ndarray, organ_id: int | Sequence[int]) -> list[int]:
-    """Which of the organ's ids occur in `label_map` (sorted)."""
-    ids = organ_ids(organ_id)
-    return [i for i in ids if np.any(np.asarray(label_map) == i)]
-
-
-def absent_organ_ids(organ_id: Any, present: Iterable[Iterable[int]]) -> list[int]:
-    """The organ's ids that occur in none of the cases' `present` id sets."""
-    seen = {int(i) for ids in present for i in ids}
-    return [i for i in organ_ids(organ_id) if i not in seen]
 
 
 def _case_id_from(path: Path) -> str:

@@ -192,7 +192,7 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
     todo = hosts.share([c for c in test_ids if c not in done])
     job.progress = case_progress(f"fold {fold}", len(todo), segs)
     run = cohort.run_cases(todo, segs, load=job.load, infer=job.infer, finish=job.finish,
-                           stop=lambda: hosts.stopped(out))
+                           stop=hosts.stopped)
     records = _end_records(job, run)
     log.info("fold %d: %s %s; %d cases in %.1f s, idle per device %s", fold,
              segs[0].compile_summary(), segs[0].compiled_buckets(), len(run.finished),
@@ -215,10 +215,9 @@ def _start_records(hosts: Hosts, out: Path, record: Mapping[str, Any],
                    test_ids: Sequence[str], done: Mapping[str, CaseRecord]) -> None:
     """Process 0, before any case runs: the config, the resumed records alone
     in cases.json (none: no cases file, so that no record of other settings
-    stays beside this config), no part file or stop file of an earlier run;
-    the other processes wait for it (their part files start empty)."""
+    stays beside this config), no part file of an earlier run; the other
+    processes wait for it (their part files start empty)."""
     if hosts.primary:
-        hosts.clear_stop(out)
         write_config_files(out, record)
         if done:
             write_records([done[c] for c in test_ids if c in done], out)
@@ -227,7 +226,7 @@ def _start_records(hosts: Hosts, out: Path, record: Mapping[str, Any],
                 (out / name).unlink(missing_ok=True)
         for p in part_files(out, "cases"):
             p.unlink()
-    hosts.statuses(None)  # a barrier: nothing above is read after this
+    hosts.sync(f"{out}: the start")  # nothing above is read after this
 
 
 class _FoldJob:
@@ -278,12 +277,13 @@ class _FoldJob:
 
 
 def _end_records(job: _FoldJob, run: cohort.CohortRun) -> list[CaseRecord]:
-    """Every process's outcome (one all-gather); process 0 merges the part
-    files into cases.json; a failure anywhere raises on every process, after
-    the merge, naming the case and host and what was kept."""
+    """Every process's outcome; process 0 merges the part files into
+    cases.json; a failure or a lost process anywhere raises on every
+    (remaining) process, after the merge, naming the case and host and what
+    was kept."""
     hosts, out = job.hosts, job.out
     failure = run.failed and (f"case {run.failed[0]!r}", *run.failed[1:])
-    error, statuses = hosts.outcome(out, failure)
+    outcome = hosts.outcome(failure)
 
     def read(part: Path) -> None:
         job.new.update({r.case_id: r for r in read_records(part) if r.case_id in job.test_ids})
@@ -302,11 +302,9 @@ def _end_records(job: _FoldJob, run: cohort.CohortRun) -> list[CaseRecord]:
         if isinstance(e, OSError):
             raise _with_note(e, f"case {cid!r} failed on {hosts.name()} ({stage}); {kept}") from e
         if isinstance(e, InputError) or hosts.count > 1:
-            raise InputError(f"{error}; {kept}") from e
+            raise InputError(f"{outcome.error}; {kept}") from e
         raise e
-    others = [s for s in statuses if s is not None]
-    if others:
-        raise InputError(f"{others[0]}; {hosts.name()} stopped; {kept}")
+    outcome.raise_for_others(hosts.name(), kept)
     return records
 
 
@@ -453,9 +451,11 @@ def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[
                   ) -> list[Path]:
     """Segments NIfTI files or DICOM folders without labels (`stnjax.eval.segment`).
 
-    Every input is read in the models' voxel order (`data.orientation`) and
-    checked (readable, a 3D volume, a mask name of its own, no existing
-    output unless `overwrite`) before anything is written;
+    Every input is checked from its headers (readable, a 3D volume, a mask
+    name of its own, no existing output unless `overwrite`) before anything
+    is written, and decoded only when its turn comes (a few ahead of the
+    devices, `seg_lib.run_all`), in the models' voxel order
+    (`data.orientation`);
     masks (and with `probabilities` the fused probability maps) are
     written to `<out>/<name>_mask.nii.gz` (`_prob.nii.gz`) in the source
     geometry, with `preview` a picture `<out>/<name>_preview.png`, and
@@ -470,10 +470,12 @@ def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[
     outs = seg_lib.output_names(inputs_, out, overwrite=overwrite, probabilities=probabilities,
                                 preview=preview)
     orientation = spec.train.data.orientation  # the models' voxel order (data.orientation)
-    volumes = [(Path(p), volume_io.load_image(p, orientation=orientation))
-               for p in inputs_]  # fail before writing
+    paths = [Path(p) for p in inputs_]
+    # Headers only, every input before anything is written; the voxels stream later.
     target = spec.train.data.spacing
-    grids = seg_lib.check_inputs(volumes, spec.inference.planes, target)
+    grids = seg_lib.check_inputs(
+        [(p, volume_io.read_geometry(p, orientation=orientation)) for p in paths],
+        spec.inference.planes, target)
     reference, what = seg_lib.reference_spacing(spec.train.data, workdir)
     segs = device_segmenters(make_segmenter(spec, load_models(
         spec.train, workdir, fold, spec.inference.planes)), devices)
@@ -486,6 +488,6 @@ def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[
                 "saliency_input": spec.inference.saliency_input,
                 "spacing_mm": None if target is None else list(target),
                 "orientation": orientation}
-    return seg_lib.run_all(segs, volumes, grids, outs, out=out, target=target,
+    return seg_lib.run_all(segs, paths, grids, outs, out=out, target=target,
                            t=spec.threshold, reference=reference, reference_what=what,
                            settings=settings, hosts=hosts, preview=preview)

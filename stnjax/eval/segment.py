@@ -1,11 +1,15 @@
 """Segmentation of unlabelled volumes (`launch.segment`): masks, probabilities, segment.json.
 
-Every input is checked (readable, a 3D volume, thick enough for 3-slice
-windows, a mask name of its own, no existing output unless `overwrite`)
-before anything is written. Per input, `<out>/<name>_mask.nii.gz` (and with
-`probabilities` `<name>_prob.nii.gz`, the fused probability map of the round
-the mask comes from, float32) are written on the input's own grid, so they
-overlay it, and `<out>/segment.json` is rewritten after every input (what
+Every input is checked from its headers (readable, a 3D volume, thick
+enough for 3-slice windows, a mask name of its own, no existing output
+unless `overwrite`) before anything is written; the voxels are decoded
+later, a few inputs ahead of the devices, so that a cohort of thousands
+never sits in memory at once (voxel data damaged past a valid header is
+found when its turn comes, and the inputs finished by then are kept).
+Per input, `<out>/<name>_mask.nii.gz` (and with `probabilities`
+`<name>_prob.nii.gz`, the fused probability map of the round the mask
+comes from, float32) are written on the input's own grid, so they overlay
+it, and `<out>/segment.json` is rewritten after every input (what
 each input gave: paths, shape, spacing, organ volume in mL, mean HU inside
 the mask, rounds, seconds with the compiling or loading of programs apart,
 the device and process that ran it, warnings), so an interrupted call keeps
@@ -142,18 +146,19 @@ def case_summary(mask: np.ndarray, hu: np.ndarray, spacing: Sequence[float]) -> 
             "mean_hu": None if mean_hu is None else round(mean_hu, 2)}
 
 
-def check_inputs(volumes: Sequence[tuple[Path, Any]], planes: Sequence[str],
+def check_inputs(inputs_: Sequence[tuple[Path, Any]], planes: Sequence[str],
                  target: Sequence[float] | None) -> list[tuple[int, int, int]]:
-    """The model grid of each volume (its own, or on `target` mm); InputError
-    naming a volume with a single slice along one of `planes` there."""
+    """The model grid of each input, given as (path, its `volume_io.Geometry`,
+    read from the headers): its own grid, or on `target` mm; InputError
+    naming an input with a single slice along one of `planes` there."""
     grids = []
-    for path, vol in volumes:
-        grid = (tuple(vol.data.shape) if target is None else
-                resample.grid_shape(vol.data.shape, vol.geometry.spacing, target))
+    for path, geom in inputs_:
+        grid = (tuple(geom.shape) if target is None else
+                resample.grid_shape(geom.shape, geom.spacing, target))
         thin = [p for p in planes if grid[PLANE_AXIS[p]] < 2]
         if thin:
             on = "" if target is None else f" (resampled to {list(target)} mm: {grid})"
-            raise InputError(f"image {path}: shape {vol.data.shape}{on} has a single slice "
+            raise InputError(f"image {path}: shape {tuple(geom.shape)}{on} has a single slice "
                              f"along plane(s) {thin}; the 3-slice windows need at least 2")
         grids.append(grid)
     return grids
@@ -183,70 +188,84 @@ def on_input_grid(res: Any, vol: Any, target) -> tuple[np.ndarray, np.ndarray]:
     return mask, prob
 
 
-def run_all(segs: Sequence[Any], volumes, grids, outs, *, out: Path, target, t: float,
-            reference, reference_what: str, settings: dict, hosts: Hosts | None = None,
-            preview: bool = False) -> list[Path]:
-    """Segments every checked volume, one per device of `segs` at a time
-    (`stnjax.infer.cohort`; with several `hosts` each process its share),
-    writes its outputs (with `preview` a picture of three slices through the
-    mask, `preview_name`) and segment.json after each (process 0; the others
-    their part files, merged at the end); returns the mask, probability and
-    picture paths this process wrote. A failure raises after the finished
-    inputs are recorded."""
+def run_all(segs: Sequence[Any], inputs_: Sequence[Path], grids, outs, *, out: Path, target,
+            t: float, reference, reference_what: str, settings: dict,
+            hosts: Hosts | None = None, preview: bool = False, prefetch: int = 0,
+            orientation: str = "canonical") -> list[Path]:
+    """Segments every checked input (`inputs_`, with their model `grids`
+    from `check_inputs`, read in the `orientation` layout), one per device of `segs` at a time
+    (`stnjax.infer.cohort`; with several `hosts` each process its share).
+    Inputs are decoded while the devices work, at most `prefetch` (0: one
+    per device) ahead of them, so a cohort of any size holds only a few
+    volumes in memory. Writes each input's outputs (with `preview` a picture
+    of three slices through the mask, `preview_name`) and segment.json
+    after each (process 0; the others their part files, merged at the end);
+    returns the mask, probability and picture paths this process wrote. A
+    failure raises after the finished inputs are recorded."""
     hosts = hosts or Hosts()
-    job = _SegmentJob(volumes, grids, outs, out, target, t, reference, reference_what,
+    job = _SegmentJob(inputs_, grids, outs, out, target, t, reference, reference_what,
                       settings, hosts, preview)
+    job.orientation = orientation
     if hosts.primary:  # nothing of an earlier failed run; the others wait in `agree`
-        hosts.clear_stop(out)
         for p in part_files(out, "segment"):
             p.unlink()
-    hosts.agree("segment", [str(p) for p, _ in volumes], settings)
-    keys = hosts.share([str(i) for i in range(len(volumes))])
+    hosts.agree("segment", [str(p) for p in inputs_], settings)
+    keys = hosts.share([str(i) for i in range(len(inputs_))])
     job.progress = case_progress("segment", len(keys), segs)
     run = cohort.run_cases(keys, segs, load=job.load, infer=job.infer, finish=job.finish,
-                           stop=lambda: hosts.stopped(out))
+                           prefetch=prefetch, stop=hosts.stopped)
     log.info("%s", segs[0].compile_summary())
-    failure = run.failed and (f"input {volumes[int(run.failed[0])][0]}", *run.failed[1:])
-    _, statuses = hosts.outcome(out, failure)
+    failure = run.failed and (f"input {inputs_[int(run.failed[0])]}", *run.failed[1:])
+    outcome = hosts.outcome(failure)
 
     def read(part: Path) -> None:
         job.entries.update({int(k): v for k, v in json.loads(part.read_text()).items()})
     hosts.merge_parts(out, "segment", read, lambda: write_summary(out, job.ordered(), settings))
     if run.failed is not None and hosts.count == 1:
         raise run.failed[2]
-    failed = [s for s in statuses if s is not None]
-    if failed:
-        raise InputError(f"{failed[0]}; kept the outputs of {len(job.entries)} finished "
-                         f"inputs in {out} (segment.json)")
+    kept = f"kept the outputs of {len(job.entries)} finished inputs in {out} (segment.json)"
+    if outcome.error is not None:
+        raise InputError(f"{outcome.error}; {kept}")
+    outcome.raise_for_others(hosts.name(), kept)
     return job.written()
 
 
 class _SegmentJob:
-    """The inputs of one `run_all` on this process: load (resampling, host),
-    infer (a device thread), finish (files, segment.json)."""
+    """The inputs of one `run_all` on this process: load (decoding and
+    resampling, host), infer (a device thread), finish (files, segment.json).
+    A decoded volume lives from its `load` to the end of its `finish`."""
 
-    def __init__(self, volumes, grids, outs, out, target, t, reference, reference_what,
+    def __init__(self, inputs_, grids, outs, out, target, t, reference, reference_what,
                  settings, hosts, preview):
-        self.volumes, self.grids, self.outs, self.out = volumes, grids, outs, out
+        self.inputs, self.grids, self.outs, self.out = inputs_, grids, outs, out
         self.preview, self.progress = preview, None
+        self.orientation = "canonical"  # the models' voxel order (data.orientation)
         self.target, self.t, self.settings, self.hosts = target, t, settings, hosts
         self.reference, self.reference_what = reference, reference_what
         self.entries: dict[int, dict] = {}
         self.files: dict[int, list[Path]] = {}
 
-    def load(self, key: str):
+    def load(self, key: str) -> tuple[int, Any, np.ndarray]:
+        """(index, decoded volume, the image the models run on)."""
         i = int(key)
-        return i, model_image(self.volumes[i][1], self.grids[i], self.target)
+        vol = volume_io.load_image(self.inputs[i], orientation=self.orientation)
+        grid = (tuple(vol.data.shape) if self.target is None else
+                resample.grid_shape(vol.data.shape, vol.geometry.spacing, self.target))
+        if grid != tuple(self.grids[i]):  # changed since its header was checked
+            raise InputError(f"image {self.inputs[i]}: its voxels give the model grid {grid}, "
+                             f"its header gave {tuple(self.grids[i])}; was it replaced "
+                             "during the run?")
+        return i, vol, model_image(vol, self.grids[i], self.target)
 
     def infer(self, seg: Any, loaded) -> Any:
-        name = str(self.volumes[loaded[0]][0])
+        name = str(self.inputs[loaded[0]])
         self.progress.start(name)
         self.progress.hook(seg, name)
-        return seg.segment(loaded[1], t=self.t, run_all_rounds=False)
+        return seg.segment(loaded[2], t=self.t, run_all_rounds=False)
 
     def finish(self, key: str, loaded, res: Any, device: str) -> None:
-        i = loaded[0]
-        (path, vol), (mask_path, prob_path) = self.volumes[i], self.outs[i]
+        i, vol, _ = loaded
+        path, (mask_path, prob_path) = self.inputs[i], self.outs[i]
         mask, prob = on_input_grid(res, vol, self.target)
         volume_io.save_mask(mask, vol.geometry, mask_path)
         self.files[i] = [mask_path]
@@ -275,15 +294,19 @@ class _SegmentJob:
             "seconds_compiling": round(compiling, 3),
             "seconds_coarse": round(float(res.time_coarse_s), 3),
             "device": device, "process": self.hosts.index, "warnings": warnings}
+        self._write_entries()
+        e = self.entries[i]
+        log.info("%d/%d %s on %s: %d voxels (%.1f mL), %d rounds, %.1f s (coarse %.1f s; "
+                 "compiling %.1f s apart)", len(self.entries), len(self.inputs), path, device,
+                 e["voxels"], e["volume_ml"], res.rounds, seconds, res.time_coarse_s, compiling)
+
+    def _write_entries(self) -> None:
+        """segment.json (process 0) or this process's part file, after every input."""
         if self.hosts.primary:
             write_summary(self.out, self.ordered(), self.settings)
         else:
             atomic_write_text(part_file(self.out, "segment", self.hosts.index),
                               json.dumps({str(k): v for k, v in self.entries.items()}))
-        e = self.entries[i]
-        log.info("%d/%d %s on %s: %d voxels (%.1f mL), %d rounds, %.1f s (coarse %.1f s; "
-                 "compiling %.1f s apart)", len(self.entries), len(self.volumes), path, device,
-                 e["voxels"], e["volume_ml"], res.rounds, seconds, res.time_coarse_s, compiling)
 
     def ordered(self) -> list[dict]:
         return [self.entries[k] for k in sorted(self.entries)]

@@ -70,7 +70,9 @@ def run_cases(keys: Sequence[str], segmenters: Sequence[Any], *,
       infer: (segmenter, loaded case) -> result (a device thread).
       finish: (key, loaded case, result, device name) -> None (the calling
         thread, in the order results arrive).
-      prefetch: cases loaded ahead (0: one per device).
+      prefetch: cases loaded ahead of the devices (0: one per device); at
+        most len(segmenters) + prefetch loaded cases exist at any time (a
+        loaded case is let go when its finish returns).
       stop: polled before each load; True stops loading (another host failed).
 
     The first failure stops loading; cases already loaded are run and
@@ -80,30 +82,42 @@ def run_cases(keys: Sequence[str], segmenters: Sequence[Any], *,
     n_dev = len(segmenters)
     if n_dev < 1:
         raise ValueError("run_cases: no device segmenter")
-    todo: queue.Queue = queue.Queue(maxsize=max(1, prefetch or n_dev))
-    done: queue.Queue = queue.Queue()
-    halt = threading.Event()
+    ahead = max(1, prefetch or n_dev)
+    c = _Channels(queue.Queue(maxsize=ahead), queue.Queue(), threading.Event(),
+                  threading.Semaphore(n_dev + ahead), [], threading.Condition(), set())
     stats = [DeviceStats(device_name(s.device) if s.device is not None else "default")
              for s in segmenters]
-    failures: list[tuple[float, str, str, BaseException]] = []
-
-    def fail(key, stage, e):
-        failures.append((time.monotonic(), key, stage, e))
-        halt.set()
-
-    threads = [threading.Thread(target=_loader, args=(keys, load, todo, halt, stop, fail, n_dev),
+    threads = [threading.Thread(target=_loader, args=(keys, load, c, stop, n_dev),
                                 daemon=True, name="cohort-loader")]
-    threads += [threading.Thread(target=_device_worker, args=(s, st, infer, todo, done, halt, fail),
+    threads += [threading.Thread(target=_device_worker, args=(i, s, st, infer, c),
                                  daemon=True, name=f"cohort-{st.device}")
-                for s, st in zip(segmenters, stats)]
+                for i, (s, st) in enumerate(zip(segmenters, stats))]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
-    finished = _finish_all(done, n_dev, finish, halt, fail)
+    finished = _finish_all(c, n_dev, finish)
     for t in threads:
         t.join()
-    first = min(failures, key=lambda f: f[0])[1:] if failures else None
+    first = min(c.failures, key=lambda f: f[0])[1:] if c.failures else None
     return CohortRun(time.perf_counter() - t0, stats, finished, first)
+
+
+@dataclasses.dataclass
+class _Channels:
+    """What the threads of one `run_cases` share: loaded cases (todo),
+    results (done), the halt flag, the slots of loaded cases, the failures,
+    and which devices are idle (the lowest idle one takes the next case)."""
+    todo: queue.Queue
+    done: queue.Queue
+    halt: threading.Event
+    slots: threading.Semaphore
+    failures: list
+    turn: threading.Condition
+    idle: set
+
+    def fail(self, key: str, stage: str, e: BaseException) -> None:
+        self.failures.append((time.monotonic(), key, stage, e))
+        self.halt.set()
 
 
 def _put(q: queue.Queue, item: Any, halt: threading.Event) -> bool:
@@ -117,64 +131,102 @@ def _put(q: queue.Queue, item: Any, halt: threading.Event) -> bool:
     return False
 
 
-def _loader(keys, load, todo, halt, stop, fail, n_dev) -> None:
+def _acquire(slots: threading.Semaphore, halt: threading.Event) -> bool:
+    """Takes a slot, waiting for one unless `halt` is set (then False)."""
+    while not halt.is_set():
+        if slots.acquire(timeout=0.1):
+            return True
+    return False
+
+
+def _loader(keys, load, c: _Channels, stop, n_dev) -> None:
     try:
         for key in keys:
-            if halt.is_set() or (stop is not None and stop()):
+            if c.halt.is_set() or (stop is not None and stop()):
+                break
+            if not _acquire(c.slots, c.halt):
                 break
             try:
                 item = load(key)
             except BaseException as e:  # noqa: BLE001 - reported by run_cases
-                fail(key, "load", e)
+                c.slots.release()
+                c.fail(key, "load", e)
                 break
-            if not _put(todo, (key, item), halt):
+            if not _put(c.todo, (key, item), c.halt):
+                c.slots.release()
                 break
+            del item  # the queue holds it now; its slot counts it
     finally:
         for _ in range(n_dev):  # every device thread ends, whatever happened
-            todo.put(_END)
+            c.todo.put(_END)
 
 
-def _device_worker(seg, st: DeviceStats, infer, todo, done, halt, fail) -> None:
+def _next_case(c: _Channels, i: int) -> Any:
+    """The next loaded case (or _END) for device `i`; when several devices are
+    idle the lowest one takes it, so that the first case runs on the first
+    device (what one case on a many-device machine expects, and what the
+    persistent compilation cache of the first device serves)."""
+    with c.turn:
+        c.idle.add(i)
+        while min(c.idle) != i:
+            c.turn.wait()
+    try:
+        return c.todo.get()
+    finally:
+        with c.turn:
+            c.idle.discard(i)
+            c.turn.notify_all()
+
+
+def _device_worker(i: int, seg, st: DeviceStats, infer, c: _Channels) -> None:
     try:
         while True:
-            item = todo.get()
+            item = _next_case(c, i)
             if item is _END:
                 return
             key, loaded = item  # loaded before any failure: run it (at most one per device)
+            del item
             t0 = time.perf_counter()
             try:
                 res = infer(seg, loaded)
             except BaseException as e:  # noqa: BLE001 - reported by run_cases
-                fail(key, "infer", e)
+                del loaded
+                c.slots.release()
+                c.fail(key, "infer", e)
                 continue
             st.busy_s += time.perf_counter() - t0
             st.cases += 1
-            done.put((key, loaded, res, st.device))
+            c.done.put((key, loaded, res, st.device))
+            del loaded, res  # let go before waiting for the next case
     finally:
-        done.put(_END)
+        c.done.put(_END)
 
 
-def _finish_all(done, n_dev, finish, halt, fail) -> list[str]:
+def _finish_all(c: _Channels, n_dev, finish) -> list[str]:
     """Finishes results as they arrive until every device thread ended; after
-    a failed finish (a full disk) the later results are dropped."""
+    a failed finish (a full disk) the later results are dropped. Each result's
+    slot is freed once it is let go."""
     ended, finished, broken = 0, [], False
     try:
         while ended < n_dev:
-            item = done.get()
+            item = c.done.get()
             if item is _END:
                 ended += 1
                 continue
             key, loaded, res, device = item
-            if broken:
-                continue
+            del item
             try:
-                finish(key, loaded, res, device)
-                finished.append(key)
+                if not broken:
+                    finish(key, loaded, res, device)
+                    finished.append(key)
             except BaseException as e:  # noqa: BLE001 - reported by run_cases
-                fail(key, "finish", e)
+                c.fail(key, "finish", e)
                 broken = True
+            finally:
+                del loaded, res
+                c.slots.release()
     except BaseException:  # Ctrl-C in the calling thread: let the threads end
-        halt.set()
+        c.halt.set()
         raise
     return finished
 

@@ -139,9 +139,10 @@ class Segmenter:
         return len(self._compiled)
 
     def compile_summary(self) -> str:
-        """One line: how many programs were compiled and how many the
-        persistent compilation cache served (`compile_log`)."""
-        n, loaded = len(self._compiled), len(self.cache_loaded)
+        """One line: how many programs this segmenter and its `on_device`
+        copies compiled and how many the persistent compilation cache served
+        (`compile_log`)."""
+        n, loaded = len(self.compile_seconds), len(self.cache_loaded)
         if n and loaded == n:
             return f"compiled nothing: all {n} programs loaded from the compilation cache"
         return f"compiled {n - loaded} programs ({loaded} loaded from the compilation cache)"

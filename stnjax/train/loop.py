@@ -78,19 +78,31 @@ _COMPILED: set = set()  # (id of a cached step function, bucket) already run in 
 
 def initialize_distributed(multihost: bool, *, coordinator: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None,
+                           heartbeat_timeout_s: int | None = None,
+                           recoverable: bool = False) -> None:
     """jax.distributed.initialize() when `multihost` (train.multihost or a
     launcher flag).
 
     Must run before anything else touches the devices. Without arguments the
     coordinator and process ids are detected (Cloud TPU pods, SLURM, Open MPI,
     Kubernetes); elsewhere give all three (the coordinator address may also
-    come from JAX_COORDINATOR_ADDRESS).
+    come from JAX_COORDINATOR_ADDRESS). `heartbeat_timeout_s`: seconds after
+    which jax counts a silent process as dead (None: jax's default);
+    `recoverable`: jax's recoverable mode, in which a dead process does not
+    end the others (evaluation and segmentation, which notice it themselves).
     """
     if not multihost:
         return
+    if recoverable:
+        try:
+            jax.config.update("jax_enable_recoverability", True)
+        except (AttributeError, KeyError) as e:  # an older jax
+            log.warning("jax has no recoverable mode (%s): a lost process ends the others", e)
+    kwargs = {} if heartbeat_timeout_s is None else {
+        "heartbeat_timeout_seconds": int(heartbeat_timeout_s)}
     jax.distributed.initialize(coordinator_address=coordinator or None,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id, **kwargs)
     log.info("distributed: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(),
              jax.device_count())
