@@ -34,6 +34,21 @@ on these small networks (measured 2026-11-26, main job, 6 test cases: coarse
 rounds 1-2 51.7 %, round 10 39.5 %. A crop of a few FCN cells leaves the
 fine network too little context at its edges. The canvases (32, 64, 96)
 hold every box of a 96-pixel slice, so no crop is cut.
+
+Three fine rounds per J step (train.unroll_rounds = 3, recurrent fine-stage
+training, not in the paper; the reference trains one): rounds 2 and 3 take
+their saliency input and crop from the previous round's fine map (under
+stop-gradient), as the test-time rounds do. Main job, fold 0, AMD EPYC,
+2026-12-07, reference inference, coarse / round 1 / round 10 / t = 0.99:
+- one round (the reference): seed 0 43.3 / 54.5 / 47.2 / 47.2 %, seed 1
+  round 10 1.5 points below round 1: the rounds degrade;
+- two rounds: seed 0 45.1 / 55.2 / 55.6 / 55.6 %, but seed 1 51.4 % at
+  t = 0.99 with round 10 3.6 points below round 1;
+- three rounds: seed 0 44.7 / 55.4 / 55.7 / 55.8 %, seed 1 50.1 / 54.0 /
+  53.6 / 53.6 %: with both seeds no round after round 1 is more than 0.5
+  points below it (seed 1 gains 3.5 points over its coarse stage, seed 0
+  11.1). J steps cost three fine passes (J about 3x slower; the main job
+  about 2.5 minutes longer). bench/RESULTS.md has the measurements.
 """
 
 from stnjax.launch.configs.common import base_config, from_scratch_cpu
@@ -53,4 +68,5 @@ def get_config():
     c.model.canvases = (32, 64, 96)
     c.train.stages = "S:600,I:600,J:600"
     c.train.j_halving_every = 300
+    c.train.unroll_rounds = 3
     return c

@@ -1,0 +1,78 @@
+"""The full-width J step with two or more fine-crop canvas sets, interleaved in one process.
+
+  python -m bench.ab_canvases --size=256 --calls=6 --sets="128,192,256" --sets="96,128,160,192,224,256"
+
+Static shapes put each fine crop into the smallest canvas of `model.canvases`
+that holds it (stnjax/models/crop.py), so the fine FCN-8s runs on the
+canvas, not on the crop: the official code runs it on the crop itself. This
+measures what a finer canvas set buys on `bench/synthetic.py`'s J batch (a
+50 x 40 label box at 256, random margins as in training) against what it
+costs to compile (one `lax.switch` branch per canvas, each a whole fine FCN
+forward and backward). Prints each set's first call (compile + run), the
+median step and the median of pair ratios against the first set. The losses
+differ from the second step on: dropout masks are drawn in the canvas's
+shape, so another canvas draws other masks.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from absl import app, flags
+
+from launch import hugepages
+
+_SIZE = flags.DEFINE_integer("size", 256, "Slice side.")
+_CALLS = flags.DEFINE_integer("calls", 6, "Timed calls of each set.")
+_SETS = flags.DEFINE_multi_string("sets", ["128,192,256", "96,128,160,192,224,256"],
+                                  "Canvas sides, comma-separated; give the flag once per set.")
+
+
+def _step(size: int, canvases: tuple[int, ...]):
+    """A blocking zero-argument call of the J step with these canvas sides; returns its loss."""
+    import jax
+
+    from bench.synthetic import blocking_call, init_params, j_batch
+    from launch.configs.common import base_config
+    from stnjax.models.rstn import RSTN
+    from stnjax.train import state as st
+    from stnjax.train import steps as stp
+    from stnjax.train.placement import placement_for
+
+    c = base_config()
+    c.model.width, c.train.stages, c.model.canvases = 1.0, "J:1000000", canvases
+    rstn = RSTN.from_config(c.model)
+    spec = stp.OptimizerSpec.from_config(c.train)
+    place = placement_for(jax.local_devices()[:1])
+    state = place.put_state(st.init_train_state(init_params(rstn),
+                                                spec.optimizer(stp.MODE_TRAINABLE["J"]), seed=0))
+    batch = jax.device_put(place.put_batch(j_batch(1, size, "label")))
+    return blocking_call(place.step(rstn, "J", spec, 1.0 / 3.0), state, batch, place)
+
+
+def main(argv):
+    del argv
+    sets = [tuple(int(s) for s in v.split(",")) for v in _SETS.value]
+    calls = []
+    for cv in sets:
+        t = time.perf_counter()
+        call = _step(_SIZE.value, cv)
+        call()
+        print(f"canvases {cv}: first call {time.perf_counter() - t:.1f} s", flush=True)
+        calls.append(call)
+    times = [[] for _ in sets]
+    for _ in range(_CALLS.value):
+        for i, call in enumerate(calls):
+            t = time.perf_counter()
+            call()
+            times[i].append(time.perf_counter() - t)
+    for i, cv in enumerate(sets):
+        ratios = [a / b for a, b in zip(times[i], times[0])]
+        print(f"canvases {cv}: median {statistics.median(times[i]):.3f} s, "
+              f"median of pair ratios {statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()
+    app.run(main)
