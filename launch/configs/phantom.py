@@ -17,9 +17,9 @@ each a config field (the reference values are the defaults in common.py):
   channels die at p = 0 and the 3-window average then never reaches 0.5;
 - model.init_prior = 0.05 (initial organ probability) and no dropout.
 Schedule S 600 -> I 600 -> J 600 (J halves the rate every 300 steps), batch
-2. About 2.5 minutes per plane on 2 CPU cores (plane Y: 0.5, it reuses X's
-compiled steps), a third to a half of it compiling the S, I and J steps
-(20-38 s each). The schedule was 400 / 400 / 400 until the training step got
+2. About 2-2.5 minutes per plane on 2 CPU cores (plane Y: 1, it reuses X's
+compiled steps; with three fine rounds a J step, below; AMD EPYC,
+2026-12-07), a third of it compiling the S, I and J steps. The schedule was 400 / 400 / 400 until the training step got
 faster (issue 9); measured 2026-12-01 with seeds 0 and 1, the longer one
 costs about a minute of the main job and raised the reference's mean DSC at
 t = 0.99 from 42.3 / 38.9 % to 50.4 / 50.5 %, round 1 from 51.3 / 46.7 % to
