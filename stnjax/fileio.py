@@ -19,6 +19,7 @@ API:
   atomic_write(files, who)          several files, renamed only when all are written
   atomic_path(path, suffix=...)     a temporary path for writers that want a file name
   make_temp_dir(path)               a hidden new folder next to `path` (build, then rename)
+  remove_stale_temps(folder)        the temporary files a killed writer left under `folder`
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -186,6 +188,27 @@ def atomic_write_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path
     path = Path(path)
     atomic_write({path: buf.getvalue()}, f"plot {path.name}")
     return path
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}(\.[A-Za-z0-9.]+)?$")
+
+
+def remove_stale_temps(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Removes the temporary files `atomic_path` and `atomic_write` leave
+    next to their targets when a process is killed mid-write (hidden names
+    `.<target>.<8 hex digits><suffix>`), in `folder` (and, `recursive`, its
+    subfolders); returns the removed paths. Call it only where no writer of this folder
+    can be running (a run's process 0 before its start barrier): a live
+    writer's temporary file would go too."""
+    removed = []
+    root = Path(folder)
+    found = (root.rglob(".*") if recursive else root.glob(".*")) if root.is_dir() else ()
+    for f in sorted(found):
+        if f.is_file() and _TEMP_NAME.match(f.name):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+                removed.append(f)
+    return removed
 
 
 @contextlib.contextmanager

@@ -112,3 +112,36 @@ def test_multi_file_write_is_all_or_nothing(tmp_path):
     fileio.atomic_write(good, "report")
     assert listing(tmp_path) == ["blocker", "out", "out/a.json", "out/b.csv"]
     assert (tmp_path / "out" / "b.csv").read_bytes() == b"x"
+
+
+def test_a_killed_writers_temporaries_are_removed_and_nothing_else(tmp_path):
+    """A writer killed inside `atomic_path` leaves its hidden temporary; the
+    start of an evaluation (process 0, before its barrier) removes it, and
+    only files of that name form."""
+    import subprocess
+    import sys
+
+    from stnjax.eval import runs
+    from stnjax.eval.hosts import Hosts
+
+    out = tmp_path / "eval" / "fold0"
+    (out / "predictions").mkdir(parents=True)
+    kill = ("import os, sys; from stnjax import fileio\n"
+            "with fileio.atomic_path(sys.argv[1], suffix='.nii.gz') as tmp:\n"
+            "    open(tmp, 'wb').write(b'half'); os._exit(9)\n")
+    target = out / "predictions" / "case_1.nii.gz"
+    r = subprocess.run([sys.executable, "-c", kill, str(target)], check=False)
+    assert r.returncode == 9
+    left = [p for p in (out / "predictions").iterdir()]
+    assert len(left) == 1 and left[0].name.startswith(".case_1.nii.gz.")  # the kill's leftover
+    keep = [out / ".hidden_notes", out / "cases.json", out / ".cases.json.zz12ab34.tmp",
+            out / "predictions" / "case_0.nii.gz"]
+    for k in keep:
+        k.write_text("mine")
+    stale_top = out / ".cases.json.0123abcd.tmp"
+    stale_top.write_text("half")
+    assert fileio.remove_stale_temps(out, recursive=False) == [stale_top]
+    assert left[0].exists()  # not recursive: the subfolder is untouched
+    runs._start_records(Hosts(), out, {"name": "t"}, [], {})
+    assert not left[0].exists() and not target.exists()
+    assert all(k.exists() for k in keep if k.name != "cases.json")  # cases.json: no records

@@ -213,11 +213,14 @@ def device_segmenters(seg: Segmenter, devices: int = 0) -> list[Segmenter]:
 
 def _start_records(hosts: Hosts, out: Path, record: Mapping[str, Any],
                    test_ids: Sequence[str], done: Mapping[str, CaseRecord]) -> None:
-    """Process 0, before any case runs: the config, the resumed records alone
+    """Process 0, before any case runs: no temporary file of a killed run,
+    the config, the resumed records alone
     in cases.json (none: no cases file, so that no record of other settings
     stays beside this config), no part file of an earlier run; the other
     processes wait for it (their part files start empty)."""
     if hosts.primary:
+        for f in fileio.remove_stale_temps(out):  # a killed run's half-written files
+            log.info("removed %s, a temporary file an interrupted run left", f)
         write_config_files(out, record)
         if done:
             write_records([done[c] for c in test_ids if c in done], out)

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from stnjax import fileio
 from stnjax.checks import InputError
 from stnjax.data import resample, volume_io
 from stnjax.data.preprocess import PLANE_AXIS, window_hu
@@ -209,6 +210,9 @@ def run_all(segs: Sequence[Any], inputs_: Sequence[Path], grids, outs, *, out: P
     if hosts.primary:  # nothing of an earlier failed run; the others wait in `agree`
         for p in part_files(out, "segment"):
             p.unlink()
+        # Outputs go straight into `out`, which may hold other files: only its own level.
+        for f in fileio.remove_stale_temps(out, recursive=False):
+            log.info("removed %s, a temporary file an interrupted run left", f)
     hosts.agree("segment", [str(p) for p in inputs_], settings)
     keys = hosts.share([str(i) for i in range(len(inputs_))])
     job.progress = case_progress("segment", len(keys), segs)
