@@ -29,35 +29,15 @@ _SETS = flags.DEFINE_multi_string("sets", ["128,192,256", "96,128,160,192,224,25
                                   "Canvas sides, comma-separated; give the flag once per set.")
 
 
-def _step(size: int, canvases: tuple[int, ...]):
-    """A blocking zero-argument call of the J step with these canvas sides; returns its loss."""
-    import jax
-
-    from bench.synthetic import blocking_call, init_params, j_batch
-    from launch.configs.common import base_config
-    from stnjax.models.rstn import RSTN
-    from stnjax.train import state as st
-    from stnjax.train import steps as stp
-    from stnjax.train.placement import placement_for
-
-    c = base_config()
-    c.model.width, c.train.stages, c.model.canvases = 1.0, "J:1000000", canvases
-    rstn = RSTN.from_config(c.model)
-    spec = stp.OptimizerSpec.from_config(c.train)
-    place = placement_for(jax.local_devices()[:1])
-    state = place.put_state(st.init_train_state(init_params(rstn),
-                                                spec.optimizer(stp.MODE_TRAINABLE["J"]), seed=0))
-    batch = jax.device_put(place.put_batch(j_batch(1, size, "label")))
-    return blocking_call(place.step(rstn, "J", spec, 1.0 / 3.0), state, batch, place)
-
-
 def main(argv):
     del argv
     sets = [tuple(int(s) for s in v.split(",")) for v in _SETS.value]
+    from bench.synthetic import blocking_call, build_stnjax_step
+
     calls = []
     for cv in sets:
         t = time.perf_counter()
-        call = _step(_SIZE.value, cv)
+        call = blocking_call(*build_stnjax_step(_SIZE.value, 1.0, "J", "custom", canvases=cv))
         call()
         print(f"canvases {cv}: first call {time.perf_counter() - t:.1f} s", flush=True)
         calls.append(call)

@@ -39,10 +39,11 @@ def init_params(rstn) -> dict:
 
 
 def build_stnjax_step(size: int, width: float, mode: str, conv_grad: str,
-                      pmap: bool = False) -> tuple:
+                      pmap: bool = False, canvases: tuple[int, ...] | None = None) -> tuple:
     """(step function, device state, device batch, placement): stnjax's step as
     the training loop runs it on one device (jitted, state donated; `pmap`: a
-    one-device pmap), on `j_batch`'s J batch of batch 1, size x size."""
+    one-device pmap), on `j_batch`'s J batch of batch 1, size x size;
+    `canvases`: the fine-crop canvas sides (None: the config's default)."""
     import dataclasses
 
     import jax
@@ -56,6 +57,8 @@ def build_stnjax_step(size: int, width: float, mode: str, conv_grad: str,
     c = base_config()
     c.model.width = width
     c.train.stages = f"{mode}:1000000"
+    if canvases is not None:
+        c.model.canvases = tuple(canvases)
     rstn = RSTN.from_config(c.model)
     rstn = dataclasses.replace(rstn, fcn=rstn.fcn.clone(conv_grad=conv_grad))
     spec = stp.OptimizerSpec.from_config(c.train)

@@ -194,8 +194,8 @@ def run_all(segs: Sequence[Any], inputs_: Sequence[Path], grids, outs, *, out: P
             hosts: Hosts | None = None, preview: bool = False, prefetch: int = 0,
             orientation: str = "canonical") -> list[Path]:
     """Segments every checked input (`inputs_`, with their model `grids`
-    from `check_inputs`, read in the `orientation` layout), one per device of `segs` at a time
-    (`stnjax.infer.cohort`; with several `hosts` each process its share).
+    from `check_inputs`, read in the `orientation` layout), one per device
+    of `segs` at a time (`stnjax.infer.cohort`; with several `hosts` each process its share).
     Inputs are decoded while the devices work, at most `prefetch` (0: one
     per device) ahead of them, so a cohort of any size holds only a few
     volumes in memory. Writes each input's outputs (with `preview` a picture
@@ -205,8 +205,7 @@ def run_all(segs: Sequence[Any], inputs_: Sequence[Path], grids, outs, *, out: P
     failure raises after the finished inputs are recorded."""
     hosts = hosts or Hosts()
     job = _SegmentJob(inputs_, grids, outs, out, target, t, reference, reference_what,
-                      settings, hosts, preview)
-    job.orientation = orientation
+                      settings, hosts, preview, orientation)
     if hosts.primary:  # nothing of an earlier failed run; the others wait in `agree`
         for p in part_files(out, "segment"):
             p.unlink()
@@ -240,10 +239,10 @@ class _SegmentJob:
     A decoded volume lives from its `load` to the end of its `finish`."""
 
     def __init__(self, inputs_, grids, outs, out, target, t, reference, reference_what,
-                 settings, hosts, preview):
+                 settings, hosts, preview, orientation):
         self.inputs, self.grids, self.outs, self.out = inputs_, grids, outs, out
         self.preview, self.progress = preview, None
-        self.orientation = "canonical"  # the models' voxel order (data.orientation)
+        self.orientation = orientation  # the models' voxel order (data.orientation)
         self.target, self.t, self.settings, self.hosts = target, t, settings, hosts
         self.reference, self.reference_what = reference, reference_what
         self.entries: dict[int, dict] = {}
