@@ -31,13 +31,14 @@ _SETS = flags.DEFINE_multi_string("sets", ["128,192,256", "96,128,160,192,224,25
 
 def main(argv):
     del argv
-    sets = [tuple(int(s) for s in v.split(",")) for v in _SETS.value]
     from bench.synthetic import blocking_call, build_stnjax_step
+
+    sets = [tuple(int(s) for s in v.split(",")) for v in _SETS.value]
 
     calls = []
     for cv in sets:
-        t = time.perf_counter()
         call = blocking_call(*build_stnjax_step(_SIZE.value, 1.0, "J", "custom", canvases=cv))
+        t = time.perf_counter()
         call()
         print(f"canvases {cv}: first call {time.perf_counter() - t:.1f} s", flush=True)
         calls.append(call)

@@ -36,8 +36,11 @@ from typing import Iterator, Mapping
 _TRIES = 100  # random names tried before giving up (a clash is ~1 in 4e9)
 
 
+_TOKEN_BYTES = 4  # random bytes of a temporary name (hex: twice as many digits)
+
+
 def _temp_name(target: Path, suffix: str) -> Path:
-    return target.parent / f".{target.name}.{secrets.token_hex(4)}{suffix}"
+    return target.parent / f".{target.name}.{secrets.token_hex(_TOKEN_BYTES)}{suffix}"
 
 
 def _create(target: Path, suffix: str, make) -> Path:
@@ -190,7 +193,7 @@ def atomic_write_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path
     return path
 
 
-_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}(\.[A-Za-z0-9.]+)?$")
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{%d}(\.[A-Za-z0-9.]+)?$" % (2 * _TOKEN_BYTES))
 
 
 def remove_stale_temps(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:

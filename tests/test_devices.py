@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stnjax.infer import devices, segmenter
+from stnjax.infer import devices
 
 
 def _program(x):
@@ -28,14 +28,3 @@ def test_loaded_program_runs_on_the_other_device_with_the_same_bits():
     assert out.devices() == {d1}
     np.testing.assert_array_equal(np.asarray(out), np.asarray(compiled(jax.device_put(x, d0))))
     assert devices.device_name(d1) == f"{d1.platform}:{d1.id}"
-
-
-def test_segmenter_loads_onto_devices_only_without_the_persistent_cache(tmp_path):
-    before = jax.config.jax_compilation_cache_dir
-    try:
-        jax.config.update("jax_compilation_cache_dir", None)
-        assert not segmenter._persistent_cache_on()
-        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
-        assert segmenter._persistent_cache_on()
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before)

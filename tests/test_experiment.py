@@ -504,8 +504,10 @@ _SEGMENTERS: dict = {}
 
 def _one_compilation(mp):
     """Every evaluation and segmentation of these tests gets the same
-    Segmenter (and so compiles each program once: the device copies load
-    the first device's executable); the multi-process runs compile their own."""
+    Segmenter, so each program is compiled once per device at most (with the
+    persistent cache these tests turn on, the device copies read it; the
+    loading path without the cache: tests/test_infer.py); the multi-process
+    runs compile their own."""
     make = runs.make_segmenter
 
     def shared(spec, params):

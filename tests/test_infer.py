@@ -342,3 +342,33 @@ def test_segmenter_bad_input(setup):
     broken = {p: jax.tree_util.tree_map(lambda x: x * jnp.nan, params[p]) for p in "XYZ"}
     with pytest.raises(InputError, match="NaN"):
         Segmenter(rstn, broken, SPEC).segment(hu)
+
+
+def test_other_devices_load_the_first_compilation_unless_the_cache_is_on(setup, tmp_path,
+                                                                         monkeypatch):
+    """Without the persistent compilation cache a device copy loads the first
+    device's executables (`devices.load_on_device`) and gives the same
+    result; with the cache on it compiles (reads the cache) instead, since
+    a cache-served XLA:CPU executable cannot be serialized again."""
+    from stnjax.infer import segmenter as seg_mod
+    rstn, params, hu, label = setup
+    loads = []
+    real = seg_mod.load_on_device
+    monkeypatch.setattr(seg_mod, "load_on_device",
+                        lambda c, d: loads.append(d) or real(c, d))
+    before = jax.config.jax_compilation_cache_dir
+    d0, d1, d2 = jax.local_devices()[:3]
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        first = Segmenter(rstn, params, SPEC_Z).on_device(d0)
+        want = first.segment(hu, label=label, t=0.99)
+        got = first.on_device(d1).segment(hu, label=label, t=0.99)
+        assert loads and set(loads) == {d1}
+        np.testing.assert_array_equal(got.mask, want.mask)
+        np.testing.assert_array_equal(got.score, want.score)
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        n = len(loads)
+        first.on_device(d2).segment(hu, label=label, t=0.99)
+        assert len(loads) == n
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

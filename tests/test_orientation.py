@@ -250,3 +250,20 @@ def test_headers_alone_give_the_geometry_of_the_loaded_volume(tmp_path, layout):
         np.testing.assert_array_equal(head.source_ornt, full.source_ornt)
     with pytest.raises(InputError, match="orientation"):
         volume_io.read_geometry(tmp_path / "ct.nii.gz", orientation="stored")
+
+
+def test_segment_streams_inputs_in_the_models_layout(tmp_path):
+    """`segment` checks headers first and decodes each input when its turn
+    comes: the decoded image must be the one of the models' layout, on the
+    grid the header check gave (a non-square input fails if they differ)."""
+    data = np.arange(5 * 6 * 4, dtype=np.int16).reshape(5, 6, 4)
+    path = _nifti(tmp_path / "ct.nii.gz", data, ODD_AFFINE)
+    for layout in ("canonical", "official"):
+        grids = seg_lib.check_inputs(
+            [(path, volume_io.read_geometry(path, orientation=layout))], ("X", "Y", "Z"), None)
+        job = seg_lib._SegmentJob([path], grids, None, tmp_path, None, 0.99, None, "", {},
+                                  None, False, layout)
+        _, vol, image = job.load("0")
+        want = volume_io.load_image(path, orientation=layout)
+        np.testing.assert_array_equal(image, want.data)
+        assert vol.geometry.orientation == layout and image.shape == tuple(grids[0])

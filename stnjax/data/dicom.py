@@ -53,7 +53,7 @@ class DicomSeries:
     affine: np.ndarray
     series_uid: str
     files: tuple[str, ...]
-    instance_numbers: tuple[int | None, ...] = ()
+    instance_numbers: tuple[int | None, ...]
 
 
 def _short(files: list[str], limit: int = 4) -> str:
@@ -388,8 +388,6 @@ def official_ornt(nums: Sequence[int | None], files: Sequence[str],
       the positions (duplicates, or an order that is no flip of the spatial
       one: the official array would not be a volume).
     """
-    if len(nums) != len(files):
-        raise VolumeError(f"DICOM folder {folder}: the series carries no InstanceNumbers")
     missing = [f for f, n in zip(files, nums) if n is None]
     if missing:
         raise VolumeError(

@@ -135,9 +135,27 @@ def _read_array(img, path: Path, what: str, orientation: str = "canonical"
     except Exception as e:
         raise VolumeError(f"{what} {path}: cannot read voxel data "
                           f"({type(e).__name__}: {e})") from e
+    return data, _nifti_geometry(img.affine, shape, path, orientation)
+
+
+def _nifti_geometry(affine: np.ndarray, shape: tuple[int, int, int], path: Path,
+                    orientation: str) -> Geometry:
+    """The Geometry of a NIfTI grid in the `orientation` layout (official:
+    the stored axes 0 and 1 swapped); shared by loading and header reading."""
     ornt = OFFICIAL_NIFTI_ORNT if orientation == "official" else None
-    return data, Geometry.from_affine(img.affine, shape, str(path), ornt=ornt,
-                                      orientation=orientation)
+    return Geometry.from_affine(affine, shape, str(path), ornt=ornt, orientation=orientation)
+
+
+def _dicom_geometry(series: Any, shape: tuple[int, int, int], path: Path,
+                    orientation: str) -> Geometry:
+    """The Geometry of a DICOM series (`dicom.DicomSeries` or `SeriesHeader`:
+    affine, files, instance_numbers) in the `orientation` layout (official:
+    slices in InstanceNumber order); shared by loading and header reading."""
+    from stnjax.data import dicom
+    ornt = (dicom.official_ornt(series.instance_numbers, series.files, path)
+            if orientation == "official" else None)
+    return Geometry.from_affine(series.affine, shape, str(path), ornt=ornt,
+                                orientation=orientation)
 
 
 def _load_nifti(path: Path, orientation: str) -> Volume:
@@ -152,10 +170,7 @@ def _load_nifti(path: Path, orientation: str) -> Volume:
 def _load_dicom(path: Path, series_uid: str | None, orientation: str) -> Volume:
     from stnjax.data import dicom  # lazy: pydicom loads only for DICOM input
     series = dicom.read_series(path, series_uid=series_uid)
-    ornt = (dicom.official_ornt(series.instance_numbers, series.files, path)
-            if orientation == "official" else None)
-    geom = Geometry.from_affine(series.affine, series.data.shape, str(path), ornt=ornt,
-                                orientation=orientation)
+    geom = _dicom_geometry(series, series.data.shape, path, orientation)
     return Volume(geom.from_source(series.data), geom)
 
 
@@ -214,16 +229,11 @@ def read_geometry(path: str | os.PathLike, *, series_uid: str | None = None,
     if path.is_dir():
         from stnjax.data import dicom
         head = dicom.read_series_geometry(path, series_uid=series_uid)
-        ornt = (dicom.official_ornt(head.instance_numbers, head.files, path)
-                if orientation == "official" else None)
-        return Geometry.from_affine(head.affine, head.shape, str(path), ornt=ornt,
-                                    orientation=orientation)
+        return _dicom_geometry(head, head.shape, path, orientation)
     if series_uid is not None:
         raise InputError(f"series_uid: only for DICOM folders, but {path} is a file")
     img = _open_nifti(path, "image")
-    ornt = OFFICIAL_NIFTI_ORNT if orientation == "official" else None
-    return Geometry.from_affine(img.affine, _shape3(img, path, "image"), str(path), ornt=ornt,
-                                orientation=orientation)
+    return _nifti_geometry(img.affine, _shape3(img, path, "image"), path, orientation)
 
 
 #: HU outside this range (after rescale) is not CT of a body: a wrong

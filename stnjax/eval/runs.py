@@ -493,4 +493,5 @@ def segment_files(spec: EvalSpec, workdir: str | os.PathLike, inputs_: Sequence[
                 "orientation": orientation}
     return seg_lib.run_all(segs, paths, grids, outs, out=out, target=target,
                            t=spec.threshold, reference=reference, reference_what=what,
-                           settings=settings, hosts=hosts, preview=preview)
+                           settings=settings, hosts=hosts, preview=preview,
+                           orientation=orientation)

@@ -190,9 +190,9 @@ def on_input_grid(res: Any, vol: Any, target) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_all(segs: Sequence[Any], inputs_: Sequence[Path], grids, outs, *, out: Path, target,
-            t: float, reference, reference_what: str, settings: dict,
-            hosts: Hosts | None = None, preview: bool = False, prefetch: int = 0,
-            orientation: str = "canonical") -> list[Path]:
+            t: float, reference, reference_what: str, settings: dict, orientation: str,
+            hosts: Hosts | None = None, preview: bool = False, prefetch: int = 0
+            ) -> list[Path]:
     """Segments every checked input (`inputs_`, with their model `grids`
     from `check_inputs`, read in the `orientation` layout), one per device
     of `segs` at a time (`stnjax.infer.cohort`; with several `hosts` each process its share).

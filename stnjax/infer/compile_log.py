@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Iterator
 
 import jax
@@ -34,10 +35,17 @@ class CacheLookups:
 
 @contextlib.contextmanager
 def watch() -> Iterator[CacheLookups]:
-    """Counts the persistent-cache hits and misses of the block's compilations."""
+    """Counts the persistent-cache hits and misses of the block's compilations.
+
+    Listeners are process-wide, and device threads compile other programs
+    at the same time; JAX reports a lookup on the thread that compiles, so
+    only this thread's events are counted."""
     seen = CacheLookups()
+    owner = threading.get_ident()
 
     def listener(event: str, **_: object) -> None:
+        if threading.get_ident() != owner:
+            return
         if event == _HIT:
             seen.hits += 1
         elif event == _MISS:

@@ -173,8 +173,7 @@ class Segmenter:
             # the program from it instead: an XLA:CPU executable that came from
             # that cache loses kernels when serialized again ("Function
             # multiply_concatenate_fusion not found" when run on the other
-            # device), and which compilations the cache served cannot be told
-            # reliably while device threads compile at once.
+            # device).
             if first is not None and self.device is not None and not _persistent_cache_on():
                 try:
                     self._compiled[key] = load_on_device(first, self.device)

@@ -425,7 +425,8 @@ def upsample_transposed(x: jax.Array, kernel: jax.Array, stride: int,
       (N, H', W', Cout) with H', W' as in `upsample_bilinear`, dtype of x.
     """
     check_array(x, "upsample_transposed: x", rank=4, dtype_kind="f")
-    k, s = int(kernel.shape[0]), int(stride)
+    s = int(stride)
+    k = int(kernel.shape[0]) if kernel.ndim == 4 else -1
     if kernel.ndim != 4 or kernel.shape[1] != k or kernel.shape[2] != x.shape[-1] or s < 1:
         raise InputError(f"upsample_transposed: kernel {tuple(kernel.shape)} and stride {s} "
                          f"do not fit a (k, k, {x.shape[-1]}, Cout) transposed conv")
