@@ -468,3 +468,20 @@ def test_make_dataset_cli_pairs_real_files(tmp_path):
     (tmp_path / "images" / "case02.nii.gz").symlink_to(src / "ct.nii.gz")
     with pytest.raises(manifest.DatasetError, match="case02"):
         manifest.paired_cases(tmp_path / "images", tmp_path / "labels")
+
+
+def test_paired_cases_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """Relative --images/--labels are read from the caller's working
+    directory, not from the dataset folder the manifest is written in (the
+    README's `--images=../shared/...` with `--out=/tmp/...`)."""
+    for sub in ("src/images", "src/labels", "elsewhere/ds"):
+        (tmp_path / sub).mkdir(parents=True)
+    for sub in ("images/a1.nii.gz", "labels/a1.nii.gz"):
+        (tmp_path / "src" / sub).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path / "src")
+    cases = manifest.paired_cases("images", "labels")
+    assert cases == [{"id": "a1", "image": str(tmp_path / "src/images/a1.nii.gz"),
+                      "label": str(tmp_path / "src/labels/a1.nii.gz")}]
+    manifest.write_manifest(tmp_path / "elsewhere/ds", name="rel", organ_id=1, cases=cases)
+    m = manifest.load_manifest(tmp_path / "elsewhere/ds")
+    assert Path(m.case("a1").image) == tmp_path / "src/images/a1.nii.gz"

@@ -290,6 +290,10 @@ def _pair_key(name: str, pair_by: str) -> str:
     return str(int(digits[-1])) if digits else name
 
 
+def _absolute(p: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(p))
+
+
 def paired_cases(image_dir: str | os.PathLike, label_dir: str | os.PathLike, *,
                  pair_by: str = "name") -> list[dict[str, str]]:
     """Manifest entries pairing images and labels by name.
@@ -303,7 +307,10 @@ def paired_cases(image_dir: str | os.PathLike, label_dir: str | os.PathLike, *,
     """
     if pair_by not in ("name", "number"):
         raise InputError(f"pair_by: expected 'name' or 'number', got {pair_by!r}")
-    image_dir, label_dir = Path(image_dir), Path(label_dir)
+    # Absolute from the caller's working directory: write_manifest reads a
+    # relative path as relative to the dataset folder. abspath, not resolve:
+    # a symlinked file keeps its own name (the case id).
+    image_dir, label_dir = _absolute(image_dir), _absolute(label_dir)
     for p, what in ((image_dir, "images"), (label_dir, "labels")):
         if not p.is_dir():
             raise DatasetError(f"{what} {p}: not a folder")
@@ -399,7 +406,7 @@ def nih_pancreas_cases(image_root: str | os.PathLike, label_root: str | os.PathL
     A case without a label, or without exactly one DICOM series folder, is
     left out with a warning (the fold table by ID keeps the others in place).
     """
-    image_root, label_root = Path(image_root), Path(label_root)
+    image_root, label_root = _absolute(image_root), _absolute(label_root)
     for p, what in ((image_root, "image_root"), (label_root, "label_root")):
         if not p.is_dir():
             raise DatasetError(f"{what} {p}: not a folder")
