@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from stnjax.data import preprocess
+from stnjax.data.augment import AugmentSpec, augment_window
 from stnjax.checks import InputError, check_int
 from stnjax.data.store import CaseStore
 from stnjax.data.manifest import DatasetError
@@ -122,10 +123,13 @@ class SliceSampler:
       buckets: sizes for both H and W (sorted here); () = exact sizes.
       seed: a non-negative int.
       order: "uniform" or "epoch".
+      augment: random transforms of each sample (`stnjax.data.augment`);
+        None or an inactive spec: the slices as stored (the reference).
     """
 
     def __init__(self, store: CaseStore, slices: Any, *, plane: str, batch_size: int,
-                 buckets: Sequence[int] = (), seed: int = 0, order: str = "uniform"):
+                 buckets: Sequence[int] = (), seed: int = 0, order: str = "uniform",
+                 augment: AugmentSpec | None = None):
         self.plane = preprocess.check_plane(plane)
         slices = np.asarray(slices)
         if (slices.ndim != 2 or slices.shape[1] != 2 or slices.shape[0] == 0
@@ -140,6 +144,7 @@ class SliceSampler:
         if any(b < 1 for b in bks) or len(set(bks)) != len(bks):
             raise InputError(f"buckets: expected distinct positive sizes, got {tuple(buckets)}")
         self.store, self.order = store, order
+        self.augment = augment if augment is not None and augment.active else None
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.bucket_sizes = bks
         self.slices = slices.astype(np.int32)
@@ -241,6 +246,11 @@ class SliceSampler:
             preprocess.decode_window(preprocess.gather_windows(img, j),
                                      out=out["image"][b, :h, :w])
             out["label"][b, :h, :w] = preprocess.gather_windows(lab, j)
+            if self.augment is not None:
+                # Keyed by the global slot: the same sample on any number of shards.
+                rng = np.random.default_rng([self.seed, int(step), shard * per + b, 2])
+                out["image"][b, :h, :w], out["label"][b, :h, :w] = augment_window(
+                    out["image"][b, :h, :w], out["label"][b, :h, :w], rng, self.augment)
             out["hw"][b] = h, w
             out["weight"][b], out["case_index"][b], out["slice_index"][b] = 1.0, c, j
         return out

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from stnjax.checks import InputError, check_range
+from stnjax.data.augment import AugmentSpec
 from stnjax.data.orientation import check_orientation
 from stnjax.data.preprocess import HU_WINDOW, PLANES
 from stnjax.data.resample import check_spacing
@@ -83,6 +84,8 @@ class DataSpec:
       order: "uniform" (Caffe) or "epoch" (PyTorch) sampling.
       cache_dir: decoded volumes ("" : <workdir>/cache).
       phantom: the built-in dataset's settings.
+      augment: random zoom, rotation, shift and contrast of training samples
+        (`stnjax.data.augment`); all 0 = none (the reference).
     """
     dir: str = ""
     organ_id: int = -1
@@ -100,6 +103,7 @@ class DataSpec:
     order: str = "uniform"
     cache_dir: str = ""
     phantom: PhantomSpec = PhantomSpec()
+    augment: AugmentSpec = AugmentSpec()
 
     def __post_init__(self):
         lo, hi = self.hu_window
@@ -176,7 +180,9 @@ class DataSpec:
                    slice_threshold=float(d["slice_threshold"]),
                    buckets=tuple(int(b) for b in d["buckets"]),
                    batch_size=int(d["batch_size"]), order=str(d["order"]),
-                   cache_dir=str(d["cache_dir"] or ""), phantom=phantom)
+                   cache_dir=str(d["cache_dir"] or ""), phantom=phantom,
+                   # Absent from configs written before the field existed: off.
+                   augment=AugmentSpec.from_config(d.get("augment")))
 
     def organ(self, manifest_organ_id: int | tuple[int, ...]) -> int | tuple[int, ...]:
         """The organ label(s) of the run: organ_ids, else organ_id, else the

@@ -124,7 +124,7 @@ def make_sampler(data: DataSpec, pd: PlaneData, seed: int) -> sampler.SliceSampl
     """The slice sampler of a (fold, plane) with the given seed."""
     return sampler.SliceSampler(pd.store, pd.slices, plane=pd.plane,
                                batch_size=data.batch_size, buckets=data.buckets,
-                               seed=int(seed), order=data.order)
+                               seed=int(seed), order=data.order, augment=data.augment)
 
 
 def choose_devices(batch_size: int, requested: int = 0) -> list[Any]:

@@ -1,0 +1,112 @@
+"""Training-time augmentation (stnjax.data.augment) and its use in the sampler."""
+
+import math
+
+import numpy as np
+import pytest
+
+from stnjax.checks import InputError
+from stnjax.data import manifest, sampler
+from stnjax.data import store as case_store
+from stnjax.data.augment import AugmentSpec, augment_window, draw_transform
+from stnjax.phantom import dataset as phantom_dataset
+from stnjax.phantom import volumes as phantom
+
+
+def _disc(h=64, w=80, centre=(30, 44), radius=12):
+    """A bright disc on a dark slice: image == label, 3 channels."""
+    r, c = np.mgrid[:h, :w]
+    lab = (((r - centre[0]) ** 2 + (c - centre[1]) ** 2) <= radius ** 2).astype(np.float32)
+    return np.repeat(lab[..., None], 3, -1), np.repeat(lab[..., None], 3, -1)
+
+
+def test_inactive_spec_returns_the_window_unchanged():
+    img, lab = _disc()
+    a, b = augment_window(img, lab, np.random.default_rng(0), AugmentSpec())
+    assert a is img and b is lab
+
+
+def test_draw_transform_against_hand_computed_similarity():
+    """The matrix is a rotation over the zoom, the centre moves by the shift."""
+    spec = AugmentSpec(scale=0.2, rotate=30.0, shift=0.1)
+    for seed in range(20):
+        u = np.random.default_rng(seed).uniform(-1.0, 1.0, 4)
+        zoom, angle = math.exp(u[0] * math.log(1.2)), math.radians(30.0 * u[1])
+        matrix, offset = draw_transform(np.random.default_rng(seed), spec, (64, 80))
+        np.testing.assert_allclose(matrix * zoom, [[math.cos(angle), math.sin(angle)],
+                                                   [-math.sin(angle), math.cos(angle)]],
+                                   atol=1e-12)
+        assert 1 / 1.2 - 1e-9 <= zoom <= 1.2 + 1e-9
+        # The output's centre samples the input at its centre minus the shift.
+        centre = np.array([31.5, 39.5])
+        shift = u[2:] * 0.1 * np.array([64.0, 80.0])
+        np.testing.assert_allclose(matrix @ centre + offset, centre - shift, atol=1e-9)
+
+
+def test_image_and_label_move_together_and_the_label_stays_binary():
+    img, lab = _disc()
+    spec = AugmentSpec(scale=0.15, rotate=20.0, shift=0.05)
+    for seed in range(5):
+        a, b = augment_window(img, lab, np.random.default_rng(seed), spec)
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape == img.shape
+        assert set(np.unique(b)) <= {0.0, 1.0}
+        inter = np.logical_and(a > 0.5, b > 0.5).sum()
+        union = np.logical_or(a > 0.5, b > 0.5).sum()
+        assert inter / union > 0.95
+        # The disc's area scales by the zoom squared (matrix = R / zoom).
+        matrix, _ = draw_transform(np.random.default_rng(seed), spec, img.shape[:2])
+        zoom2 = 1.0 / abs(np.linalg.det(matrix))
+        assert b[..., 0].sum() / lab[..., 0].sum() == pytest.approx(zoom2, rel=0.08)
+
+
+def test_intensity_only_keeps_geometry_and_is_an_affine_map_clipped():
+    rng = np.random.default_rng(3)
+    img = rng.uniform(0.2, 0.8, (32, 40, 3)).astype(np.float32)
+    lab = (img > 0.6).astype(np.float32)
+    a, b = augment_window(img, lab, np.random.default_rng(7), AugmentSpec(intensity=0.3))
+    np.testing.assert_array_equal(b, lab)
+    u = np.random.default_rng(7).uniform(-1.0, 1.0, 6)[4:]  # draws 5 and 6
+    want = np.clip((img - 0.5) * (1 + 0.3 * u[0]) + 0.5 + 0.15 * u[1], 0.0, 1.0)
+    np.testing.assert_allclose(a, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("field,value", [("scale", -0.1), ("rotate", 90.0), ("shift", 0.5),
+                                         ("intensity", float("nan"))])
+def test_bad_ranges_name_the_field(field, value):
+    with pytest.raises(InputError, match=f"data.augment.{field}"):
+        AugmentSpec(**{field: value})
+    with pytest.raises(InputError, match="unknown field.*flip"):
+        AugmentSpec.from_config({"flip": 1.0})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms") / "ds"
+    phantom_dataset.write_phantom_dataset(root, num_cases=4, seed=0,
+                                          config=phantom.PhantomConfig(shape=(48, 40, 24)))
+    return case_store.CaseStore(manifest.load_manifest(root), tmp_path_factory.mktemp("cache"))
+
+
+def test_sampler_augments_per_slot_the_same_on_any_number_of_shards(store):
+    counts = sampler.slice_organ_counts(store, None, "Z")
+    slices = sampler.select_training_slices(counts, store.case_ids, 0.98)
+    spec = AugmentSpec(scale=0.1, rotate=10.0, shift=0.05, intensity=0.1)
+    plain = sampler.SliceSampler(store, slices, plane="Z", batch_size=4, buckets=(64,), seed=5)
+    aug = sampler.SliceSampler(store, slices, plane="Z", batch_size=4, buckets=(64,), seed=5,
+                               augment=spec)
+    for step in (0, 3):
+        p, a = plain.batch(step), aug.batch(step)
+        np.testing.assert_array_equal(a["case_index"], p["case_index"])
+        np.testing.assert_array_equal(a["hw"], p["hw"])
+        assert not np.array_equal(a["image"], p["image"])
+        halves = [aug.batch(step, shard=s, num_shards=2) for s in (0, 1)]
+        for k in ("image", "label"):
+            np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), a[k])
+        # The padded area of the bucket stays zero; each slot is its own
+        # transform of its own window (nothing leaks between slots).
+        for b, (h, w) in enumerate(a["hw"]):
+            assert not a["image"][b, h:].any() and not a["image"][b, :, w:].any()
+            rng = np.random.default_rng([5, step, b, 2])
+            want = augment_window(p["image"][b, :h, :w], p["label"][b, :h, :w], rng, spec)
+            np.testing.assert_array_equal(a["image"][b, :h, :w], want[0])
+            np.testing.assert_array_equal(a["label"][b, :h, :w], want[1])
