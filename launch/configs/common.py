@@ -33,12 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 1         # global batch (all devices, all hosts)
     c.data.order = "uniform"      # "uniform" (Caffe) or "epoch" (PyTorch)
     c.data.cache_dir = ""         # "": <workdir>/cache
-    # Random transforms of training samples (stnjax.data.augment); 0 = off (reference).
-    c.data.augment = ml_collections.ConfigDict()
-    c.data.augment.scale = 0.0    # zoom in [1/(1+s), 1+s]
-    c.data.augment.rotate = 0.0   # in-plane rotation, +- degrees
-    c.data.augment.shift = 0.0    # translation, +- fraction of the side
-    c.data.augment.intensity = 0.0  # contrast 1 +- i, brightness +- i/2
+    c.data.augment = _augment_section()
     # The built-in synthetic dataset, used when data.dir is empty.
     c.data.phantom = ml_collections.ConfigDict()
     c.data.phantom.num_cases = 8
@@ -92,6 +87,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.infer = _infer_section()
     return c
+
+
+def _augment_section() -> ml_collections.ConfigDict:
+    """Random transforms of training samples (stnjax.data.augment); 0 = off (reference)."""
+    augment = ml_collections.ConfigDict()
+    augment.scale = 0.0         # zoom in [1/(1+s), 1+s]
+    augment.rotate = 0.0        # in-plane rotation, +- degrees
+    augment.shift = 0.0         # translation, +- fraction of the side
+    augment.intensity = 0.0     # contrast 1 +- i, brightness +- i/2
+    return augment
 
 
 def _infer_section() -> ml_collections.ConfigDict:
