@@ -485,3 +485,26 @@ def test_paired_cases_relative_to_the_working_directory(tmp_path, monkeypatch):
     manifest.write_manifest(tmp_path / "elsewhere/ds", name="rel", organ_id=1, cases=cases)
     m = manifest.load_manifest(tmp_path / "elsewhere/ds")
     assert Path(m.case("a1").image) == tmp_path / "src/images/a1.nii.gz"
+
+
+def test_negative_slices_added_from_training_cases():
+    rows = sampler.select_training_slices(COUNTS, ["a", "b"], 0.98)   # 4 rows
+    np.testing.assert_array_equal(sampler.add_negative_slices(COUNTS, ["a", "b"], rows, 0.0),
+                                  rows)
+    # Organ-free slices of the training cases a and b: a0, a3, b3 (c is a test case).
+    pool = {(0, 0), (0, 3), (1, 3)}
+    half = sampler.add_negative_slices(COUNTS, ["a", "b"], rows, 0.5, seed=1)  # round(2)
+    added = {tuple(r) for r in half} - {tuple(r) for r in rows}
+    assert len(half) == 6 and len(added) == 2 and added <= pool
+    assert np.all(np.diff(half[:, 0] * 100 + half[:, 1]) > 0)       # sorted, no repeats
+    assert half.dtype == np.int32
+    # Deterministic per seed; more than the pool asks gives the whole pool.
+    np.testing.assert_array_equal(
+        half, sampler.add_negative_slices(COUNTS, ["a", "b"], rows, 0.5, seed=1))
+    draws = {tuple(map(tuple, sampler.add_negative_slices(COUNTS, ["a", "b"], rows, 0.5,
+                                                          seed=s))) for s in range(20)}
+    assert len(draws) > 1
+    every = sampler.add_negative_slices(COUNTS, ["a", "b"], rows, 3.0)
+    assert {tuple(r) for r in every} == {tuple(r) for r in rows} | pool
+    with pytest.raises(InputError, match="data.negatives"):
+        sampler.add_negative_slices(COUNTS, ["a", "b"], rows, -1.0)

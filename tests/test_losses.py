@@ -197,3 +197,39 @@ def test_joint_loss_cross_entropy_term_against_numpy():
     np.testing.assert_allclose(float(m["loss_bce"][0]), extra.sum(), rtol=1e-5)
     with pytest.raises(InputError, match="fine_region"):
         L.joint_loss(pc, pf, y, bce_weight=bw)
+
+
+def test_joint_loss_organ_free_sample_trains_by_cross_entropy_only():
+    """A sample whose label is empty (data.negatives) has Dice terms 0: its
+    loss is its cross-entropy alone, it leaves the other sample's loss as it
+    is, and its gradient stays bounded where the Dice formula's would grow as
+    eps / (sum p)^2 (here 1e-6 / (48 * 1e-4)^2 ~ 0.04 per pixel, rising to
+    ~1e6 once sum p reaches 1e-6)."""
+    rng = np.random.default_rng(5)
+    b, h, w = 2, 4, 4
+    pc = rng.uniform(0.01, 0.99, (b, h, w, 3)).astype(np.float32)
+    pf = rng.uniform(0.01, 0.99, (b, h, w, 3)).astype(np.float32)
+    y = np.zeros((b, h, w, 3), np.float32)
+    y[0, 1:3, 1:3, :] = 1.0                       # sample 1: organ-free
+    region = np.ones((b, h, w), bool)
+    lam, bw = 1 / 3, 0.5
+
+    def bce(p, y):
+        return (-(y * np.log(p) + (1 - y) * np.log(1 - p))).mean(axis=(1, 2, 3))
+
+    loss, m = L.joint_loss(pc, pf, y, lam=lam, bce_weight=bw, fine_region=jnp.asarray(region))
+    dice0 = lam * np_dice(pc[:1], y[:1]) + (1 - lam) * np_dice(pf[:1], y[:1])
+    per = [dice0[0] + bw * (lam * bce(pc, y)[0] + (1 - lam) * bce(pf, y)[0]),
+           bw * (lam * bce(pc, y)[1] + (1 - lam) * bce(pf, y)[1])]
+    np.testing.assert_allclose(float(loss), np.mean(per), rtol=1e-5)
+    np.testing.assert_allclose(float(m["loss_coarse"][0]), np_dice(pc[:1], y[:1])[0], rtol=1e-5)
+    assert float(m["loss_coarse"][1]) == 2.0      # the mean over samples, as before
+    # Near-empty predictions on the organ-free sample: the gradient is the
+    # cross-entropy's (bounded by bw / n_pixels / (1 - p)), no Dice blow-up.
+    tiny = np.full((1, h, w, 3), 1e-4, np.float32)
+    g = jax.grad(lambda p: L.joint_loss(p, p, jnp.zeros_like(p), bce_weight=bw,
+                                        fine_region=jnp.ones((1, h, w), bool))[0])(tiny)
+    assert np.all(np.abs(np.asarray(g)) < bw / (h * w * 3) * 1.01)
+    assert L.organ_present(jnp.asarray(y)).tolist() == [True, False]
+    # The label's pixels outside `valid` do not count as present.
+    assert L.organ_present(jnp.asarray(y), jnp.zeros((b, h, w), bool)).tolist() == [False, False]

@@ -14,6 +14,7 @@ from stnjax.eval.spec import EvalSpec
 from stnjax.models.rstn import RSTN
 from stnjax.train import state as st
 from stnjax.train import steps, workdir
+from stnjax.train.spec import TrainSpec
 from stnjax.train.schedule import lr_at, parse_stages, total_steps
 
 CONFIGS = ("nih_pancreas", "phantom", "realct", "smoke", "stagewise")
@@ -119,6 +120,7 @@ def test_full_size_joint_step_shapes():
     ("data", "batch_size", 0, "data.batch_size"),
     ("data", "buckets", (0,), "data.buckets"),
     ("data", "slice_threshold", 0.0, "data.slice_threshold"),
+    ("data", "negatives", -0.5, "data.negatives"),
     ("infer", "lcc_threshold", 2.0, "infer.lcc_threshold"),
     ("infer", "max_rounds", 0, "infer.max_rounds"),
     ("infer", "batch_size", 0, "infer.batch_size"),
@@ -160,3 +162,15 @@ def test_fields_added_later_keep_old_workdirs_identity():
         changed = json.loads(json.dumps(rec))
         changed[section][field] = value
         assert workdir.config_hash(changed) != workdir.config_hash(old), field
+
+
+def test_negatives_need_the_cross_entropy_term():
+    """Organ-free slices train through the cross-entropy only (their Dice
+    terms are 0): data.negatives > 0 with train.bce_weight 0 is an error."""
+    c = _config("smoke")
+    c.data.negatives = 0.5
+    c.train.bce_weight = 0.0
+    with pytest.raises(InputError, match=r"data\.negatives.*train\.bce_weight"):
+        TrainSpec.from_config(c)
+    c.train.bce_weight = 0.5
+    assert TrainSpec.from_config(c).data.negatives == 0.5

@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.n_folds = 4
     c.data.fold_rule = "position"  # folds.json when absent: "position" or "nih_pancreas" (by case id)
     c.data.slice_threshold = 0.98  # reference 1.6; > 1 means a pixel count
+    c.data.negatives = 0.0        # organ-free training slices per organ slice (0: reference)
     c.data.buckets = (512,)       # pad slice sides up to these sizes
     c.data.batch_size = 1         # global batch (all devices, all hosts)
     c.data.order = "uniform"      # "uniform" (Caffe) or "epoch" (PyTorch)

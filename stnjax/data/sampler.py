@@ -86,6 +86,42 @@ def select_training_slices(counts: Mapping[str, np.ndarray], train_ids: Iterable
     return np.asarray(rows, np.int32).reshape(-1, 2)
 
 
+def add_negative_slices(counts: Mapping[str, np.ndarray], train_ids: Iterable[str],
+                        rows: np.ndarray, ratio: float, *, seed: int = 0) -> np.ndarray:
+    """Adds organ-free training slices (beyond the reference, `data.negatives`).
+
+    The reference trains on organ slices only, so its networks never see a
+    slice without the organ; with a few small networks from scratch that
+    leaves most of a volume's false positives on slices far from the organ.
+    This draws round(ratio x len(rows)) slices with no organ pixel from the
+    training cases (all of them when there are fewer), without replacement,
+    from `np.random.default_rng([seed, 3])`: a fixed set for a run.
+
+    Args:
+      counts, train_ids: as `select_training_slices`.
+      rows: int32 (N, 2) its result (case_index, slice_index).
+      ratio: organ-free slices per organ slice, >= 0 (0: rows unchanged).
+      seed: the run's seed.
+
+    Returns:
+      int32 (N + M, 2) rows, sorted (case_index, slice_index).
+    """
+    if not (np.isfinite(ratio) and ratio >= 0):
+        raise InputError(f"data.negatives: expected a number >= 0, got {ratio}")
+    rows = np.asarray(rows, np.int32).reshape(-1, 2)
+    n = int(round(ratio * len(rows)))
+    if n == 0:
+        return rows
+    train = set(train_ids)
+    pool = np.asarray([(i, j) for i, (cid, a) in enumerate(counts.items()) if cid in train
+                       for j in np.nonzero(np.asarray(a) == 0)[0]], np.int32).reshape(-1, 2)
+    if len(pool) > n:
+        pick = np.random.default_rng([int(seed), 3]).choice(len(pool), size=n, replace=False)
+        pool = pool[np.sort(pick)]
+    both = np.concatenate([rows, pool])
+    return both[np.lexsort((both[:, 1], both[:, 0]))].astype(np.int32)
+
+
 # ------------------------------------------------------------------ sampler
 
 def _fit(size: int, buckets: tuple[int, ...]) -> int | None:

@@ -80,6 +80,8 @@ class DataSpec:
       planes, folds: resolved, e.g. ("X", "Y", "Z") and (0,).
       n_folds, fold_rule: the fold table made when folds.json is absent.
       slice_threshold: training slice selection (reference 1.6).
+      negatives: organ-free training slices added per organ slice
+        (`sampler.add_negative_slices`; 0 = none, the reference).
       buckets: padded slice sides; batch_size: the global batch.
       order: "uniform" (Caffe) or "epoch" (PyTorch) sampling.
       cache_dir: decoded volumes ("" : <workdir>/cache).
@@ -98,6 +100,7 @@ class DataSpec:
     n_folds: int = 4
     fold_rule: str = "position"
     slice_threshold: float = 0.98
+    negatives: float = 0.0
     buckets: tuple[int, ...] = (512,)
     batch_size: int = 1
     order: str = "uniform"
@@ -110,6 +113,7 @@ class DataSpec:
         if not lo < hi:
             raise InputError(f"data.hu_window: expected low < high, got {self.hu_window}")
         check_range(self.slice_threshold, "data.slice_threshold", 0.0, lo_open=True)
+        check_range(self.negatives, "data.negatives", 0.0)
         if self.spacing is not None:
             check_spacing(self.spacing)
         self._check_orientation()
@@ -178,6 +182,7 @@ class DataSpec:
                    planes=resolve_planes(d["planes"]), folds=resolve_folds(d["folds"], n_folds),
                    n_folds=n_folds, fold_rule=str(d["fold_rule"]),
                    slice_threshold=float(d["slice_threshold"]),
+                   negatives=float(d.get("negatives", 0.0)),
                    buckets=tuple(int(b) for b in d["buckets"]),
                    batch_size=int(d["batch_size"]), order=str(d["order"]),
                    cache_dir=str(d["cache_dir"] or ""), phantom=phantom,

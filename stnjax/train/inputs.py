@@ -92,8 +92,9 @@ def fold_split(data: DataSpec, ds_dir: Path, store: CaseStore, fold: int
 
 
 def plane_data(data: DataSpec, store: CaseStore, ds_dir: Path, fold: int,
-               plane: str) -> PlaneData:
-    """Selects the training slices of one fold and plane (reference 1.6).
+               plane: str, *, seed: int = 0) -> PlaneData:
+    """Selects the training slices of one fold and plane (reference 1.6),
+    plus `data.negatives` organ-free slices per organ slice drawn with `seed`.
 
     Raises InputError naming the dataset, plane and fold when no slice
     qualifies (e.g. a dataset without any labelled organ in that view).
@@ -113,6 +114,7 @@ def plane_data(data: DataSpec, store: CaseStore, ds_dir: Path, fold: int,
     except InputError as e:
         raise InputError(f"data.dir: {ds_dir}: no training slice for plane {plane} in fold "
                          f"{fold} ({e})") from e
+    slices = sampler.add_negative_slices(counts, train_ids, slices, data.negatives, seed=seed)
     # select_training_slices indexes list(counts); the sampler indexes store.case_ids.
     ids = list(counts)
     remap = np.asarray([store.case_ids.index(c) for c in ids], np.int32)

@@ -167,7 +167,7 @@ def _open_run(spec: TrainSpec, workdir: str | os.PathLike, fold: int, plane: str
     rdir = run_dir(workdir, fold, plane)
     ds_dir = ds_dir or inputs.dataset_dir(data, workdir)
     store = store or inputs.open_store(data, ds_dir, workdir)
-    pdata = inputs.plane_data(data, store, ds_dir, fold, plane)
+    pdata = inputs.plane_data(data, store, ds_dir, fold, plane, seed=seed)
     devices = inputs.choose_devices(data.batch_size, lp.devices)
     # pmap over several devices (all devices of all hosts when there are
     # several), jit on a single one (placement.py says why).

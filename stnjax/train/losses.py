@@ -123,7 +123,7 @@ def joint_loss(
       metrics: {'loss_coarse', 'loss_fine', 'loss'} (and 'loss_bce' with
         bce_weight > 0) -> (sum, count) float32 scalars over this batch
         (weighted sums and the weight total); 'loss_coarse' and 'loss_fine'
-        are the Dice terms.
+        are the Dice terms, 0 for a sample whose label is empty.
     """
     if not 0.0 <= float(lam) <= 1.0:
         raise InputError(f"lam: must be in [0, 1], got {lam}")
@@ -139,6 +139,14 @@ def joint_loss(
         w = weight.astype(jnp.float32)
     # The weights are data, never a parameter: keep them out of the gradient.
     w = lax.stop_gradient(w)
+    # A sample without organ pixels (data.negatives; never drawn by the
+    # reference's slice rule) has no overlap to score: its Dice terms are 0
+    # and it trains through the cross-entropy alone. The formula would give
+    # 1 - eps / (sum p + eps), whose gradient eps / (sum p + eps)^2 grows
+    # without bound as the cross-entropy drives sum p down, pushing every
+    # logit of the shared network towards -inf (all maps empty).
+    has = organ_present(label, valid)
+    lc, lf = jnp.where(has, lc, 0.0), jnp.where(has, lf, 0.0)
     per = lam * lc + (1.0 - lam) * lf
     if bce_weight:
         if fine_region is None:
@@ -159,6 +167,15 @@ def joint_loss(
     if bce_weight:
         metrics["loss_bce"] = (jnp.sum(w * bce), count)
     return loss, metrics
+
+
+def organ_present(label: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """bool (B,): whether a sample's label (B, H, W, C) has an organ pixel
+    inside `valid` (B, H, W) (all pixels when None)."""
+    y = label.astype(jnp.float32)
+    if valid is not None:
+        y = y * valid.astype(jnp.float32)[..., None]
+    return jnp.sum(y, axis=(1, 2, 3)) > 0
 
 
 def rounds_joint_loss(

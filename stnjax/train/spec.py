@@ -119,6 +119,14 @@ class TrainSpec:
                    optimizer=OptimizerSpec.from_config(record["train"]),
                    loop=LoopSpec.from_config(record["train"]), record=record)
 
+    def __post_init__(self):
+        if self.data.negatives > 0 and not self.loop.bce_weight > 0:
+            raise InputError(
+                f"data.negatives: {self.data.negatives} adds organ-free slices, whose Dice "
+                "terms are 0 (losses.joint_loss): they train through the cross-entropy "
+                "only, and train.bce_weight is 0; set train.bce_weight > 0 or "
+                "data.negatives=0")
+
     @property
     def config_hash(self) -> str:
         """The identity of the trained models (`workdir.config_hash`)."""
