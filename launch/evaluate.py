@@ -30,6 +30,9 @@ device and process count (each names the device and process that ran it).
 A host lost mid-run (no sign of life for --host_timeout seconds) stops the
 others with an error naming it; the finished cases of every host are kept
 and rerunning the same command resumes.
+--split=train evaluates each fold's training cases instead (to tell a
+generalisation gap from a fit that is poor everywhere); its default output
+is <workdir>/eval-train.
 All logic lives in stnjax.eval.runs.
 """
 
@@ -51,6 +54,10 @@ _LABEL = flags.DEFINE_string("label", None, "The method name of the records and 
                              "(--config.infer.label): name evaluations with different "
                              "settings so that launch.sweep compares them.")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Local devices to run cases on (0: all).")
+_SPLIT = flags.DEFINE_enum("split", "test", ["test", "train"],
+                           "The cases of each fold to evaluate: its test cases, or its "
+                           "training cases (how well the models fit them; default "
+                           "output <workdir>/eval-train).")
 _HOSTS = app.define_host_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -61,7 +68,8 @@ def main(argv):
     from stnjax.eval.spec import EvalSpec
 
     workdir = Path(_WORKDIR.value)
-    default_out = workdir / (f"eval-{_LABEL.value}" if _LABEL.value else "eval")
+    default_out = workdir / ("eval" + "".join(
+        f"-{v}" for v in (_LABEL.value, "train" if _SPLIT.value == "train" else None) if v))
     out = Path(_OUT.value) if _OUT.value else default_out
     with app.exit_on_error():
         spec = EvalSpec.from_config(_CONFIG.value)  # bad settings: before any output
@@ -74,7 +82,8 @@ def main(argv):
     with app.exit_on_error(log):
         text = runs.evaluate_and_report(spec, workdir, out_dir=out,
                                         write_predictions=not _NO_PREDICTIONS.value,
-                                        resume=_RESUME.value, devices=_DEVICES.value)
+                                        resume=_RESUME.value, devices=_DEVICES.value,
+                                        split=_SPLIT.value)
     if app.is_primary():
         print(text)
         print(f"results in {out}")

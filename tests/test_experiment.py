@@ -841,3 +841,24 @@ def test_readme_scripted_studies_run_as_written(trained):
     assert len(sweep) == 1 + 2 * 6
     for label in ("reference", "coarse-saliency"):
         assert records.read_records(work / f"eval-{label}" / "fold0")[0].method == label
+
+
+def test_evaluate_training_cases(trained, tmp_path, monkeypatch):
+    """split="train" runs the fold's labelled training cases, scored as the
+    same case is when it is a test case; an unknown split is refused before
+    anything is written."""
+    spec, work = trained
+    data = spec.train.data
+    ds_dir = inputs.dataset_dir(data, work)
+    train_ids, test_ids = inputs.fold_split(data, ds_dir, inputs.open_store(data, ds_dir, work), 0)
+    fit = runs.evaluate_fold(spec, work, 0, out_dir=tmp_path / "train", split="train",
+                             write_predictions=False)
+    assert [r.case_id for r in fit] == list(train_ids) and not set(train_ids) & set(test_ids)
+    orig_split = inputs.fold_split
+    monkeypatch.setattr(inputs, "fold_split",
+                        lambda *a: (orig_split(*a)[0], [orig_split(*a)[0][0]]))
+    as_test = runs.evaluate_fold(spec, work, 0, out_dir=tmp_path / "test", write_predictions=False)
+    assert _volatile_free(as_test[0]) == _volatile_free(fit[0])
+    with pytest.raises(InputError, match="split"):
+        runs.evaluate_fold(spec, work, 0, out_dir=tmp_path / "bad", split="validation")
+    assert not (tmp_path / "bad").exists()

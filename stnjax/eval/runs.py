@@ -40,6 +40,7 @@ from stnjax.train.spec import TrainSpec
 from stnjax.train.workdir import write_config_files
 
 log = logging.getLogger("stnjax.eval")
+SPLITS = ("test", "train")  # which cases of a fold evaluate_fold runs
 
 
 def load_models(train: TrainSpec, workdir: str | os.PathLike, fold: int,
@@ -150,8 +151,10 @@ def round_diagnostics(res: CaseResult, label: np.ndarray, spacing: Sequence[floa
 def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
                   out_dir: str | os.PathLike | None = None,
                   write_predictions: bool = True, resume: bool = True,
-                  devices: int = 0) -> list[CaseRecord]:
-    """Evaluates the test cases of one fold; writes predictions and records.
+                  devices: int = 0, split: str = "test") -> list[CaseRecord]:
+    """Evaluates the test cases of one fold (`split="train"`: its training
+    cases, to measure how well the models fit what they were trained on);
+    writes predictions and records.
 
     Cases are read through the training's case store (`inputs.open_store`:
     the same windowed volumes the models were trained on) and run one per
@@ -168,11 +171,15 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
     and inference settings (its config.json) are taken from there, not run
     again; other settings mean a fresh evaluation.
     """
+    if split not in SPLITS:
+        raise InputError(f"split: expected one of {SPLITS}, got {split!r}")
     out = check_writable(out_dir or Path(workdir) / "eval" / f"fold{int(fold)}")
     data, inf = spec.train.data, spec.inference
     ds_dir = inputs.dataset_dir(data, workdir)
     store = inputs.open_store(data, ds_dir, workdir)
-    _, test_ids = inputs.fold_split(data, ds_dir, store, fold)
+    train_ids, test_ids = inputs.fold_split(data, ds_dir, store, fold)
+    if split == "train":  # the labelled ones: an unlabelled case has nothing to score
+        test_ids = [c for c in train_ids if store.has_label(c)]
     segs = device_segmenters(make_segmenter(spec, load_models(spec.train, workdir, fold,
                                                               inf.planes)), devices)
     hosts = Hosts.current()
@@ -181,9 +188,9 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
                                            "settings": _result_fields(spec.record)})
     _start_records(hosts, out, spec.record, test_ids, done)
     preds = check_writable(out / "predictions") if write_predictions else None
-    log.info("fold %d: %d test cases on %d device(s) x %d process(es); inference: planes %s, "
+    log.info("fold %d: %d %s cases on %d device(s) x %d process(es); inference: planes %s, "
              "margin %d, up to %d rounds, saliency input %r, fusion %r, t = %.2f", fold,
-             len(test_ids), len(segs), hosts.count, "".join(inf.planes), spec.train.model.margin,
+             len(test_ids), "training" if split == "train" else "test", len(segs), hosts.count, "".join(inf.planes), spec.train.model.margin,
              inf.max_rounds, inf.saliency_input, inf.fusion, spec.threshold)
     if done:
         log.info("fold %d: resuming, %d of %d cases already evaluated in %s", fold,
@@ -411,8 +418,9 @@ def evaluate_and_report(spec: EvalSpec, workdir: str | os.PathLike, *,
                         variants: Sequence[EvalSpec] = (),
                         baselines: Sequence[tuple[EvalSpec, str | os.PathLike]] = (),
                         write_predictions: bool = True, resume: bool = True,
-                        devices: int = 0) -> str:
-    """Evaluates every fold of spec.train.data.folds and reports over them.
+                        devices: int = 0, split: str = "test") -> str:
+    """Evaluates every fold of spec.train.data.folds and reports over them
+    (on its test cases; `split="train"`: on its training cases).
 
     Per fold, the records go to `<out>/fold<f>` and, for each spec in
     `variants` (other inference settings of the same models, e.g. from
@@ -433,10 +441,11 @@ def evaluate_and_report(spec: EvalSpec, workdir: str | os.PathLike, *,
     for fold in spec.train.data.folds:
         records += evaluate_fold(spec, workdir, fold, out_dir=out / f"fold{int(fold)}",
                                  write_predictions=write_predictions, resume=resume,
-                                 devices=devices)
+                                 devices=devices, split=split)
         for o, o_work in others:
             records += evaluate_fold(o, o_work, fold, out_dir=out / f"fold{int(fold)}-{o.method}",
-                                     write_predictions=False, resume=resume, devices=devices)
+                                     write_predictions=False, resume=resume, devices=devices,
+                                     split=split)
     if not Hosts.current().primary:
         return ""
     return report(records, out, thresholds=spec.report_thresholds,
