@@ -129,16 +129,7 @@ def joint_loss(
         raise InputError(f"lam: must be in [0, 1], got {lam}")
     lc = soft_dice_loss(coarse_prob, label, valid=valid, eps=eps)
     lf = soft_dice_loss(fine_prob, label, valid=valid, eps=eps)
-    b = lc.shape[0]
-    if weight is None:
-        w = jnp.ones((b,), jnp.float32)
-    else:
-        check_array(weight, "weight", rank=1, dtype_kind="fiub")
-        if weight.shape[0] != b:
-            raise InputError(f"weight: expected shape ({b},), got {tuple(weight.shape)}")
-        w = weight.astype(jnp.float32)
-    # The weights are data, never a parameter: keep them out of the gradient.
-    w = lax.stop_gradient(w)
+    w = _sample_weights(weight, lc.shape[0])
     # A sample without organ pixels (data.negatives; never drawn by the
     # reference's slice rule) has no overlap to score: its Dice terms are 0
     # and it trains through the cross-entropy alone. The formula would give
@@ -167,6 +158,17 @@ def joint_loss(
     if bce_weight:
         metrics["loss_bce"] = (jnp.sum(w * bce), count)
     return loss, metrics
+
+
+def _sample_weights(weight: jax.Array | None, b: int) -> jax.Array:
+    """float32 (B,) sample weights (all 1 when None), out of the gradient:
+    they are data, never a parameter."""
+    if weight is None:
+        return jnp.ones((b,), jnp.float32)
+    check_array(weight, "weight", rank=1, dtype_kind="fiub")
+    if weight.shape[0] != b:
+        raise InputError(f"weight: expected shape ({b},), got {tuple(weight.shape)}")
+    return lax.stop_gradient(weight.astype(jnp.float32))
 
 
 def organ_present(label: jax.Array, valid: jax.Array | None = None) -> jax.Array:
