@@ -68,8 +68,9 @@ def main(argv):
     from stnjax.eval.spec import EvalSpec
 
     workdir = Path(_WORKDIR.value)
-    default_out = workdir / ("eval" + "".join(
-        f"-{v}" for v in (_LABEL.value, "train" if _SPLIT.value == "train" else None) if v))
+    # eval, eval-NAME, eval-train, eval-NAME-train
+    parts = ["eval", _LABEL.value, "train" if _SPLIT.value == "train" else None]
+    default_out = workdir / "-".join(p for p in parts if p)
     out = Path(_OUT.value) if _OUT.value else default_out
     with app.exit_on_error():
         spec = EvalSpec.from_config(_CONFIG.value)  # bad settings: before any output

@@ -177,26 +177,27 @@ def evaluate_fold(spec: EvalSpec, workdir: str | os.PathLike, fold: int, *,
     data, inf = spec.train.data, spec.inference
     ds_dir = inputs.dataset_dir(data, workdir)
     store = inputs.open_store(data, ds_dir, workdir)
-    train_ids, test_ids = inputs.fold_split(data, ds_dir, store, fold)
+    train_ids, case_ids = inputs.fold_split(data, ds_dir, store, fold)
     if split == "train":  # the labelled ones: an unlabelled case has nothing to score
-        test_ids = [c for c in train_ids if store.has_label(c)]
+        case_ids = [c for c in train_ids if store.has_label(c)]
     segs = device_segmenters(make_segmenter(spec, load_models(spec.train, workdir, fold,
                                                               inf.planes)), devices)
     hosts = Hosts.current()
-    done = _finished_cases(spec, out, test_ids, write_predictions) if resume else {}
-    hosts.agree(f"fold {fold}", test_ids, {"done": sorted(done), "predictions": write_predictions,
+    done = _finished_cases(spec, out, case_ids, write_predictions) if resume else {}
+    hosts.agree(f"fold {fold}", case_ids, {"done": sorted(done), "predictions": write_predictions,
                                            "settings": _result_fields(spec.record)})
-    _start_records(hosts, out, spec.record, test_ids, done)
+    _start_records(hosts, out, spec.record, case_ids, done)
     preds = check_writable(out / "predictions") if write_predictions else None
     log.info("fold %d: %d %s cases on %d device(s) x %d process(es); inference: planes %s, "
              "margin %d, up to %d rounds, saliency input %r, fusion %r, t = %.2f", fold,
-             len(test_ids), "training" if split == "train" else "test", len(segs), hosts.count, "".join(inf.planes), spec.train.model.margin,
+             len(case_ids), "training" if split == "train" else "test", len(segs), hosts.count,
+             "".join(inf.planes), spec.train.model.margin,
              inf.max_rounds, inf.saliency_input, inf.fusion, spec.threshold)
     if done:
         log.info("fold %d: resuming, %d of %d cases already evaluated in %s", fold,
-                 len(done), len(test_ids), out)
-    job = _FoldJob(spec, store, fold, test_ids, out, preds, hosts, done)
-    todo = hosts.share([c for c in test_ids if c not in done])
+                 len(done), len(case_ids), out)
+    job = _FoldJob(spec, store, fold, case_ids, out, preds, hosts, done)
+    todo = hosts.share([c for c in case_ids if c not in done])
     job.progress = case_progress(f"fold {fold}", len(todo), segs)
     run = cohort.run_cases(todo, segs, load=job.load, infer=job.infer, finish=job.finish,
                            stop=hosts.stopped)
