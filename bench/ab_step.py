@@ -1,19 +1,24 @@
-"""A/B of the step's session-8 speed settings, in one process, interleaved.
+"""A/B of the step's speed settings (sessions 8 and 12), in one process, interleaved.
 
   python -m bench.ab_step --size=256 --calls=10
+  python -m bench.ab_step --variants=taps,new --calls=8
 
 Builds the full-width J step of `bench/synthetic.py` (what
 `bench/vs_official.py` times) once per variant and times them in turn, so a
 drift of the machine's speed moves every variant alike:
 
-- old: one row a loop iteration (`layers.ROW_UNROLL` = 1) and the full
+- old: one row a loop iteration (`conv.ROW_UNROLL` = 1) and the full
   canvas's residuals saved (`RSTN.remat_full_canvas` off);
 - unroll: only the first of the two changes; remat: only the second;
-- new: both (the library's defaults).
+- taps: both, with the convolutions' session-8 forms (`FCN8s.conv_grad=
+  "taps"`, the defaults until session 12);
+- new: the library's defaults (both, and Winograd for the 3 x 3 layers
+  where it pays on CPU, `FCN8s.conv_grad="custom"`).
 
 Prints each variant's first call (compile + run), median and median of the
 pair ratios against the first variant given, and the loss of each (equal:
-the settings do not change the arithmetic).
+the session-8 settings do not change the arithmetic; Winograd changes it
+at float32 rounding).
 """
 
 from __future__ import annotations
@@ -29,32 +34,36 @@ from launch import hugepages
 _SIZE = flags.DEFINE_integer("size", 256, "Slice side.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "FCN width.")
 _CALLS = flags.DEFINE_integer("calls", 10, "Timed calls of each variant.")
-_VARIANTS = flags.DEFINE_list("variants", ["old", "new"], "From old, unroll, remat, new.")
+_VARIANTS = flags.DEFINE_list("variants", ["old", "new"],
+                              "From old, unroll, remat, taps, new.")
 
-_SETTINGS = {"old": (1, False), "unroll": (None, False), "remat": (1, True), "new": (None, True)}
+# (rows an iteration or None = the default, remat_full_canvas, FCN8s.conv_grad)
+_SETTINGS = {"old": (1, False, "taps"), "unroll": (None, False, "taps"),
+             "remat": (1, True, "taps"), "taps": (None, True, "taps"),
+             "new": (None, True, "custom")}
 
 
 def _variant_step(name: str):
     """A zero-argument blocking call of the step under variant `name`; returns its loss."""
     from bench.synthetic import blocking_call, build_stnjax_step
-    from stnjax.models import layers
+    from stnjax.models import conv
     from stnjax.models import rstn as rstn_lib
     from stnjax.train import steps as stp
 
-    unroll, remat = _SETTINGS[name]
-    default_unroll = layers.ROW_UNROLL
-    layers.ROW_UNROLL = default_unroll if unroll is None else unroll
+    unroll, remat, conv_grad = _SETTINGS[name]
+    default_unroll = conv.ROW_UNROLL
+    conv.ROW_UNROLL = default_unroll if unroll is None else unroll
     original = rstn_lib.RSTN.from_config
     rstn_lib.RSTN.from_config = classmethod(
         lambda cls, m: dataclasses.replace(original.__func__(cls, m), remat_full_canvas=remat))
     stp.jitted_step.cache_clear()
     try:
-        call = blocking_call(*build_stnjax_step(_SIZE.value, _WIDTH.value, "J", "custom"))
+        call = blocking_call(*build_stnjax_step(_SIZE.value, _WIDTH.value, "J", conv_grad))
         t0 = time.perf_counter()
         loss = call()  # traced now, under this variant's settings
         print(f"{name}: first call {time.perf_counter() - t0:.1f} s, loss {loss:.7f}", flush=True)
     finally:
-        layers.ROW_UNROLL = default_unroll
+        conv.ROW_UNROLL = default_unroll
         rstn_lib.RSTN.from_config = original
     return call
 

@@ -4,14 +4,16 @@ the coarse network's sizes for a 256 x 256 slice.
   python -m bench.layers_vs_torch --torch_python=/path/to/torch-env/bin/python --calls=5
 
 Where does the joint step lose to the official PyTorch step, layer by layer?
-The jax side times `stnjax.models.layers`' custom-gradient convolution
+The jax side times `stnjax.models.conv`'s custom-gradient convolution
 (forward; backward = kernel and input gradients from the saved residuals)
-in this process; the torch side runs the same shapes through
+in this process, in both of the FCN-8s's written-out forms: "taps" (the
+form before session 12, `FCN8s.conv_grad="taps"`) and "custom" (the default:
+Winograd for the 3 x 3 layers where `winograd.pays`, on CPU); the torch side runs the same shapes through
 `torch.nn.functional.conv2d` and `aten::convolution_backward` (oneDNN) in a
 subprocess under --torch_python (torch is not a dependency). The two sides
 run one after the other, layer by layer (the torch side first each time), so
 a drift of the machine moves both alike. Prints milliseconds, medians of
---calls calls, and stnjax / torch per layer and direction.
+--calls calls, and stnjax ("custom") / torch per layer and direction.
 """
 
 from __future__ import annotations
@@ -54,21 +56,25 @@ print(json.dumps(out))
 """
 
 
-def _jax_layer(name: str, s: int, ci: int, co: int, k: int, calls: int) -> dict[str, float]:
-    """Median ms of stnjax's forward and backward of one layer (float32, batch 1)."""
+def _jax_layer(name: str, s: int, ci: int, co: int, k: int, calls: int,
+               form: str) -> dict[str, float]:
+    """Median ms of stnjax's forward and backward of one layer (float32,
+    batch 1) in the FCN-8s's `conv_grad` form ("custom" or "taps")."""
     import jax
 
-    from stnjax.models import layers
+    from stnjax.models import conv
 
     grad = "im2col" if name == "fc6" else "taps"
+    if form == "custom" and k == 3:
+        grad = "winograd"
     pad = ((1, 1), (1, 1)) if k == 3 else ((0, 0), (0, 0))
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(keys[0], (1, s, s, ci))
     w = jax.random.normal(keys[1], (k, k, ci, co)) * 0.01
-    fwd = jax.jit(lambda x, w: layers._conv2d_fwd(x, w, pad, None, grad))
+    fwd = jax.jit(lambda x, w: conv._conv2d_fwd(x, w, pad, None, grad))
     y, res = fwd(x, w)
     g = jax.random.normal(keys[2], y.shape)
-    bwd = jax.jit(lambda r, g: layers._conv2d_bwd(pad, None, grad, r, g))
+    bwd = jax.jit(lambda r, g: conv._conv2d_bwd(pad, None, grad, r, g))
     out = {}
     for tag, f, args in (("fwd", fwd, (x, w)), ("bwd", bwd, (res, g))):
         jax.block_until_ready(f(*args))
@@ -85,7 +91,8 @@ def main(argv):
     del argv
     if not _TORCH_PY.value:
         raise app.UsageError("--torch_python: a Python interpreter that has torch is required")
-    print(f"{'layer':>8} {'dir':>4} {'stnjax ms':>10} {'torch ms':>9} {'ratio':>6}")
+    print(f"{'layer':>8} {'dir':>4} {'taps ms':>8} {'custom ms':>10} {'torch ms':>9} "
+          f"{'ratio':>6}")
     for name, s, ci, co, k in LAYERS:
         arg = json.dumps([name, s, ci, co, k, _CALLS.value, _THREADS.value])
         r = subprocess.run([_TORCH_PY.value, "-c", _TORCH_SIDE, arg], capture_output=True,
@@ -94,10 +101,11 @@ def main(argv):
             raise app.UsageError(f"--torch_python={_TORCH_PY.value!r}: the torch side failed: "
                                  f"{r.stderr.strip().splitlines()[-1:]}")
         torch_ms = json.loads(r.stdout.strip().splitlines()[-1])
-        jax_ms = _jax_layer(name, s, ci, co, k, _CALLS.value)
+        taps = _jax_layer(name, s, ci, co, k, _CALLS.value, "taps")
+        jax_ms = _jax_layer(name, s, ci, co, k, _CALLS.value, "custom")
         for tag in ("fwd", "bwd"):
-            print(f"{name:>8} {tag:>4} {jax_ms[tag]:10.1f} {torch_ms[tag]:9.1f} "
-                  f"{jax_ms[tag] / torch_ms[tag]:6.2f}", flush=True)
+            print(f"{name:>8} {tag:>4} {taps[tag]:8.1f} {jax_ms[tag]:10.1f} "
+                  f"{torch_ms[tag]:9.1f} {jax_ms[tag] / torch_ms[tag]:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,9 +50,10 @@ _POOL = flags.DEFINE_enum(
     "results are bit-identical).")
 
 _CONV_GRAD = flags.DEFINE_enum(
-    "conv_grad", "custom", ["custom", "xla"],
-    "Convolution gradients: written out (stnjax.models.layers.conv2d, the code's) or XLA's "
-    "own (the formulation before the fix; 10-100x slower inside the canvas switch on CPU).")
+    "conv_grad", "custom", ["custom", "taps", "xla"],
+    "Convolution gradients: written out (stnjax.models.conv.conv2d, the code's), the same "
+    "without Winograd ('taps', before session 12) or XLA's own (the formulation before "
+    "session 4's fix; 10-100x slower inside the canvas switch on CPU).")
 
 _PMAP = flags.DEFINE_bool("pmap", False, "A one-device pmap instead of the jitted step "
                           "(what the loop ran before; slower on CPU, see placement.py).")

@@ -46,9 +46,10 @@ _THREADS = flags.DEFINE_integer("threads", 2, "torch.set_num_threads on the offi
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed calls of each side.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls of each side after set-up.")
 _MODE = flags.DEFINE_enum("mode", "J", ["S", "I", "J"], "Training mode.")
-_CONV_GRAD = flags.DEFINE_enum("conv_grad", "custom", ["custom", "xla"],
+_CONV_GRAD = flags.DEFINE_enum("conv_grad", "custom", ["custom", "taps", "xla"],
                                "stnjax's convolution gradients (FCN8s.conv_grad); 'xla' is "
-                               "the formulation before the fix, for an A/B.")
+                               "the formulation before session 4's fix, 'taps' the one "
+                               "before session 12's Winograd, for an A/B.")
 _PMAP = flags.DEFINE_bool("pmap", False, "stnjax as a one-device pmap instead of the jitted "
                           "step the loop runs on one device (slower on CPU, see placement.py).")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")

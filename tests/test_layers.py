@@ -1,6 +1,6 @@
 """Layer primitives: the convolution with written-out gradients.
 
-`layers.conv2d` must be XLA's convolution in the forward, bit for bit, and
+`conv.conv2d` must be XLA's convolution in the forward, bit for bit, and
 give the gradients of a stride-1 convolution in both forms ("taps",
 "im2col"): checked against a float64 NumPy reference written from the
 definition and against XLA's own gradient, with padding (the reference's
@@ -18,8 +18,8 @@ from jax import lax
 
 from stnjax.checks import InputError
 from stnjax.models.fcn8s import FCN8s
-from stnjax.models import layers
-from stnjax.models.layers import DIMS, Conv2D, conv2d
+from stnjax.models import conv
+from stnjax.models.conv import DIMS, Conv2D, conv2d
 
 
 def np_conv_grads(x, w, g):
@@ -68,16 +68,16 @@ FORMS = [(f, *c) for f in ("taps", "taps-rows", "im2col") for c in CASES + [LARG
                          FORMS + [("taps-unrolled", *c) for c in UNROLLED])
 def test_conv2d_grad_matches_numpy_and_xla(xs, ws, padding, form, monkeypatch):
     # "taps-rows": every kernel gradient through the CPU row loop
-    # (`layers._dw_rows`); "taps-unrolled": the same loop with unrolling
+    # (`conv._dw_rows`); "taps-unrolled": the same loop with unrolling
     # forced on; "taps": through whole-map products, except on maps of at
     # least ROW_LOOP_MIN_PIXELS (the last case), as the library runs.
     if form in ("taps-rows", "taps-unrolled"):
-        monkeypatch.setattr(layers, "ROW_LOOP_MIN_PIXELS", 1)
+        monkeypatch.setattr(conv, "ROW_LOOP_MIN_PIXELS", 1)
         if form == "taps-unrolled":
-            monkeypatch.setattr(layers, "ROW_UNROLL_MIN_MACS", 1)
+            monkeypatch.setattr(conv, "ROW_UNROLL_MIN_MACS", 1)
         form = "taps"
-    elif form == "taps" and xs[1] * xs[2] < layers.ROW_LOOP_MIN_PIXELS:
-        monkeypatch.setattr(layers, "ROW_LOOP_MIN_PIXELS", 10**9)
+    elif form == "taps" and xs[1] * xs[2] < conv.ROW_LOOP_MIN_PIXELS:
+        monkeypatch.setattr(conv, "ROW_LOOP_MIN_PIXELS", 10**9)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=xs), jnp.float32)
     w = jnp.asarray(rng.normal(size=ws), jnp.float32)
@@ -173,6 +173,15 @@ def _np_params(model, x):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+def fcn_value_and_grads(net, params, x, hw):
+    """((sum sin(logits), logits), (d params, d x)) of a training forward
+    with dropout (a fixed key) and the extent `hw`."""
+    def loss(p, x):
+        y = net.apply(p, x, train=True, valid_hw=hw, rngs={"dropout": jax.random.key(5)})
+        return jnp.sum(jnp.sin(y)), y
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+
 @pytest.mark.parametrize("variant,size", [("reference", 40), ("pad32", 40)])
 def test_fcn8s_gradients_equal_for_both_conv_grads(variant, size):
     """The whole network, with dropout and a padded extent: the same forward
@@ -184,10 +193,7 @@ def test_fcn8s_gradients_equal_for_both_conv_grads(variant, size):
     params = _np_params(nets["xla"], x)
     out = {}
     for g, net in nets.items():
-        def loss(p, x, net=net):
-            y = net.apply(p, x, train=True, valid_hw=hw, rngs={"dropout": jax.random.key(5)})
-            return jnp.sum(jnp.sin(y)), y
-        (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+        (_, y), grads = fcn_value_and_grads(net, params, x, hw)
         out[g] = (y, grads)
     np.testing.assert_allclose(np.asarray(out["custom"][0]), np.asarray(out["xla"][0]),
                                rtol=1e-5, atol=1e-5)

@@ -164,7 +164,7 @@ def test_fine_round_matches_numpy_official(converted):
 
 
 def test_training_forward_exact_and_upsampling_frozen(converted):
-    """Under differentiation (the training forward: `layers.conv2d`'s own
+    """Under differentiation (the training forward: `conv.conv2d`'s own
     forward rule) the logits still match; the upsampling kernels get no
     gradient, and the optimiser leaves them as they are (weight decay too)."""
     sd, spec, params = converted["sd"], converted["spec"], converted["params"]

@@ -72,16 +72,18 @@ from jax import lax
 
 from stnjax.checks import InputError, check_array, is_concrete
 # Re-exported: the layer primitives were defined here before layers.py.
-from stnjax.models.layers import (Conv2D, StoredUpsampling, bilinear_kernel,  # noqa: F401
+from stnjax.models.conv import Conv2D
+from stnjax.models.layers import (StoredUpsampling, bilinear_kernel,  # noqa: F401
                                   max_pool_ceil, max_pool_ceil_window, upsample_bilinear)
 
 VARIANTS = ("reference", "pad32")
-FCN_CONV_GRADS = ("custom", "xla")
+FCN_CONV_GRADS = ("custom", "taps", "xla")
 # The layers whose gradients (and training forward) go through the im2col
-# matrix (`layers.conv2d`): conv1_1, whose 3 input channels make that matrix
+# matrix (`conv.conv2d`): conv1_1, whose 3 input channels make that matrix
 # 27 columns wide (its kernel gradient as 9 per-tap products with 3 columns
 # each took 148 ms instead of 50 at 256 x 256, full width, 2 CPU cores), and
-# fc6, a 7 x 7 kernel on a map hardly larger than it. The rest: "taps".
+# fc6, a 7 x 7 kernel on a map hardly larger than it. The other 3 x 3 layers:
+# "winograd" (on CPU where `winograd.pays`, else "taps"); 1 x 1: "taps".
 IM2COL_LAYERS = ("conv1_1", "fc6")
 INIT_SCHEMES = ("he", "reference")
 # "bilinear": Caffe's per-channel bilinear constants; "stored": per-layer
@@ -243,12 +245,16 @@ class FCN8s(nn.Module):
         `init` is the Flax method.)
       in_channels: if set, the required channel count of the input.
       conv_grad: "custom" (the default: every convolution's gradient written
-        out by `layers.conv2d`, "im2col" for `IM2COL_LAYERS`, "taps" for the rest) or
-        "xla" (XLA's own convolution gradients). Inference is identical;
-        under differentiation the im2col layers' forward and all
-        gradients equal XLA's to float32 rounding; "custom" exists because
-        XLA:CPU runs its own convolution gradients 10-100x slower inside a
-        `lax.switch` branch, where the fine network trains (layers.py).
+        out by `conv.conv2d`, "im2col" for `IM2COL_LAYERS`, "winograd" for
+        the other 3 x 3 layers, "taps" for the 1 x 1), "taps" (the same
+        without Winograd: the form before 2026-12-07, kept to measure
+        against) or "xla" (XLA's own convolution gradients). Inference is
+        identical; under differentiation the im2col and Winograd layers'
+        forward and all gradients equal XLA's to float32 rounding; "custom"
+        exists because XLA:CPU runs its own convolution gradients 10-100x
+        slower inside a `lax.switch` branch, where the fine network trains,
+        and Winograd because its direct 3 x 3 kernels were the rest of the
+        gap to PyTorch (conv.py).
       upsampling: "bilinear" (the default, Caffe: per-channel bilinear
         constants, not parameters) or "stored" (the official PyTorch models:
         each upsampling layer's full (k, k, C, C) channel kernel is a param,
@@ -335,9 +341,11 @@ class FCN8s(nn.Module):
 
         def conv(name: str, h: jax.Array, padding: Any) -> jax.Array:
             kshape = shapes[name][0]
-            grad = "xla"
-            if self.conv_grad == "custom":
-                grad = "im2col" if name in IM2COL_LAYERS else "taps"
+            grad = "xla" if self.conv_grad == "xla" else "taps"
+            if self.conv_grad != "xla" and name in IM2COL_LAYERS:
+                grad = "im2col"
+            elif self.conv_grad == "custom" and kshape[0] == 3:
+                grad = "winograd"
             return Conv2D(kshape[-1], kshape[0], padding, self.dtype, kinit, zero,
                           grad=grad, name=name)(h)
 

@@ -31,7 +31,7 @@ from jax import lax
 
 from stnjax.checks import InputError, check_array
 from stnjax.models.crop import extent_mask
-from stnjax.models.layers import Conv2D
+from stnjax.models.conv import Conv2D
 
 ALLOWED_KERNELS = (1, 3, 5, 7)
 
