@@ -19,6 +19,7 @@ from jax import lax
 from stnjax.checks import InputError
 from stnjax.models.fcn8s import FCN8s
 from stnjax.models import conv
+from stnjax.models import winograd
 from stnjax.models.conv import DIMS, Conv2D, conv2d
 
 
@@ -35,6 +36,13 @@ def np_conv_grads(x, w, g):
             dw[i, j] = np.einsum("nhvc,nhvo->co", x[:, i:i + ho, j:j + wo], g)
             dx[:, i:i + ho, j:j + wo] += np.einsum("nhvo,co->nhvc", g, w[i, j])
     return dx, dw
+
+
+def winograd_for_every_3x3(monkeypatch):
+    """Every 3 x 3 float32 convolution qualifies for Winograd (`winograd.pays`),
+    so tests at small sizes run it."""
+    for name in ("MIN_OUT_CHANNELS", "MIN_IN_CHANNELS", "MIN_PIXELS"):
+        monkeypatch.setattr(winograd, name, 1)
 
 
 def _xla_conv(x, w, padding="VALID"):
@@ -182,10 +190,15 @@ def fcn_value_and_grads(net, params, x, hw):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
 
 
-@pytest.mark.parametrize("variant,size", [("reference", 40), ("pad32", 40)])
-def test_fcn8s_gradients_equal_for_both_conv_grads(variant, size):
+@pytest.mark.parametrize("variant,size,winograd", [("reference", 40, True), ("pad32", 40, False)])
+def test_fcn8s_gradients_equal_for_both_conv_grads(variant, size, winograd, monkeypatch):
     """The whole network, with dropout and a padded extent: the same forward
-    and the same gradients (params and input) with custom or XLA gradients."""
+    and the same gradients (params and input) with custom or XLA gradients.
+    `winograd`: every 3 x 3 layer but conv1_1 through Winograd (at this
+    width none qualifies by itself), beside im2col (conv1_1, fc6) and taps
+    (1 x 1); else taps for the 3 x 3 layers."""
+    if winograd:
+        winograd_for_every_3x3(monkeypatch)
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.random((2, size, size, 3)), jnp.float32)
     hw = jnp.asarray([[size, size], [size - 7, size - 12]], jnp.int32)

@@ -3,7 +3,9 @@
 References: a float64 NumPy convolution and its gradients written from the
 definition (tests/test_layers.py), XLA's own convolution and gradients, and
 the adjoint property of each transform and its written-out transpose
-(<T a, b> = <a, T^T b>), which holds whatever the transform computes.
+(<T a, b> = <a, T^T b>), which holds whatever the transform computes. The
+whole FCN-8s with Winograd layers against XLA's gradients:
+tests/test_layers.py (`test_fcn8s_gradients_equal_for_both_conv_grads`).
 """
 
 import jax
@@ -14,8 +16,7 @@ from jax import lax
 
 from stnjax.models import conv, winograd
 from stnjax.models.conv import DIMS, conv2d
-from stnjax.models.fcn8s import FCN8s
-from tests.test_layers import _np_params, fcn_value_and_grads, np_conv_grads
+from tests.test_layers import np_conv_grads, winograd_for_every_3x3
 
 
 def _np_conv(xp, w):
@@ -35,7 +36,7 @@ def _rel_err(got, want):
 
 # (N, H, W, C) padded input, K: even and odd output sides, non-square, batch 2,
 # the smallest input (3 x 3: one output pixel).
-SHAPES = [((1, 10, 10, 4), 5), ((2, 9, 12, 3), 6), ((1, 7, 4, 8), 2), ((2, 3, 3, 5), 4)]
+SHAPES = [((1, 10, 10, 4), 5), ((2, 9, 12, 3), 6), ((2, 3, 3, 5), 4)]
 
 
 @pytest.mark.parametrize("xs,k", SHAPES)
@@ -92,12 +93,10 @@ def test_pays_draws_the_measured_line():
 
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
-    """Every 3 x 3 float32 convolution qualifies, so small tests run Winograd."""
-    for name in ("MIN_OUT_CHANNELS", "MIN_IN_CHANNELS", "MIN_PIXELS"):
-        monkeypatch.setattr(winograd, name, 1)
+    winograd_for_every_3x3(monkeypatch)
 
 
-@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), "VALID", ((100, 100), (100, 100))])
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((100, 100), (100, 100))])
 def test_conv2d_winograd_form_equals_xla(winograd_everywhere, padding):
     """The "winograd" form of `conv2d` under differentiation: forward and
     gradients equal XLA's (and NumPy's) to float32 rounding; without
@@ -147,20 +146,3 @@ def test_conv2d_winograd_in_switch_branch(winograd_everywhere):
         x, w, (1, 1), pad, dimension_numbers=DIMS))), argnums=(0, 1))(w, x)
     for a, b in zip(got, want):
         assert _rel_err(a, b) < 1e-5
-
-
-def test_fcn8s_with_winograd_equals_xla(winograd_everywhere):
-    """The whole network (the reference variant: pad 100, ceil pooling) with
-    every 3 x 3 layer (but conv1_1) through Winograd, dropout and a padded
-    extent: the same forward and gradients (params and input) as with XLA's
-    gradients. (The "taps" form against XLA: tests/test_layers.py.)"""
-    rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.random((2, 40, 40, 3)), jnp.float32)
-    hw = jnp.asarray([[40, 40], [33, 28]], jnp.int32)
-    nets = {g: FCN8s(width=1 / 16, conv_grad=g) for g in ("custom", "xla")}
-    params = _np_params(nets["xla"], x)
-    out = {g: fcn_value_and_grads(net, params, x, hw) for g, net in nets.items()}
-    assert _rel_err(out["custom"][0][1], out["xla"][0][1]) < 1e-5
-    flat = jax.tree_util.tree_leaves_with_path(out["custom"][1])
-    for (path, a), b in zip(flat, jax.tree.leaves(out["xla"][1])):
-        assert _rel_err(a, b) < 1e-5, jax.tree_util.keystr(path)
