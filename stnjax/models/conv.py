@@ -24,7 +24,7 @@ bench/RESULTS.md has the whole story):
   im2col product a row (`_dw_rows`): conv1_2's at full width 2x faster
   than per-tap products, the coarse FCN-8s forward plus backward at
   256 x 256 3.99 -> 3.22 s;
-- on CPU the 3 x 3 layers from conv2_1 to conv4_3 train through Winograd
+- on CPU the 3 x 3 layers from conv2_1 to conv5_3 train through Winograd
   F(2 x 2, 3 x 3) (`winograd.py`): 2.25x fewer multiply-adds in the
   forward and both gradients, where XLA:CPU's direct kernels already ran
   near the machine's peak.
@@ -296,7 +296,7 @@ def _taps_grads(xp, w, g, precision):
 
 
 def _conv2d_bwd(padding, precision, grad, res, g):
-    xres, w = res  # x ("taps") or its im2col matrix ("im2col")
+    xres, w = res  # x ("taps", "winograd") or its im2col matrix ("im2col")
     (t, b), (l, r) = _explicit_padding(padding)
     kh, kw = w.shape[:2]
     padded_hw = (g.shape[1] + kh - 1, g.shape[2] + kw - 1)  # stride 1, VALID on padded x

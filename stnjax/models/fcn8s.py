@@ -247,7 +247,7 @@ class FCN8s(nn.Module):
       conv_grad: "custom" (the default: every convolution's gradient written
         out by `conv.conv2d`, "im2col" for `IM2COL_LAYERS`, "winograd" for
         the other 3 x 3 layers, "taps" for the 1 x 1), "taps" (the same
-        without Winograd: the form before 2026-12-07, kept to measure
+        without Winograd: the form before it, kept to measure
         against) or "xla" (XLA's own convolution gradients). Inference is
         identical; under differentiation the im2col and Winograd layers'
         forward and all gradients equal XLA's to float32 rounding; "custom"
