@@ -63,10 +63,9 @@ def _jax_layer(name: str, s: int, ci: int, co: int, k: int, calls: int,
     import jax
 
     from stnjax.models import conv
+    from stnjax.models.fcn8s import conv_form
 
-    grad = "im2col" if name == "fc6" else "taps"
-    if form == "custom" and k == 3:
-        grad = "winograd"
+    grad = conv_form(name, k, form)
     pad = ((1, 1), (1, 1)) if k == 3 else ((0, 0), (0, 0))
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(keys[0], (1, s, s, ci))

@@ -100,6 +100,17 @@ BODY_LAYERS = tuple(f"conv{b + 1}_{j + 1}" for b, (n, _) in enumerate(VGG16_BLOC
                     for j in range(n)) + ("fc6", "fc7")
 HEAD_LAYERS = ("score_fr", "score_pool4", "score_pool3")
 
+def conv_form(name: str, kernel_size: int, conv_grad: str) -> str:
+    """The `conv.conv2d` form ("xla", "taps", "im2col" or "winograd") that
+    layer `name` with a kernel_size x kernel_size kernel uses under
+    `FCN8s.conv_grad` ("custom", "taps" or "xla"); see IM2COL_LAYERS."""
+    if conv_grad == "xla":
+        return "xla"
+    if name in IM2COL_LAYERS:
+        return "im2col"
+    return "winograd" if conv_grad == "custom" and kernel_size == 3 else "taps"
+
+
 def scaled_width(channels: int, width: float) -> int:
     """Channel count of a layer under the width multiplier: max(1, round(c * width))."""
     return max(1, int(round(channels * width)))
@@ -341,13 +352,8 @@ class FCN8s(nn.Module):
 
         def conv(name: str, h: jax.Array, padding: Any) -> jax.Array:
             kshape = shapes[name][0]
-            grad = "xla" if self.conv_grad == "xla" else "taps"
-            if self.conv_grad != "xla" and name in IM2COL_LAYERS:
-                grad = "im2col"
-            elif self.conv_grad == "custom" and kshape[0] == 3:
-                grad = "winograd"
             return Conv2D(kshape[-1], kshape[0], padding, self.dtype, kinit, zero,
-                          grad=grad, name=name)(h)
+                          grad=conv_form(name, kshape[0], self.conv_grad), name=name)(h)
 
         h, pool3, pool4 = _vgg_body(x.astype(self.dtype), conv, keep, ref)
         # fc6: a 7x7 conv on the small pool5 map; its gradients go through

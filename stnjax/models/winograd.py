@@ -175,11 +175,11 @@ def kernel_transform_t(dv: jax.Array) -> jax.Array:
     return jnp.stack([jnp.stack(row) for row in dw])
 
 
-def _even_pad(xp: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
-    """xp with a zero row / column added where its output size is odd, and
-    the true output size (Ho, Wo)."""
-    ho, wo = xp.shape[1] - 2, xp.shape[2] - 2
-    return jnp.pad(xp, ((0, 0), (0, ho % 2), (0, wo % 2), (0, 0))), (ho, wo)
+def _pad_to_even(a: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+    """a (N, H, W, C) with a zero row / column added at the bottom / right
+    where the output size out_hw is odd (the 2 x 2 output blocks then tile
+    it; the extra output row / column is cut off again)."""
+    return jnp.pad(a, ((0, 0), (0, out_hw[0] % 2), (0, out_hw[1] % 2), (0, 0)))
 
 
 def _tiles_shape(xp_even: jax.Array) -> tuple[int, int, int]:
@@ -198,7 +198,8 @@ def conv3x3(xp: jax.Array, w: jax.Array, precision: Any = None) -> jax.Array:
       (N, H - 2, W - 2, K) float32, equal to `lax.conv_general_dilated` to
       float32 rounding.
     """
-    xe, (ho, wo) = _even_pad(xp)
+    ho, wo = xp.shape[1] - 2, xp.shape[2] - 2
+    xe = _pad_to_even(xp, (ho, wo))
     shape = _tiles_shape(xe)
     m = jnp.matmul(input_transform(xe), kernel_transform(w), precision=precision,
                    preferred_element_type=jnp.float32)
@@ -222,10 +223,10 @@ def conv3x3_grads(xp: jax.Array, w: jax.Array, g: jax.Array,
     Returns:
       (dxp (N, H, W, C), dw (3, 3, C, K)), float32.
     """
-    xe, (ho, wo) = _even_pad(xp)
+    out_hw = g.shape[1:3]
+    xe = _pad_to_even(xp, out_hw)
     shape = _tiles_shape(xe)
-    ge = jnp.pad(g, ((0, 0), (0, ho % 2), (0, wo % 2), (0, 0)))
-    dm = output_transform_t(ge)                                    # (16, P, K)
+    dm = output_transform_t(_pad_to_even(g, out_hw))               # (16, P, K)
     u = input_transform(xe)                                        # (16, P, C)
     v = kernel_transform(w)                                        # (16, C, K)
     du = jnp.einsum("fpk,fck->fpc", dm, v, precision=precision,
