@@ -8,6 +8,8 @@ import os
 import socket
 import time
 
+from xla_flags import with_devices
+
 
 def _free_port() -> int:
     # Bound and released at once: another program could take it before the
@@ -22,9 +24,7 @@ def _env(devices: int) -> dict:
     # cluster variables that jax.distributed would auto-detect.
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "XLA_", "SLURM_", "OMPI_", "PMI_"))}
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                        "--xla_backend_optimization_level=0 "
-                        "--xla_llvm_disable_expensive_passes=true")
+    env["XLA_FLAGS"] = with_devices(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"  # jax's default; stated for clarity
     env["PYTHONUNBUFFERED"] = "1"

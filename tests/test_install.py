@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from xla_flags import COMPILE_CHEAPLY
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("main", "train", "evaluate", "segment", "sweep", "make-dataset", "make-phantoms",
@@ -74,8 +75,7 @@ def installed(tmp_path_factory):
 
 def _run(bin_: Path, cwd: Path, cmd: str, *args: str, timeout: int = 120):
     env = {"PATH": f"{bin_}:/usr/bin:/bin", "STNJAX_HUGE_PAGES": "0", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0 "
-                        "--xla_llvm_disable_expensive_passes=true"}
+           "XLA_FLAGS": COMPILE_CHEAPLY}
     return subprocess.run([str(bin_ / f"stnjax-{cmd}"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

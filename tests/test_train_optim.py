@@ -102,8 +102,11 @@ def test_groups_and_bad_leaves():
     assert groups["fine"]["conv1"] == {"kernel": 2, "bias": 3}
     with pytest.raises(InputError, match="other/x/kernel"):
         optim.param_groups({"other": {"x": {"kernel": np.zeros(1)}}})
-    with pytest.raises(InputError, match="coarse/x/scale"):
-        optim.param_groups({"coarse": {"x": {"scale": np.zeros(1)}}})
+    with pytest.raises(InputError, match="coarse/x/mean"):
+        optim.param_groups({"coarse": {"x": {"mean": np.zeros(1)}}})
+    # A norm layer's scale (FCN8s norm="group") goes with the biases.
+    assert optim.param_groups({"fine": {"n": {"scale": np.zeros(1)}}})["fine"]["n"] == {
+        "scale": 3}
     with pytest.raises(InputError, match="lr_mult"):
         optim.caffe_sgd(lambda c: 1.0, lr_mult=(1, 2, 3))
 

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from stnjax.train.lock import LOCK_FILE
+from xla_flags import with_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,12 +72,9 @@ app.run(train.main)
 
 def _env():
     env = dict(os.environ)
-    # 8 fake devices as in conftest; LLVM's cheaper optimisation level cuts
-    # the first run's compile time by about a third (all runs use the same
-    # flags, so their results stay comparable bit for bit).
-    env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
-                        "--xla_backend_optimization_level=0 "
-                        "--xla_llvm_disable_expensive_passes=true")
+    # 8 fake devices and the cheap compile flags, as in conftest (all runs
+    # use the same flags, so their results stay comparable bit for bit).
+    env["XLA_FLAGS"] = with_devices(8)
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

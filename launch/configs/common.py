@@ -42,25 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.phantom.spacing = (0.8, 0.8, 2.5)
     c.data.phantom.seed = 0
 
-    # ---- model (stnjax.models) ------------------------------------------------
-    c.model = ml_collections.ConfigDict()
-    c.model.width = 1.0           # channel multiplier of both FCN-8s
-    c.model.variant = "reference"  # "reference" (pad 100) or "pad32"
-    c.model.dtype = "float32"     # convolution compute dtype: or "bfloat16"
-    c.model.dropout_rate = 0.5
-    c.model.init = "he"           # "he" (from scratch) or "pretrained"
-    c.model.pretrained = ""       # .npz from launch.convert_weights
-    c.model.init_prior = 0.5      # initial organ probability (0.5: zero heads, reference)
-    c.model.saliency_kernels = (3, 5)  # (k,) one layer; (3, 5) reference
-    c.model.saliency_bias = (1.0, 1.5, 2.0)
-    c.model.margin = 20           # crop margin K (test: fixed; train: random)
-    c.model.prob_fixed_margin = 0.5  # training: P(all margins = K)
-    c.model.canvases = (128, 192, 256, 384, 512)  # fine crop canvas sides
-    c.model.remat_full_canvas = True  # training: recompute the full canvas's fine forward
-    # Upsampling layers: "bilinear" (Caffe's per-channel bilinear, constants) or
-    # "stored" (full channel kernels held in the params, frozen: the official
-    # PyTorch models, imported with launch.convert_weights --official_rstn).
-    c.model.upsampling = "bilinear"
+    c.model = _model_section()
 
     # ---- training (stnjax.train) ----------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -88,6 +70,32 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.infer = _infer_section()
     return c
+
+
+def _model_section() -> ml_collections.ConfigDict:
+    """Both FCN-8s, the saliency module and the crop (stnjax.models)."""
+    model = ml_collections.ConfigDict()
+    model.width = 1.0           # channel multiplier of both FCN-8s
+    model.variant = "reference"  # "reference" (pad 100) or "pad32"
+    model.dtype = "float32"     # convolution compute dtype: or "bfloat16"
+    model.dropout_rate = 0.5
+    model.init = "he"           # "he" (from scratch) or "pretrained"
+    model.pretrained = ""       # .npz from launch.convert_weights
+    model.init_prior = 0.5      # initial organ probability (0.5: zero heads, reference)
+    model.saliency_kernels = (3, 5)  # (k,) one layer; (3, 5) reference
+    model.saliency_bias = (1.0, 1.5, 2.0)
+    model.margin = 20           # crop margin K (test: fixed; train: random)
+    model.prob_fixed_margin = 0.5  # training: P(all margins = K)
+    model.canvases = (128, 192, 256, 384, 512)  # fine crop canvas sides
+    model.remat_full_canvas = True  # training: recompute the full canvas's fine forward
+    # Upsampling layers: "bilinear" (Caffe's per-channel bilinear, constants) or
+    # "stored" (full channel kernels held in the params, frozen: the official
+    # PyTorch models, imported with launch.convert_weights --official_rstn).
+    model.upsampling = "bilinear"
+    # "none" (reference) or "group": GroupNorm after every body conv (not in
+    # the paper; stnjax/models/norm.py), for training from scratch.
+    model.norm = "none"
+    return model
 
 
 def _augment_section() -> ml_collections.ConfigDict:

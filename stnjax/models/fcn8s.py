@@ -75,6 +75,7 @@ from stnjax.checks import InputError, check_array, is_concrete
 from stnjax.models.conv import Conv2D
 from stnjax.models.layers import (StoredUpsampling, bilinear_kernel,  # noqa: F401
                                   max_pool_ceil, max_pool_ceil_window, upsample_bilinear)
+from stnjax.models.norm import NORMS, GroupNorm
 
 VARIANTS = ("reference", "pad32")
 FCN_CONV_GRADS = ("custom", "taps", "xla")
@@ -272,6 +273,11 @@ class FCN8s(nn.Module):
         `upscore2`, `upscore_pool4`, `upscore8` / `kernel`, initialised to
         the bilinear diagonal, given no gradient and never updated by the
         optimiser). Same sizes, crops and `valid_hw` rule either way.
+      norm: "none" (the reference: no normalisation) or "group" (not in the
+        paper: `norm.GroupNorm` after every body convolution, conv1_1 ...
+        fc7, before its ReLU, with statistics over the layer's `valid_hw`
+        extent; params `<layer>_norm/scale`, `<layer>_norm/bias`). For
+        training from scratch; pretrained weights have no norm params.
     """
     num_outputs: int = 3
     width: float = 1.0
@@ -282,6 +288,7 @@ class FCN8s(nn.Module):
     in_channels: int | None = None
     conv_grad: str = "custom"
     upsampling: str = "bilinear"
+    norm: str = "none"
 
     def _check_config(self) -> None:
         if self.variant not in VARIANTS:
@@ -301,6 +308,8 @@ class FCN8s(nn.Module):
         if self.upsampling not in UPSAMPLINGS:
             raise InputError(
                 f"FCN8s.upsampling: expected one of {UPSAMPLINGS}, got {self.upsampling!r}")
+        if self.norm not in NORMS:
+            raise InputError(f"FCN8s.norm: expected one of {NORMS}, got {self.norm!r}")
         if jnp.dtype(self.dtype) not in [jnp.dtype(d) for d in DTYPES]:
             raise InputError(f"FCN8s.dtype: expected float32 or bfloat16, got {self.dtype}")
 
@@ -352,8 +361,13 @@ class FCN8s(nn.Module):
 
         def conv(name: str, h: jax.Array, padding: Any) -> jax.Array:
             kshape = shapes[name][0]
-            return Conv2D(kshape[-1], kshape[0], padding, self.dtype, kinit, zero,
-                          grad=conv_form(name, kshape[0], self.conv_grad), name=name)(h)
+            h = Conv2D(kshape[-1], kshape[0], padding, self.dtype, kinit, zero,
+                       grad=conv_form(name, kshape[0], self.conv_grad), name=name)(h)
+            if self.norm == "none" or name not in BODY_LAYERS:
+                return h
+            # Statistics over the lone run's positions only (norm.py).
+            stage = "fc6" if name.startswith("fc") else name.split("_")[0]
+            return GroupNorm(name=f"{name}_norm")(h, None if ext is None else ext[stage])
 
         h, pool3, pool4 = _vgg_body(x.astype(self.dtype), conv, keep, ref)
         # fc6: a 7x7 conv on the small pool5 map; its gradients go through

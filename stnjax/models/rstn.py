@@ -45,6 +45,7 @@ import numpy as np
 from stnjax.models import crop
 from stnjax.checks import InputError, check_array, check_int, check_range
 from stnjax.models.fcn8s import FCN8s, UPSAMPLINGS
+from stnjax.models.norm import NORMS
 from stnjax.models.saliency import Saliency, check_kernel_sizes
 
 Params = dict[str, Any]
@@ -135,13 +136,20 @@ class RSTN:
         if upsampling not in UPSAMPLINGS:
             raise InputError(f"config.model.upsampling: expected one of {UPSAMPLINGS}, "
                              f"got {upsampling!r}")
+        # Absent from configs written before the field existed: no norm.
+        norm = model.get("norm", "none")
+        if norm not in NORMS:
+            raise InputError(f"config.model.norm: expected one of {NORMS}, got {norm!r}")
+        if norm != "none" and model["init"] == "pretrained":
+            raise InputError("config.model.norm: the pretrained weights have no norm layers; "
+                             "use norm 'none' with init 'pretrained'")
         if model["init"] == "pretrained" and not model["pretrained"]:
             raise InputError("config.model.pretrained: a weights file is needed when "
                              "config.model.init is 'pretrained'")
         fcn = FCN8s(num_outputs=3, width=float(model["width"]), variant=model["variant"],
                     dropout_rate=float(model["dropout_rate"]), dtype=DTYPES[model["dtype"]],
                     init_scheme="reference" if model["init"] == "pretrained" else "he",
-                    in_channels=3, upsampling=upsampling)
+                    in_channels=3, upsampling=upsampling, norm=norm)
         sal = Saliency(kernel_sizes=tuple(int(k) for k in model["saliency_kernels"]),
                        channels=3, last_bias=tuple(float(b) for b in model["saliency_bias"]))
         return cls(fcn=fcn, saliency=sal, margin=int(model["margin"]),

@@ -21,6 +21,9 @@ Groups, by path in the RSTN parameter tree {'coarse', 'saliency', 'fine'}:
 | 2     | saliency|fine/**/kernel         | lr_mult[2] (10) | weight_decay |
 | 3     | saliency|fine/**/bias           | lr_mult[3] (20) | 0            |
 
+A normalisation layer's `scale` (`FCN8s(norm="group")`) is in its network's
+bias group.
+
 The bilinear upsampling layers are constants of the model, not parameters,
 so they are frozen by construction; with `model.upsampling = "stored"` their
 kernels are params (`<net>/upscore*/kernel`), and those leaves are frozen
@@ -61,7 +64,7 @@ def leaf_group(path: Sequence[Any]) -> int:
     """The rate group (0..3, see the module docstring) of one parameter path.
 
     Raises InputError naming the path when it is neither under 'coarse',
-    'saliency' or 'fine' nor a leaf called 'kernel' or 'bias'.
+    'saliency' or 'fine' nor a leaf called 'kernel', 'bias' or 'scale'.
     """
     names = [_key_name(k) for k in path]
     where = "/".join(names)
@@ -70,12 +73,14 @@ def leaf_group(path: Sequence[Any]) -> int:
             f"params: leaf {where!r} is not under one of {TOP_LEVEL}; "
             "cannot assign a learning-rate group")
     leaf = names[-1]
-    if leaf not in ("kernel", "bias"):
+    if leaf not in ("kernel", "bias", "scale"):
         raise InputError(
-            f"params: leaf {where!r} is neither a 'kernel' nor a 'bias'; "
+            f"params: leaf {where!r} is neither a 'kernel', a 'bias' nor a norm's 'scale'; "
             "cannot assign a learning-rate group")
     fine = names[0] != "coarse"
-    return 2 * int(fine) + int(leaf == "bias")
+    # A norm's scale goes with the biases: no weight decay (it multiplies a
+    # normalised map; decaying it towards 0 would switch the layer off).
+    return 2 * int(fine) + int(leaf != "kernel")
 
 
 def param_groups(params: Any) -> Any:

@@ -47,7 +47,8 @@ _IGNORED_SECTIONS = ("infer",)
 # Fields added after runs existed: at these values they mean what a config
 # without them meant, so they stay out of the identity (old workdirs resume).
 _ABSENT_AT = {"data.organ_ids": [], "data.spacing": [], "data.orientation": "canonical",
-              "model.upsampling": "bilinear", "train.unroll_rounds": 1, "data.negatives": 0.0,
+              "model.upsampling": "bilinear", "model.norm": "none", "train.unroll_rounds": 1,
+              "data.negatives": 0.0,
               **{f"data.augment.{k}": 0.0 for k in ("scale", "rotate", "shift", "intensity")}}
 
 
