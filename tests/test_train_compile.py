@@ -9,6 +9,9 @@
 * A step compiles once per (mode, bucket): counted with JAX's own
   backend-compile events while S runs on two buckets and J on one, twice
   each (the second time on the first one's output state, as the loop does).
+  This test and the next use XLA's own convolution gradients, which
+  compile in about two thirds of the time; what they check does not depend
+  on the convolution form.
 * The one-device placement (a jitted step, no device axis) gives the update
   of a one-device pmap and compiles once too (mode S: the placement does not
   depend on the mode, and S compiles in a fraction of J's time);
