@@ -68,13 +68,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from stnjax.checks import InputError, check_array, is_concrete
 # Re-exported: the layer primitives were defined here before layers.py.
 from stnjax.models.conv import Conv2D
 from stnjax.models.layers import (StoredUpsampling, bilinear_kernel,  # noqa: F401
-                                  max_pool_ceil, max_pool_ceil_window, upsample_bilinear)
+                                  extent_mask, max_pool_ceil, max_pool_ceil_window,
+                                  upsample_bilinear)
 from stnjax.models.norm import NORMS, GroupNorm
 
 VARIANTS = ("reference", "pad32")
@@ -213,11 +213,7 @@ def mask_to_extent(x: jax.Array, extent: jax.Array) -> jax.Array:
     Returns:
       x with zeros beyond the extent, same shape and dtype.
     """
-    _, h, w, _ = x.shape
-    e = extent.astype(jnp.int32)
-    rows = lax.broadcasted_iota(jnp.int32, (1, h, 1, 1), 1) < e[:, 0, None, None, None]
-    cols = lax.broadcasted_iota(jnp.int32, (1, 1, w, 1), 2) < e[:, 1, None, None, None]
-    return jnp.where(rows & cols, x, jnp.zeros((), x.dtype))
+    return jnp.where(extent_mask(extent, x.shape[1], x.shape[2]), x, jnp.zeros((), x.dtype))
 
 
 def _check_valid_hw(valid_hw: Any, n: int, height: int, width: int) -> jax.Array:

@@ -8,6 +8,8 @@ Each has a reason to exist beside the textbook `lax` call:
   official PyTorch models' upsampling, `FCN8s.upsampling="stored"`).
 * `max_pool_ceil`: ceil-mode 2 x 2 pooling as a reshape and a max, with the
   Caffe first-maximum gradient written elementwise.
+* `extent_mask`: which positions of a padded map a per-sample (h, w) extent
+  keeps (the `valid_hw` masking of the FCN-8s and its norm statistics).
 
 All take and return NHWC arrays; kernels are HWIO.
 """
@@ -24,6 +26,18 @@ import numpy as np
 from jax import lax
 
 from stnjax.checks import InputError, check_array
+
+
+def extent_mask(extent: jax.Array, height: int, width: int) -> jax.Array:
+    """bool (N, H, W, 1): True at row < extent[:, 0] and column < extent[:, 1].
+
+    Two iota comparisons (XLA fuses them into the consumer). extent: int
+    (N, 2), rows and columns kept per sample.
+    """
+    e = extent.astype(jnp.int32)
+    rows = lax.broadcasted_iota(jnp.int32, (1, height, 1, 1), 1) < e[:, 0, None, None, None]
+    cols = lax.broadcasted_iota(jnp.int32, (1, 1, width, 1), 2) < e[:, 1, None, None, None]
+    return rows & cols
 
 
 def _bilinear_1d(k: int) -> np.ndarray:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from stnjax.checks import InputError
+from stnjax.models.layers import extent_mask
 
 NORMS = ("none", "group")
 #: Groups per layer: min(MAX_GROUPS, channels), so the 4-channel first block
@@ -66,22 +67,14 @@ def masked_group_norm(x: jax.Array, groups: int, extent: jax.Array | None = None
         raise InputError(f"masked_group_norm: {c} channels not divisible by {groups} groups")
     xg = x.astype(jnp.float32).reshape(n, h, w, groups, c // groups)
     if extent is None:
-        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
-    else:
-        e = extent.astype(jnp.int32)
-        rows = lax.broadcasted_iota(jnp.int32, (1, h, 1, 1, 1), 1) < e[:, 0, None, None, None, None]
-        cols = lax.broadcasted_iota(jnp.int32, (1, 1, w, 1, 1), 2) < e[:, 1, None, None, None, None]
-        m = (rows & cols).astype(jnp.float32)
-        count = jnp.sum(m, axis=(1, 2), keepdims=True) * (c // groups)
-        mean = jnp.sum(xg * m, axis=(1, 2, 4), keepdims=True) / jnp.maximum(count, 1.0)
-        var = jnp.sum(jnp.square((xg - mean) * m), axis=(1, 2, 4),
-                      keepdims=True) / jnp.maximum(count, 1.0)
-        # An empty extent (h or w = 0, a padded batch slot): zeros, not
-        # x / sqrt(eps).
-        return ((xg - mean) * jnp.where(count > 0, lax.rsqrt(var + eps), 0.0)
-                ).reshape(n, h, w, c)
-    return ((xg - mean) * lax.rsqrt(var + eps)).reshape(n, h, w, c)
+        extent = jnp.broadcast_to(jnp.array([h, w], jnp.int32), (n, 2))
+    m = extent_mask(extent, h, w).astype(jnp.float32)[..., None]    # (N, H, W, 1, 1)
+    count = jnp.sum(m, axis=(1, 2), keepdims=True) * (c // groups)
+    mean = jnp.sum(xg * m, axis=(1, 2, 4), keepdims=True) / jnp.maximum(count, 1.0)
+    var = jnp.sum(jnp.square((xg - mean) * m), axis=(1, 2, 4),
+                  keepdims=True) / jnp.maximum(count, 1.0)
+    # An empty extent (h or w = 0, a padded batch slot): zeros, not x / sqrt(eps).
+    return ((xg - mean) * jnp.where(count > 0, lax.rsqrt(var + eps), 0.0)).reshape(n, h, w, c)
 
 
 class GroupNorm(nn.Module):
