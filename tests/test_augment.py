@@ -70,8 +70,34 @@ def test_intensity_only_keeps_geometry_and_is_an_affine_map_clipped():
     np.testing.assert_allclose(a, want, atol=1e-6)
 
 
+def test_gain_scales_about_the_window_low_end_after_the_six_earlier_draws():
+    """gain: x exp(u7 * log(1 + g)), clipped; 0 (fat, air, padding) stays 0;
+    the first six draws, hence the geometry and the contrast, are those of
+    the same spec without a gain."""
+    rng = np.random.default_rng(4)
+    img = rng.uniform(0.0, 0.9, (32, 40, 3)).astype(np.float32)
+    img[:6] = 0.0
+    lab = (img > 0.5).astype(np.float32)
+    base = AugmentSpec(intensity=0.2)
+    with_gain = AugmentSpec(intensity=0.2, gain=0.5)
+    a, _ = augment_window(img, lab, np.random.default_rng(11), base)
+    g, gl = augment_window(img, lab, np.random.default_rng(11), with_gain)
+    np.testing.assert_array_equal(gl, lab)
+    u7 = np.random.default_rng(11).uniform(-1.0, 1.0, 7)[6]
+    factor = math.exp(u7 * math.log(1.5))
+    np.testing.assert_allclose(g, np.clip(a * factor, 0.0, 1.0), atol=1e-6)
+    assert 1 / 1.5 <= factor <= 1.5
+    # Alone, the gain keeps zero at zero and the order of intensities.
+    only, _ = augment_window(img, lab, np.random.default_rng(2), AugmentSpec(gain=0.4))
+    assert not only[:6].any()
+    inside = img < 0.7  # below 1 / 1.4: never clipped
+    ratio = only[inside & (img > 0)] / img[inside & (img > 0)]
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
+    assert 1 / 1.4 - 1e-6 <= ratio[0] <= 1.4 + 1e-6
+
+
 @pytest.mark.parametrize("field,value", [("scale", -0.1), ("rotate", 90.0), ("shift", 0.5),
-                                         ("intensity", float("nan"))])
+                                         ("intensity", float("nan")), ("gain", 1.5)])
 def test_bad_ranges_name_the_field(field, value):
     with pytest.raises(InputError, match=f"data.augment.{field}"):
         AugmentSpec(**{field: value})

@@ -105,6 +105,7 @@ def _augment_section() -> ml_collections.ConfigDict:
     augment.rotate = 0.0        # in-plane rotation, +- degrees
     augment.shift = 0.0         # translation, +- fraction of the side
     augment.intensity = 0.0     # contrast 1 +- i, brightness +- i/2
+    augment.gain = 0.0          # x [1/(1+g), 1+g] about the window's low end
     return augment
 
 

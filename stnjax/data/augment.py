@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from stnjax.checks import InputError
 
-_LIMITS = {"scale": 0.5, "rotate": 45.0, "shift": 0.25, "intensity": 0.5}
+_LIMITS = {"scale": 0.5, "rotate": 45.0, "shift": 0.25, "intensity": 0.5, "gain": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +42,21 @@ class AugmentSpec:
       intensity: contrast factor in [1-intensity, 1+intensity] about the
         window's middle (0.5) and brightness offset in [-intensity/2,
         intensity/2], then clipped to [0, 1] (the HU window's range).
+      gain: factor drawn log-uniformly in [1/(1+gain), 1+gain] that
+        multiplies the windowed image about the window's low end (0, i.e.
+        -100 HU): fat and air stay where they are while every tissue above
+        moves in proportion to its distance from fat, as contrast uptake
+        varies between scans and phases (BTCV9's pancreas means range from
+        11 to 168 HU between volumes; bench/RESULTS.md, session 14). Then
+        clipped to [0, 1]. A seventh draw, made only when gain > 0, so the
+        draws of specs without it are unchanged.
     All 0: no augmentation (the reference).
     """
     scale: float = 0.0
     rotate: float = 0.0
     shift: float = 0.0
     intensity: float = 0.0
+    gain: float = 0.0
 
     def __post_init__(self):
         for name, hi in _LIMITS.items():
@@ -100,7 +109,7 @@ def augment_window(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
     Args:
       image: (h, w, 3) float32 in [0, 1] (the real extent, no padding).
       label: (h, w, 3) float32 in {0, 1}.
-      rng: the sample's generator (six draws).
+      rng: the sample's generator (six draws; seven with a gain).
       spec: the ranges; an inactive spec returns the inputs unchanged.
 
     Returns:
@@ -126,5 +135,8 @@ def augment_window(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
         img, lab = image.copy(), label.copy()
     if spec.intensity > 0:
         img = (img - 0.5) * (1.0 + a * spec.intensity) + 0.5 + b * spec.intensity / 2.0
+        np.clip(img, 0.0, 1.0, out=img)
+    if spec.gain > 0:
+        img = img * math.exp(rng.uniform(-1.0, 1.0) * math.log1p(spec.gain))
         np.clip(img, 0.0, 1.0, out=img)
     return img.astype(np.float32), lab.astype(np.float32)
