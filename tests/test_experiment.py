@@ -269,6 +269,9 @@ def test_inference_variant_copies_are_checked(trained):
     assert spec.with_inference(threshold=0.95).threshold == 0.95
     assert [s.method for s in runs.saliency_variants(spec, ["score", "mask"])] == [
         "rstn-sal-mask"]
+    lcc = spec.with_inference(coarse_lcc=True)
+    assert lcc.inference.coarse_lcc and not spec.inference.coarse_lcc
+    assert lcc.method == "rstn-coarse-lcc" and lcc.record["infer"]["coarse_lcc"] is True
 
 
 def test_segment_files_without_labels(trained, tmp_path):

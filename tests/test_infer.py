@@ -372,3 +372,28 @@ def test_other_devices_load_the_first_compilation_unless_the_cache_is_on(setup, 
         assert len(loads) == n
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+
+@pytest.mark.parametrize("coarse_lcc", [False, True])
+def test_round_zero_against_numpy_fusion_and_component_filter(coarse_lcc):
+    """round_zero: mean of the planes >= 0.5 inside the extent (reference
+    4.2 F2); with infer.coarse_lcc the NumPy largest-component filter on top
+    (components >= 0.5 x the largest kept); the score is never filtered."""
+    probs = np.zeros((3, 12, 10, 8), np.float32)
+    probs[:, 1:5, 1:5, 1:5] = 0.9      # 64 voxels
+    probs[:2, 7:9, 6:8, 3:5] = 0.8     # 8 voxels, mean 0.53: kept by the plain fusion
+    probs[0, 7:9, 1:3, 1:3] = 0.9      # one plane only: mean 0.3, never in the mask
+    probs[:, 10:12, 8:10, 6:8] = 0.9   # outside the real extent (10, 8, 6)
+    extent = np.array([10, 8, 6])
+    spec = dataclasses.replace(SPEC, coarse_lcc=coarse_lcc)
+    score, mask = infer.round_zero(jnp.asarray(probs), jnp.asarray(extent, jnp.int32), spec=spec)
+    valid = np.zeros(probs.shape[1:], bool)
+    valid[:10, :8, :6] = True
+    want = (probs.mean(0) >= 0.5) & valid
+    assert want.sum() == 64 + 8
+    if coarse_lcc:
+        want = metrics.largest_components(want, 0.5)
+        assert want.sum() == 64
+    np.testing.assert_array_equal(np.asarray(mask), want)
+    np.testing.assert_allclose(np.asarray(score), probs.mean(0) * valid, atol=1e-7)

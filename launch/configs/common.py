@@ -125,6 +125,8 @@ def _infer_section() -> ml_collections.ConfigDict:
     # Saliency input of round r: "score" (previous fused probability, the reference
     # code), "mask" (previous binary mask, the paper) or "coarse" (round 0's map).
     infer.saliency_input = "score"
+    # Beyond the reference: the largest-component filter on round 0's mask too.
+    infer.coarse_lcc = False
     infer.label = ""  # records' method name ("": derived); launch.evaluate --label
     return infer
 

@@ -37,6 +37,7 @@ class EvalSpec:
     quantize_coarse: bool = True
     per_round_timing: bool = False
     saliency_input: str = "score"
+    coarse_lcc: bool = False
     label: str = ""
 
     def __post_init__(self):
@@ -79,7 +80,7 @@ class EvalSpec:
         kinds = {"max_rounds": int, "threshold": float, "run_all_rounds": bool,
                  "batch_size": int, "lcc_threshold": float, "oracles": bool,
                  "quantize_coarse": bool, "per_round_timing": bool, "saliency_input": str,
-                 "label": str}
+                 "coarse_lcc": bool, "label": str}
         fields: dict[str, Any] = {k: kinds[k](v) for k, v in infer.items() if k in kinds}
         if "report_thresholds" in infer:
             fields["report_thresholds"] = tuple(float(t) for t in infer["report_thresholds"])
@@ -106,19 +107,22 @@ class EvalSpec:
             max_rounds=self.max_rounds, lcc_threshold=self.lcc_threshold,
             report_thresholds=self.report_thresholds,
             fusion="majority" if baseline else "mean", use_saliency=not baseline,
-            quantize_coarse=self.quantize_coarse, saliency_input=self.saliency_input)
+            quantize_coarse=self.quantize_coarse, saliency_input=self.saliency_input,
+            coarse_lcc=self.coarse_lcc)
 
     @property
     def method(self) -> str:
         """The `method` of evaluation records: the training method, plus the
         saliency input when it is not the reference's ("rstn-sal-mask",
-        "rstn-sal-coarse"), so that a sweep over several evaluation folders
-        of the same models tells the variants apart; `label` when set."""
+        "rstn-sal-coarse") and "-coarse-lcc" with infer.coarse_lcc, so that
+        a sweep over several evaluation folders of the same models tells the
+        variants apart; `label` when set."""
         if self.label:
             return self.label
+        name = self.train.loop.method
         if self.inference.use_saliency and self.saliency_input != "score":
-            return f"{self.train.loop.method}-sal-{self.saliency_input}"
-        return self.train.loop.method
+            name += f"-sal-{self.saliency_input}"
+        return name + "-coarse-lcc" if self.coarse_lcc else name
 
     @property
     def record(self) -> dict[str, Any]:

@@ -74,6 +74,10 @@ class InferenceSpec:
         kind of map the fine network saw in training, which removes the
         train/test mismatch that reference 6.4 points out; the crop still
         follows the previous round's mask).
+      coarse_lcc: also apply the largest-component filter (lcc_threshold)
+        to round 0's fused coarse mask, whose boxes crop round 1 (not in
+        the reference, which filters the fine rounds only, 4.3): scattered
+        false positives of weak coarse networks otherwise widen every box.
     """
     planes: tuple[str, ...] = PLANES
     batch_size: int = 8
@@ -84,6 +88,7 @@ class InferenceSpec:
     use_saliency: bool = True
     quantize_coarse: bool = True
     saliency_input: str = "score"
+    coarse_lcc: bool = False
 
     def __post_init__(self):
         if not self.planes or len(set(self.planes)) != len(self.planes):
@@ -232,6 +237,20 @@ def fuse(probs: jax.Array, valid: jax.Array, *, method: str = "mean"
     else:
         mask = 2 * jnp.sum(probs >= 0.5, axis=0) > probs.shape[0]
     return score * valid, mask & valid
+
+
+def round_zero(probs: jax.Array, extent: jax.Array, *, spec: InferenceSpec
+               ) -> tuple[jax.Array, jax.Array]:
+    """Round 0 from the per-plane coarse probabilities (P, X, Y, Z) float32
+    of a volume whose real size is `extent` (3,) int32: `fuse` by
+    `spec.fusion`, then, with `spec.coarse_lcc` (not in the reference), the
+    largest-component filter of the fine rounds. Returns (score (X, Y, Z)
+    float32, mask (X, Y, Z) bool), both 0 outside the extent."""
+    score, mask = fuse(probs, valid_mask(probs.shape[1:], extent), method=spec.fusion)
+    if spec.coarse_lcc:  # scattered false positives would widen every round-1 box
+        mask = largest_components_jax(mask, threshold=spec.lcc_threshold,
+                                      n_valid=jnp.prod(extent).astype(jnp.int32))
+    return score, mask
 
 
 # --------------------------------------------------------------------------

@@ -361,5 +361,5 @@ class _Family:
 def _coarse_with_check(rstn, params, image, extent, *, spec):
     """Round 0: per-plane probabilities, their fusion, and a finiteness flag."""
     probs = infer.coarse_probs(rstn, params, image, extent, spec=spec)
-    score0, mask0 = infer.fuse(probs, infer.valid_mask(image.shape, extent), method=spec.fusion)
+    score0, mask0 = infer.round_zero(probs, extent, spec=spec)
     return probs, score0, mask0, jnp.all(jnp.isfinite(probs))
