@@ -374,7 +374,6 @@ def test_other_devices_load_the_first_compilation_unless_the_cache_is_on(setup, 
         jax.config.update("jax_compilation_cache_dir", before)
 
 
-
 @pytest.mark.parametrize("coarse_lcc", [False, True])
 def test_round_zero_against_numpy_fusion_and_component_filter(coarse_lcc):
     """round_zero: mean of the planes >= 0.5 inside the extent (reference
