@@ -4,11 +4,13 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from stnjax.checks import InputError
 from stnjax.data import manifest, sampler
 from stnjax.data import store as case_store
-from stnjax.data.augment import AugmentSpec, augment_window, draw_transform
+from stnjax.data.augment import (ELASTIC_GRID, AugmentSpec, augment_window, draw_transform,
+                                 elastic_field)
 from stnjax.phantom import dataset as phantom_dataset
 from stnjax.phantom import volumes as phantom
 
@@ -96,8 +98,79 @@ def test_gain_scales_about_the_window_low_end_after_the_six_earlier_draws():
     assert 1 / 1.4 - 1e-6 <= ratio[0] <= 1.4 + 1e-6
 
 
+def test_elastic_field_passes_through_its_drawn_nodes_and_is_smooth():
+    """Nodes every ELASTIC_GRID pixels, corners included, carry the drawn
+    uniform values (2 x gh x gw draws, nothing more); between them the
+    spline is smooth (a neighbour differs by a small fraction of elastic)."""
+    h, w = 100, 70  # 4 x 4 nodes: ceil(99 / 32) + 1, ceil(69 / 32) + 1
+    field = elastic_field(np.random.default_rng(8), 6.0, (h, w))
+    rng = np.random.default_rng(8)
+    nodes = rng.uniform(-6.0, 6.0, (2, 5, 4))
+    assert field.shape == (2, h, w)
+    rows = np.linspace(0, h - 1, 5)
+    cols = np.linspace(0, w - 1, 4)
+    # Nodes on whole pixels (row 0 and h-1, col 0 and w-1 always are).
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            if float(r).is_integer() and float(c).is_integer():
+                np.testing.assert_allclose(field[:, int(r), int(c)], nodes[:, i, j], atol=1e-9)
+    np.testing.assert_allclose(field[:, 0, 0], nodes[:, 0, 0], atol=1e-9)
+    np.testing.assert_allclose(field[:, -1, -1], nodes[:, -1, -1], atol=1e-9)
+    assert np.abs(np.diff(field, axis=1)).max() < 6.0 * 12 / ELASTIC_GRID
+    assert np.abs(np.diff(field, axis=2)).max() < 6.0 * 12 / ELASTIC_GRID
+    # The 2-D cubic spline of scipy through the same nodes.
+    coords = np.stack(np.meshgrid(np.linspace(0, 4, h), np.linspace(0, 3, w), indexing="ij"))
+    for k in range(2):
+        want = ndimage.map_coordinates(nodes[k], coords, order=3, mode="nearest")
+        np.testing.assert_allclose(field[k], want, atol=1e-9)
+    # The generator moved by exactly the node draws.
+    after = np.random.default_rng(8)
+    elastic_field(after, 6.0, (h, w))
+    np.testing.assert_array_equal(after.uniform(size=3), rng.uniform(size=3))
+
+
+def test_elastic_warp_samples_the_image_at_the_displaced_positions():
+    """Elastic alone: output (r, c) = input at (r, c) + field(r, c), the
+    field drawn after the six earlier draws (replayed here); a linear ramp
+    makes bilinear sampling exact. The label moves with the image."""
+    h, w = 96, 80
+    r, c = np.mgrid[:h, :w].astype(np.float64)
+    ramp = (0.2 + 0.3 * r / h + 0.2 * c / w).astype(np.float32)
+    img = np.repeat(ramp[..., None], 3, -1)
+    lab = np.repeat((ramp > 0.45)[..., None], 3, -1).astype(np.float32)
+    spec = AugmentSpec(intensity=0.1, elastic=5.0)
+    a, b = augment_window(img, lab, np.random.default_rng(13), spec)
+    rng = np.random.default_rng(13)
+    u = rng.uniform(-1.0, 1.0, 6)
+    field = elastic_field(rng, 5.0, (h, w))
+    rs, cs = r + field[0], c + field[1]
+    want = 0.2 + 0.3 * rs / h + 0.2 * cs / w
+    want = np.clip((want - 0.5) * (1 + 0.1 * u[4]) + 0.5 + 0.05 * u[5], 0.0, 1.0)
+    inside = (rs >= 0) & (rs <= h - 1) & (cs >= 0) & (cs <= w - 1)
+    assert inside.mean() > 0.8 and np.abs(field).max() > 1.0
+    np.testing.assert_allclose(a[..., 1][inside], want[inside], atol=1e-5)
+    assert set(np.unique(b)) <= {0.0, 1.0}
+    moved = 0.2 + 0.3 * rs / h + 0.2 * cs / w > 0.45
+    agree = (b[..., 0] > 0.5) == moved
+    assert agree[inside].mean() > 0.98  # nearest vs exact: only edge pixels differ
+
+
+def test_elastic_keeps_the_earlier_draws_of_a_spec_without_it():
+    """Adding an elastic warp leaves the intensity and gain draws alone:
+    without geometry of its own, the warp of a constant image is the
+    constant (inside the slice), transformed as without the warp."""
+    img = np.full((64, 64, 3), 0.4, np.float32)
+    lab = np.zeros_like(img)
+    base = AugmentSpec(intensity=0.2, gain=0.3)
+    a, _ = augment_window(img, lab, np.random.default_rng(21), base)
+    e, _ = augment_window(img, lab, np.random.default_rng(21),
+                          AugmentSpec(intensity=0.2, gain=0.3, elastic=0.5))
+    np.testing.assert_allclose(e[2:-2, 2:-2], a[2:-2, 2:-2], atol=1e-6)
+
+
 @pytest.mark.parametrize("field,value", [("scale", -0.1), ("rotate", 90.0), ("shift", 0.5),
-                                         ("intensity", float("nan")), ("gain", 1.5)])
+                                         ("intensity", float("nan")), ("gain", 1.5),
+                                         ("elastic", 40.0)])
 def test_bad_ranges_name_the_field(field, value):
     with pytest.raises(InputError, match=f"data.augment.{field}"):
         AugmentSpec(**{field: value})
@@ -116,7 +189,7 @@ def store(tmp_path_factory):
 def test_sampler_augments_per_slot_the_same_on_any_number_of_shards(store):
     counts = sampler.slice_organ_counts(store, None, "Z")
     slices = sampler.select_training_slices(counts, store.case_ids, 0.98)
-    spec = AugmentSpec(scale=0.1, rotate=10.0, shift=0.05, intensity=0.1)
+    spec = AugmentSpec(scale=0.1, rotate=10.0, shift=0.05, intensity=0.1, elastic=3.0)
     plain = sampler.SliceSampler(store, slices, plane="Z", batch_size=4, buckets=(64,), seed=5)
     aug = sampler.SliceSampler(store, slices, plane="Z", batch_size=4, buckets=(64,), seed=5,
                                augment=spec)

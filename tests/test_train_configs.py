@@ -140,10 +140,11 @@ def test_out_of_range_values_fail_when_the_config_is_read(section, field, value,
 def test_fields_added_later_keep_old_workdirs_identity():
     """A config record from before data.spacing, data.organ_ids,
     data.orientation, model.remat_full_canvas, model.upsampling,
-    train.unroll_rounds and data.augment.gain existed hashes like today's at their defaults (its
-    checkpoints stay usable); setting spacing, several organ ids, the
-    official orientation, the stored upsampling, 2 unrolled rounds or a gain
-    makes another identity."""
+    train.unroll_rounds, data.augment.gain and data.augment.elastic existed
+    hashes like today's at their defaults (its checkpoints stay usable);
+    setting spacing, several organ ids, the official orientation, the
+    stored upsampling, 2 unrolled rounds, a gain or an elastic warp makes
+    another identity."""
     rec = json.loads(_config("phantom").to_json())
     rec["train"]["unroll_rounds"] = 1  # the default (phantom.py trains 3)
     old = json.loads(json.dumps(rec))
@@ -152,6 +153,7 @@ def test_fields_added_later_keep_old_workdirs_identity():
                            ("train", "unroll_rounds")):
         del old[section][field]
     del old["data"]["augment"]["gain"]
+    del old["data"]["augment"]["elastic"]
     assert workdir.config_hash(old) == workdir.config_hash(rec)
     rec["model"]["remat_full_canvas"] = False  # speed only: same models
     assert workdir.config_hash(old) == workdir.config_hash(rec)
@@ -163,9 +165,10 @@ def test_fields_added_later_keep_old_workdirs_identity():
         changed = json.loads(json.dumps(rec))
         changed[section][field] = value
         assert workdir.config_hash(changed) != workdir.config_hash(old), field
-    changed = json.loads(json.dumps(rec))
-    changed["data"]["augment"]["gain"] = 0.4
-    assert workdir.config_hash(changed) != workdir.config_hash(old)
+    for field, value in (("gain", 0.4), ("elastic", 8.0)):
+        changed = json.loads(json.dumps(rec))
+        changed["data"]["augment"][field] = value
+        assert workdir.config_hash(changed) != workdir.config_hash(old), field
 
 
 def test_negatives_need_the_cross_entropy_term():

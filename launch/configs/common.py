@@ -106,6 +106,7 @@ def _augment_section() -> ml_collections.ConfigDict:
     augment.shift = 0.0         # translation, +- fraction of the side
     augment.intensity = 0.0     # contrast 1 +- i, brightness +- i/2
     augment.gain = 0.0          # x [1/(1+g), 1+g] about the window's low end
+    augment.elastic = 0.0       # smooth warp, nodes moved up to this many pixels
     return augment
 
 

@@ -49,7 +49,8 @@ _IGNORED_SECTIONS = ("infer",)
 _ABSENT_AT = {"data.organ_ids": [], "data.spacing": [], "data.orientation": "canonical",
               "model.upsampling": "bilinear", "model.norm": "none", "train.unroll_rounds": 1,
               "data.negatives": 0.0,
-              **{f"data.augment.{k}": 0.0 for k in ("scale", "rotate", "shift", "intensity", "gain")}}
+              **{f"data.augment.{k}": 0.0 for k in ("scale", "rotate", "shift", "intensity", "gain",
+                                                     "elastic")}}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
