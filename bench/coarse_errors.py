@@ -36,8 +36,8 @@ def _define_flags() -> None:
     flags.DEFINE_float("near_mm", 20.0, "Distance from the organ that counts as near.")
     flags.mark_flag_as_required("workdir")
 
-FIELDS = ("pred_ml", "dsc", "recall", "fp_off_slice", "fp_off_near", "fp_near", "fp_far",
-          "fp_largest")
+FIELDS = ("pred_ml", "dsc", "recall", "fp_off_slice", "fp_off_near", "fp_off_above", "fp_near",
+          "fp_far", "fp_largest")
 
 
 def error_breakdown(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float],
@@ -45,7 +45,8 @@ def error_breakdown(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, f
     """Splits the false positives of a mask by where they lie.
 
     Args:
-      pred, label: (X, Y, Z) bool, Z the axial axis.
+      pred, label: (X, Y, Z) bool, Z the axial axis, increasing towards the
+        head (the canonical PLS layout).
       spacing: (3,) mm per voxel along X, Y, Z.
       near_mm: the distance from the label within which a false positive on
         an organ slice counts as near, and an organ-free slice as near the
@@ -55,7 +56,8 @@ def error_breakdown(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, f
       {pred_ml, dsc, recall (fractions, NaN when undefined), fp_off_slice,
       fp_near, fp_far (fractions of the false positives, summing to 1; NaN
       without any), fp_off_near (the part of fp_off_slice on slices within
-      near_mm of an organ slice), fp_largest (the largest 26-connected false
+      near_mm of an organ slice), fp_off_above (the part above the organ's
+      highest slice, towards the head; NaN without organ), fp_largest (the largest 26-connected false
       component's share of them)}.
     """
     pred, label = np.asarray(pred, bool), np.asarray(label, bool)
@@ -83,6 +85,8 @@ def error_breakdown(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, f
     largest = np.bincount(comps.ravel())[1:].max() if n else 0
     out["fp_off_slice"] = off.sum() / fp
     out["fp_off_near"] = (off & (z_mm <= near_mm)[None, None, :]).sum() / fp
+    out["fp_off_above"] = (off[..., np.nonzero(organ_slice)[0].max() + 1:].sum() / fp
+                           if organ_slice.any() else np.nan)
     out["fp_near"] = near.sum() / fp
     out["fp_far"] = 1.0 - out["fp_off_slice"] - out["fp_near"]
     out["fp_largest"] = largest / fp

@@ -30,6 +30,7 @@ def test_error_breakdown_against_hand_counts():
     assert r["recall"] == pytest.approx(1.0)
     assert r["fp_off_slice"] == pytest.approx(0.6)
     assert r["fp_off_near"] == pytest.approx(0.2)
+    assert r["fp_off_above"] == pytest.approx(0.6)  # slices 8 and 15 lie above 5-6
     assert r["fp_near"] == pytest.approx(0.3)
     assert r["fp_far"] == pytest.approx(0.1)
     assert r["fp_largest"] == pytest.approx(0.4)
@@ -45,5 +46,9 @@ def test_error_breakdown_edge_cases():
     empty = error_breakdown(pred, np.zeros_like(label), SPACING)
     assert empty["dsc"] == 0.0 and np.isnan(empty["recall"])
     assert empty["fp_off_slice"] == pytest.approx(1.0) and empty["fp_off_near"] == 0.0
+    assert np.isnan(empty["fp_off_above"])
+    below = pred.copy()
+    below[20:22, 20:22, 1] = True  # 4 more, under the organ
+    assert error_breakdown(below, label, SPACING)["fp_off_above"] == pytest.approx(6 / 14)
     with pytest.raises(ValueError, match="equal 3-D shapes"):
         error_breakdown(pred[..., 0], label[..., 0], SPACING)
