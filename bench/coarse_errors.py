@@ -25,6 +25,8 @@ import numpy as np
 from absl import app, flags
 from scipy import ndimage
 
+from stnjax import metrics
+
 FLAGS = flags.FLAGS
 
 
@@ -35,6 +37,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("folds", "0", "Comma-separated folds.")
     flags.DEFINE_float("near_mm", 20.0, "Distance from the organ that counts as near.")
     flags.mark_flag_as_required("workdir")
+
 
 FIELDS = ("pred_ml", "dsc", "recall", "fp_off_slice", "fp_off_near", "fp_off_above", "fp_near",
           "fp_far", "fp_largest")
@@ -57,8 +60,8 @@ def error_breakdown(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, f
       fp_near, fp_far (fractions of the false positives, summing to 1; NaN
       without any), fp_off_near (the part of fp_off_slice on slices within
       near_mm of an organ slice), fp_off_above (the part above the organ's
-      highest slice, towards the head; NaN without organ), fp_largest (the largest 26-connected false
-      component's share of them)}.
+      highest slice, towards the head; NaN without organ), fp_largest (the
+      largest 26-connected false component's share of them)}.
     """
     pred, label = np.asarray(pred, bool), np.asarray(label, bool)
     if pred.shape != label.shape or pred.ndim != 3:
@@ -67,27 +70,27 @@ def error_breakdown(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, f
     fp_mask = pred & ~label
     fp = int(fp_mask.sum())
     out = {"pred_ml": float(pred.sum() * np.prod(spacing) / 1000.0),
-           "dsc": 2.0 * tp / (pred.sum() + label.sum()) if pred.any() or label.any() else np.nan,
+           "dsc": metrics.dsc(pred, label, empty=np.nan),
            "recall": tp / label.sum() if label.any() else np.nan}
     if fp == 0:
         return out | {k: np.nan for k in FIELDS[3:]}
     organ_slice = label.any(axis=(0, 1))  # (Z,)
     off = fp_mask & ~organ_slice[None, None, :]
-    # Distance (mm) of each axial slice from the nearest organ slice.
-    z_mm = (ndimage.distance_transform_edt(~organ_slice) * spacing[2] if organ_slice.any()
-            else np.full(organ_slice.shape, np.inf))
-    if label.any():
+    if organ_slice.any():
+        # Distance (mm) of each axial slice from the nearest organ slice.
+        z_mm = ndimage.distance_transform_edt(~organ_slice) * spacing[2]
         dist = ndimage.distance_transform_edt(~label, sampling=spacing)
-        near = fp_mask & ~off & (dist <= near_mm)
-    else:
-        near = np.zeros_like(fp_mask)
+        off_near = (off & (z_mm <= near_mm)[None, None, :]).sum()
+        above = off[..., np.nonzero(organ_slice)[0].max() + 1:].sum() / fp
+        near = (fp_mask & ~off & (dist <= near_mm)).sum()
+    else:  # every false positive is off-slice
+        off_near, above, near = 0, np.nan, 0
     comps, n = ndimage.label(fp_mask, structure=np.ones((3, 3, 3), bool))
     largest = np.bincount(comps.ravel())[1:].max() if n else 0
     out["fp_off_slice"] = off.sum() / fp
-    out["fp_off_near"] = (off & (z_mm <= near_mm)[None, None, :]).sum() / fp
-    out["fp_off_above"] = (off[..., np.nonzero(organ_slice)[0].max() + 1:].sum() / fp
-                           if organ_slice.any() else np.nan)
-    out["fp_near"] = near.sum() / fp
+    out["fp_off_near"] = off_near / fp
+    out["fp_off_above"] = above
+    out["fp_near"] = near / fp
     out["fp_far"] = 1.0 - out["fp_off_slice"] - out["fp_near"]
     out["fp_largest"] = largest / fp
     return out
